@@ -1,0 +1,239 @@
+//! The GPU actor: one actix actor per device, owning the device, its queue and the
+//! tensors behind handles, on a thread of its own (GPU calls block).
+//!
+//! Handlers are thin: each one calls a method of [`Executor`] and replies with its typed
+//! `Result`. A failed message leaves the actor serving, with its table unchanged.
+//! Applications use [`GpuHandle`], which hands out fresh [`TensorId`]s and wraps the
+//! messages in async methods.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use strata_tensor::{Element, HostTensor};
+
+use crate::{DeviceInfo, Executor, Gpu, GpuError, GpuOptions, GpuStats, Op, Result, TensorId};
+
+/// The actor owning one device.
+pub struct GpuActor {
+    exec: Executor,
+}
+
+impl Actor for GpuActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Uploads a host tensor under `id`.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct Upload<T: Element> {
+    /// Handle for the new tensor.
+    pub id: TensorId,
+    /// The data.
+    pub tensor: HostTensor<T>,
+}
+
+/// Downloads the tensor under `id`.
+#[derive(Message)]
+#[rtype(result = "Result<HostTensor<T>>")]
+pub struct Download<T: Element> {
+    /// The handle.
+    pub id: TensorId,
+    /// The element type expected.
+    pub _t: PhantomData<fn() -> T>,
+}
+
+/// Runs a program atomically.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct Run(pub Vec<Op>);
+
+/// Drops handles; unknown ones are ignored.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Free(pub Vec<TensorId>);
+
+/// Asks what the device is.
+#[derive(Message)]
+#[rtype(result = "DeviceInfo")]
+pub struct Info;
+
+/// Asks for the device's counters.
+#[derive(Message)]
+#[rtype(result = "GpuStats")]
+pub struct Stats;
+
+/// Runs a closure on the actor's executor: the escape hatch for work the message set
+/// does not cover (it runs on the GPU thread and must not block for long).
+pub struct With<F, R>(pub F, pub PhantomData<fn() -> R>);
+
+impl<F, R> Message for With<F, R>
+where
+    F: FnOnce(&mut Executor) -> R,
+    R: 'static,
+{
+    type Result = R;
+}
+
+impl<T: Element> Handler<Upload<T>> for GpuActor {
+    type Result = Result<()>;
+    fn handle(&mut self, msg: Upload<T>, _: &mut SyncContext<Self>) -> Self::Result {
+        self.exec.upload(msg.id, &msg.tensor)
+    }
+}
+
+impl<T: Element> Handler<Download<T>> for GpuActor {
+    type Result = Result<HostTensor<T>>;
+    fn handle(&mut self, msg: Download<T>, _: &mut SyncContext<Self>) -> Self::Result {
+        self.exec.download(msg.id)
+    }
+}
+
+impl Handler<Run> for GpuActor {
+    type Result = Result<()>;
+    fn handle(&mut self, msg: Run, _: &mut SyncContext<Self>) -> Self::Result {
+        self.exec.run(&msg.0)
+    }
+}
+
+impl Handler<Free> for GpuActor {
+    type Result = ();
+    fn handle(&mut self, msg: Free, _: &mut SyncContext<Self>) {
+        for id in msg.0 {
+            self.exec.remove(id);
+        }
+    }
+}
+
+impl Handler<Info> for GpuActor {
+    type Result = MessageResult<Info>;
+    fn handle(&mut self, _: Info, _: &mut SyncContext<Self>) -> Self::Result {
+        MessageResult(self.exec.gpu().info().clone())
+    }
+}
+
+impl Handler<Stats> for GpuActor {
+    type Result = MessageResult<Stats>;
+    fn handle(&mut self, _: Stats, _: &mut SyncContext<Self>) -> Self::Result {
+        MessageResult(self.exec.gpu().stats())
+    }
+}
+
+impl<F, R> Handler<With<F, R>> for GpuActor
+where
+    F: FnOnce(&mut Executor) -> R + Send + 'static,
+    R: Send + 'static,
+{
+    type Result = MessageResult<With<F, R>>;
+    fn handle(&mut self, msg: With<F, R>, _: &mut SyncContext<Self>) -> Self::Result {
+        MessageResult((msg.0)(&mut self.exec))
+    }
+}
+
+/// The application's handle to a GPU actor. Cheap to clone.
+#[derive(Clone)]
+pub struct GpuHandle {
+    addr: Addr<GpuActor>,
+    next_id: Arc<AtomicU64>,
+    info: DeviceInfo,
+}
+
+impl GpuHandle {
+    /// Opens a device and starts its actor on a thread of its own. Must be called inside
+    /// a running actix system.
+    pub fn start(options: &GpuOptions) -> Result<Self> {
+        let gpu = Gpu::new(options)?;
+        Ok(Self::from_gpu(gpu))
+    }
+
+    /// Starts an actor around an already opened device.
+    pub fn from_gpu(gpu: Gpu) -> Self {
+        let info = gpu.info().clone();
+        let slot = Mutex::new(Some(gpu));
+        let addr = SyncArbiter::start(1, move || {
+            let gpu = slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .expect("the GPU actor is constructed once");
+            GpuActor {
+                exec: Executor::new(gpu),
+            }
+        });
+        Self {
+            addr,
+            next_id: Arc::new(AtomicU64::new(1)),
+            info,
+        }
+    }
+
+    /// The actor's address, for sending messages directly.
+    pub fn addr(&self) -> &Addr<GpuActor> {
+        &self.addr
+    }
+
+    /// What the device is.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// A handle no other tensor of this actor uses.
+    pub fn new_id(&self) -> TensorId {
+        TensorId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    async fn ask<M>(&self, msg: M) -> Result<M::Result>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        GpuActor: Handler<M>,
+    {
+        self.addr.send(msg).await.map_err(|_| GpuError::ActorGone)
+    }
+
+    /// Uploads a host tensor and returns its new handle.
+    pub async fn upload<T: Element>(&self, tensor: HostTensor<T>) -> Result<TensorId> {
+        let id = self.new_id();
+        self.ask(Upload { id, tensor }).await??;
+        Ok(id)
+    }
+
+    /// Uploads a host tensor under a given handle.
+    pub async fn upload_as<T: Element>(&self, id: TensorId, tensor: HostTensor<T>) -> Result<()> {
+        self.ask(Upload { id, tensor }).await?
+    }
+
+    /// Downloads a tensor.
+    pub async fn download<T: Element>(&self, id: TensorId) -> Result<HostTensor<T>> {
+        self.ask(Download::<T> {
+            id,
+            _t: PhantomData,
+        })
+        .await?
+    }
+
+    /// Runs a program atomically.
+    pub async fn run(&self, ops: Vec<Op>) -> Result<()> {
+        self.ask(Run(ops)).await?
+    }
+
+    /// Drops handles.
+    pub async fn free(&self, ids: Vec<TensorId>) -> Result<()> {
+        self.ask(Free(ids)).await
+    }
+
+    /// The device's counters.
+    pub async fn stats(&self) -> Result<GpuStats> {
+        self.ask(Stats).await
+    }
+
+    /// Runs `f` on the actor's executor.
+    pub async fn with<F, R>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Executor) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.ask(With(f, PhantomData)).await
+    }
+}

@@ -1,0 +1,548 @@
+//! The device context: records kernels into a command encoder and submits them lazily.
+//!
+//! Operations on [`Gpu`] only record work; nothing reaches the device until
+//! [`Gpu::flush`] (or a download, which flushes). A sequence of operations therefore
+//! runs as one submission with no host round trip between kernels. Small per-kernel
+//! parameter blocks are packed into a reusable uniform arena and bound with dynamic
+//! offsets, so a steady loop creates no buffers at all.
+
+use std::sync::{Arc, Mutex};
+
+use strata_tensor::{DType, Element, HostTensor, Shape};
+
+use crate::device::{self, AdapterRequest, DeviceInfo};
+use crate::kernels::Kernels;
+use crate::pool::{Pool, PoolStats};
+use crate::{GpuError, GpuTensor, Result};
+
+/// Bytes reserved for one kernel's parameter block.
+const PARAMS_SLOT_BYTES: usize = 256;
+/// Bytes of one parameter-arena chunk (one uniform buffer).
+const ARENA_CHUNK_BYTES: usize = 64 * 1024;
+/// Default memory budget: no limit beyond the device's own.
+const BUDGET_BYTES_DEFAULT: u64 = u64::MAX;
+
+/// Which matrix-multiply kernel a device uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum GemmKernel {
+    /// Workgroup-memory tiles, 64x64 per workgroup, 4x4 per invocation: for real GPUs.
+    Tiled,
+    /// One 8-lane subgroup per workgroup sharing B through `subgroupBroadcast`, 16x64
+    /// per workgroup: for CPU adapters such as lavapipe, where every lane's load is a
+    /// scalar loop and arithmetic per load decides speed.
+    Subgroup8,
+}
+
+/// Options for opening a device.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Which adapter to open.
+    pub adapter: AdapterRequest,
+    /// Cap on bytes held in GPU buffers by this device (tensors plus idle pool); `None`
+    /// for no cap beyond the device's memory.
+    pub memory_budget_bytes: Option<u64>,
+    /// Force a GEMM kernel; `None` picks by adapter (also `STRATA_GEMM=tiled|subgroup`).
+    pub gemm: Option<GemmKernel>,
+}
+
+impl GpuOptions {
+    /// Options from the environment (`STRATA_BACKEND`, `STRATA_ADAPTER`, `STRATA_GEMM`).
+    pub fn from_env() -> Self {
+        let gemm = match std::env::var("STRATA_GEMM").as_deref() {
+            Ok("tiled") => Some(GemmKernel::Tiled),
+            Ok("subgroup") => Some(GemmKernel::Subgroup8),
+            _ => None,
+        };
+        Self {
+            adapter: AdapterRequest::from_env(),
+            memory_budget_bytes: None,
+            gemm,
+        }
+    }
+}
+
+struct ParamArena {
+    chunks: Vec<(wgpu::Buffer, Vec<u8>)>,
+    chunk: usize,
+    used: usize,
+    align: usize,
+}
+
+impl ParamArena {
+    fn push(&mut self, device: &wgpu::Device, bytes: &[u8]) -> (usize, u32) {
+        assert!(
+            bytes.len() <= PARAMS_SLOT_BYTES,
+            "parameter block of {} bytes exceeds the slot",
+            bytes.len()
+        );
+        if self.used + PARAMS_SLOT_BYTES > ARENA_CHUNK_BYTES {
+            self.chunk += 1;
+            self.used = 0;
+        }
+        if self.chunk == self.chunks.len() {
+            let buf = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("strata params"),
+                size: ARENA_CHUNK_BYTES as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.chunks.push((buf, vec![0; ARENA_CHUNK_BYTES]));
+        }
+        let off = self.used;
+        self.chunks[self.chunk].1[off..off + bytes.len()].copy_from_slice(bytes);
+        self.used += PARAMS_SLOT_BYTES.next_multiple_of(self.align);
+        (self.chunk, off as u32)
+    }
+
+    fn flush(&mut self, queue: &wgpu::Queue) {
+        for i in 0..=self.chunk.min(self.chunks.len().saturating_sub(1)) {
+            let len = if i == self.chunk {
+                self.used
+            } else {
+                ARENA_CHUNK_BYTES
+            };
+            if len > 0 && i < self.chunks.len() {
+                queue.write_buffer(&self.chunks[i].0, 0, &self.chunks[i].1[..len]);
+            }
+        }
+        self.chunk = 0;
+        self.used = 0;
+    }
+}
+
+/// A storage binding: a byte range of a tensor's buffer.
+pub(crate) struct Arg<'a> {
+    pub(crate) tensor: &'a GpuTensor,
+    pub(crate) offset_bytes: u64,
+    pub(crate) size_bytes: u64,
+}
+
+impl GpuTensor {
+    /// The whole tensor as a binding, rounded up to 16 bytes so `vec4` views see the tail.
+    pub(crate) fn arg(&self) -> Arg<'_> {
+        let size = self
+            .size_bytes()
+            .max(4)
+            .next_multiple_of(16)
+            .min(self.capacity_bytes());
+        Arg {
+            tensor: self,
+            offset_bytes: 0,
+            size_bytes: size,
+        }
+    }
+
+    /// Elements `[offset, offset + len)` as a binding; `offset` must respect the device's
+    /// storage offset alignment (callers chunk at aligned boundaries).
+    pub(crate) fn arg_range(&self, offset: usize, len: usize) -> Arg<'_> {
+        let es = self.dtype().size_bytes() as u64;
+        let off = offset as u64 * es;
+        let size = (len as u64 * es)
+            .max(4)
+            .next_multiple_of(16)
+            .min(self.capacity_bytes() - off);
+        Arg {
+            tensor: self,
+            offset_bytes: off,
+            size_bytes: size,
+        }
+    }
+}
+
+/// Counters of one device, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GpuStats {
+    /// Buffer pool counters.
+    pub pool: PoolStats,
+    /// Kernels dispatched since start.
+    pub dispatches: u64,
+    /// Command buffers submitted since start.
+    pub submits: u64,
+}
+
+/// One GPU device: its queue, kernels, buffer pool and the command encoder being recorded.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: DeviceInfo,
+    kernels: Kernels,
+    pool: Pool,
+    staging: Pool,
+    encoder: Option<wgpu::CommandEncoder>,
+    arena: ParamArena,
+    pub(crate) gemm: GemmKernel,
+    errors: Arc<Mutex<Vec<String>>>,
+    dispatches: u64,
+    submits: u64,
+    pub(crate) storage_align: usize,
+}
+
+impl Gpu {
+    /// Opens a device as described by `options`.
+    pub fn new(options: &GpuOptions) -> Result<Self> {
+        let open = device::open(&options.adapter)?;
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        open.device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                tracing::error!("wgpu: {e}");
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(e.to_string());
+            }));
+        let info = open.info;
+        let gemm = options
+            .gemm
+            .unwrap_or_else(|| match std::env::var("STRATA_GEMM").as_deref() {
+                Ok("tiled") => GemmKernel::Tiled,
+                Ok("subgroup") if info.subgroups => GemmKernel::Subgroup8,
+                _ if info.is_cpu() && info.subgroups && info.subgroup_sizes.0 >= 8 => {
+                    GemmKernel::Subgroup8
+                }
+                _ => GemmKernel::Tiled,
+            });
+        if gemm == GemmKernel::Subgroup8 && !(info.subgroups && info.subgroup_sizes.0 >= 8) {
+            return Err(GpuError::Wgpu(format!(
+                "the subgroup GEMM needs subgroups of at least 8 lanes; {} has {:?}",
+                info.name, info.subgroup_sizes
+            )));
+        }
+        let limits = open.device.limits();
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        tracing::info!(
+            "opened {} ({}, {}), gemm {:?}",
+            info.name,
+            info.backend,
+            info.device_type,
+            gemm
+        );
+        Ok(Self {
+            device: open.device,
+            queue: open.queue,
+            kernels: Kernels::default(),
+            pool: Pool::new(
+                options.memory_budget_bytes.unwrap_or(BUDGET_BYTES_DEFAULT),
+                usage,
+            ),
+            staging: Pool::new(
+                u64::MAX,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ),
+            encoder: None,
+            arena: ParamArena {
+                chunks: Vec::new(),
+                chunk: 0,
+                used: 0,
+                align: limits.min_uniform_buffer_offset_alignment as usize,
+            },
+            gemm,
+            errors,
+            dispatches: 0,
+            submits: 0,
+            storage_align: limits.min_storage_buffer_offset_alignment.max(16) as usize,
+            info,
+        })
+    }
+
+    /// Opens the device chosen by the environment ([`GpuOptions::from_env`]).
+    pub fn from_env() -> Result<Self> {
+        Self::new(&GpuOptions::from_env())
+    }
+
+    /// What this device is.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The GEMM kernel in use.
+    pub fn gemm_kernel(&self) -> GemmKernel {
+        self.gemm
+    }
+
+    /// Pool and dispatch counters.
+    pub fn stats(&self) -> GpuStats {
+        GpuStats {
+            pool: self.pool.stats(),
+            dispatches: self.dispatches,
+            submits: self.submits,
+        }
+    }
+
+    /// Sets the memory budget in bytes (tensors plus idle pool buffers).
+    pub fn set_memory_budget(&mut self, bytes: u64) {
+        self.pool.set_budget(bytes);
+    }
+
+    /// Releases idle pool buffers.
+    pub fn trim(&mut self) {
+        self.pool.trim();
+        self.staging.trim();
+    }
+
+    /// A new tensor with unspecified contents.
+    pub fn empty(&mut self, shape: impl Into<Shape>, dtype: DType) -> Result<GpuTensor> {
+        let shape = shape.into();
+        let bytes = (shape.numel() * dtype.size_bytes()) as u64;
+        let (buf, class) = self
+            .pool
+            .acquire(&self.device, bytes, self.info.max_buffer_bytes)?;
+        Ok(GpuTensor::new(
+            crate::tensor::Storage::new(buf, class, self.pool.clone()),
+            shape,
+            dtype,
+        ))
+    }
+
+    /// A new tensor of zeros.
+    pub fn zeros(&mut self, shape: impl Into<Shape>, dtype: DType) -> Result<GpuTensor> {
+        let t = self.empty(shape, dtype)?;
+        self.fill_bits(&t, 0)?;
+        Ok(t)
+    }
+
+    /// Copies a host tensor to a new device tensor.
+    pub fn upload<T: Element>(&mut self, host: &HostTensor<T>) -> Result<GpuTensor> {
+        let t = self.empty(host.shape().clone(), T::DTYPE)?;
+        self.write(&t, host.data())?;
+        Ok(t)
+    }
+
+    /// Overwrites a device tensor with host data of the same element count and dtype.
+    pub fn write<T: Element>(&mut self, t: &GpuTensor, data: &[T]) -> Result<()> {
+        if t.dtype() != T::DTYPE {
+            return Err(GpuError::DType {
+                op: "write",
+                what: "destination",
+                got: t.dtype().name(),
+                expected: T::DTYPE.name(),
+            });
+        }
+        if data.len() != t.numel() {
+            return Err(strata_tensor::TensorError::DataLength {
+                shape: t.shape().to_string(),
+                expected: t.numel(),
+                got: data.len(),
+            }
+            .into());
+        }
+        // Commands recorded so far must see the old contents: queue writes land before
+        // the next submission, so submit what is recorded first.
+        self.flush()?;
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
+        }
+        Ok(())
+    }
+
+    /// Copies a device tensor back to the host (flushes and waits).
+    pub fn download<T: Element>(&mut self, t: &GpuTensor) -> Result<HostTensor<T>> {
+        if t.dtype() != T::DTYPE {
+            return Err(GpuError::DType {
+                op: "download",
+                what: "source",
+                got: t.dtype().name(),
+                expected: T::DTYPE.name(),
+            });
+        }
+        let bytes = t.size_bytes().next_multiple_of(4);
+        if bytes == 0 {
+            return Ok(HostTensor::new(t.shape().clone(), Vec::new())?);
+        }
+        let (staging, class) = self.staging.acquire(&self.device, bytes, u64::MAX)?;
+        self.encoder()
+            .copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, bytes);
+        self.flush()?;
+        let slice = staging.slice(..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::Wgpu(e.to_string()))?;
+        let mapped = rx.recv().map_err(|e| GpuError::Readback(e.to_string()))?;
+        mapped.map_err(|e| GpuError::Readback(e.to_string()))?;
+        let data: Vec<T> = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| GpuError::Readback(e.to_string()))?;
+            bytemuck::cast_slice(&view[..t.size_bytes() as usize]).to_vec()
+        };
+        staging.unmap();
+        self.staging.release(staging, class);
+        self.check_errors()?;
+        Ok(HostTensor::new(t.shape().clone(), data)?)
+    }
+
+    /// Downloads a one-element tensor as a scalar.
+    pub fn read_scalar(&mut self, t: &GpuTensor) -> Result<f32> {
+        Ok(self.download::<f32>(t)?.data()[0])
+    }
+
+    /// Submits everything recorded so far.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(enc) = self.encoder.take() {
+            self.arena.flush(&self.queue);
+            self.queue.submit([enc.finish()]);
+            self.submits += 1;
+        }
+        self.check_errors()
+    }
+
+    /// Submits everything recorded so far and waits until the device has finished it.
+    pub fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::Wgpu(e.to_string()))?;
+        self.check_errors()
+    }
+
+    /// Drops everything recorded since the last flush (used to make a failed program
+    /// leave no trace).
+    pub fn discard(&mut self) {
+        self.encoder = None;
+        self.arena.chunk = 0;
+        self.arena.used = 0;
+    }
+
+    fn check_errors(&self) -> Result<()> {
+        let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_empty() {
+            return Ok(());
+        }
+        let msg = e.join("; ");
+        e.clear();
+        Err(GpuError::Wgpu(msg))
+    }
+
+    fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("strata"),
+                })
+        })
+    }
+
+    /// Records a buffer-to-buffer copy of whole 4-byte words.
+    pub(crate) fn copy_bytes(
+        &mut self,
+        src: &GpuTensor,
+        src_off: u64,
+        dst: &GpuTensor,
+        dst_off: u64,
+        bytes: u64,
+    ) {
+        if bytes > 0 {
+            self.encoder().copy_buffer_to_buffer(
+                src.buffer(),
+                src_off,
+                dst.buffer(),
+                dst_off,
+                bytes,
+            );
+        }
+    }
+
+    /// Records one kernel dispatch.
+    ///
+    /// `op` names the user-facing operation for error messages. Every binding is checked
+    /// against the device's storage binding limit before anything is recorded.
+    pub(crate) fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        op: &'static str,
+        kernel: (&'static str, &'static str),
+        constants: &[(&'static str, f64)],
+        params: &P,
+        args: &[Arg<'_>],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let limit = self.info.max_storage_binding_bytes;
+        for a in args {
+            if a.size_bytes > limit {
+                return Err(GpuError::BindingTooLarge {
+                    op,
+                    what: "tensor",
+                    bytes: a.size_bytes,
+                    limit_bytes: limit,
+                });
+            }
+            debug_assert!(a.offset_bytes + a.size_bytes <= a.tensor.capacity_bytes());
+        }
+        let max = self.info.max_workgroups_per_dim;
+        if groups.iter().any(|&g| g > max) {
+            return Err(GpuError::DispatchTooLarge {
+                op,
+                what: format!("{groups:?} workgroups, limit {max} per dimension"),
+            });
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let pipeline = self
+            .kernels
+            .pipeline(&self.device, kernel.0, kernel.1, constants)?;
+        assert_eq!(
+            pipeline.storage_count,
+            args.len(),
+            "{}:{} binds {} storage buffers",
+            kernel.0,
+            kernel.1,
+            pipeline.storage_count
+        );
+        let (chunk, offset) = self.arena.push(&self.device, bytemuck::bytes_of(params));
+        let mut entries = Vec::with_capacity(args.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.arena.chunks[chunk].0,
+                offset: 0,
+                size: wgpu::BufferSize::new(PARAMS_SLOT_BYTES as u64),
+            }),
+        });
+        for (i, a) in args.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: a.tensor.buffer(),
+                    offset: a.offset_bytes,
+                    size: wgpu::BufferSize::new(a.size_bytes),
+                }),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.layout,
+            entries: &entries,
+        });
+        let enc = self.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("strata"),
+                })
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &bind_group, &[offset]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        drop(pass);
+        self.dispatches += 1;
+        Ok(())
+    }
+
+    /// Largest element count per chunk for a buffer of `elem_bytes`-sized elements, so a
+    /// chunk fits one storage binding and chunk offsets respect the alignment.
+    pub(crate) fn chunk_elems(&self, elem_bytes: usize) -> usize {
+        let limit = self.info.max_storage_binding_bytes as usize;
+        let aligned = (limit / self.storage_align) * self.storage_align;
+        // Keep room for the 16-byte round-up of a binding's size.
+        (aligned - self.storage_align.max(16)) / elem_bytes
+    }
+}

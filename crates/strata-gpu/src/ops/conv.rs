@@ -1,0 +1,327 @@
+//! 2-D convolution as im2col + GEMM (`shaders/conv2d.wgsl` and the GEMM kernels).
+//!
+//! The patch matrix is built for a chunk of images at a time so that it fits one
+//! storage binding and a scratch budget; inputs and outputs are bound whole.
+
+use bytemuck::{Pod, Zeroable};
+use strata_tensor::geometry::{self, Conv2dParams, ConvGeometry};
+use strata_tensor::{DType, TensorError};
+
+use super::gemm::Mat;
+use super::{expect_binding, expect_dtype, groups_for, u};
+use crate::{Gpu, GpuError, GpuTensor, Result};
+
+const FILE: &str = "conv2d.wgsl";
+/// Upper bound on the bytes of one patch-matrix chunk.
+const SCRATCH_BYTES_MAX: usize = 64 << 20;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    ci: u32,
+    h: u32,
+    w: u32,
+    kh: u32,
+    kw: u32,
+    ho: u32,
+    wo: u32,
+    sh: u32,
+    sw: u32,
+    ph: u32,
+    pw: u32,
+    n0: u32,
+    nb: u32,
+    p_ld: u32,
+    co: u32,
+    co_ld: u32,
+}
+
+/// Gradients of a convolution on the device.
+#[derive(Debug)]
+pub struct Conv2dGrads {
+    /// Gradient with respect to the input (`None` when not requested).
+    pub dx: Option<GpuTensor>,
+    /// Gradient with respect to the weight `[co, ci, kh, kw]`.
+    pub dw: GpuTensor,
+    /// Gradient with respect to the bias `[co]`.
+    pub db: GpuTensor,
+}
+
+struct Plan {
+    g: ConvGeometry,
+    /// Images per chunk.
+    nb: usize,
+    /// Row stride of the patch matrix for a full chunk.
+    p_ld: usize,
+}
+
+impl Plan {
+    fn params(&self, n0: usize, nb: usize) -> Params {
+        let g = &self.g;
+        Params {
+            ci: u(g.ci),
+            h: u(g.h),
+            w: u(g.w),
+            kh: u(g.kh),
+            kw: u(g.kw),
+            ho: u(g.ho),
+            wo: u(g.wo),
+            sh: u(g.params.stride.0),
+            sw: u(g.params.stride.1),
+            ph: u(g.params.padding.0),
+            pw: u(g.params.padding.1),
+            n0: u(n0),
+            nb: u(nb),
+            p_ld: u(self.p_ld),
+            co: u(g.co),
+            co_ld: u(g.co.next_multiple_of(4)),
+        }
+    }
+
+    /// `(first image, images)` of each chunk.
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.g.n)
+            .step_by(self.nb)
+            .map(|n0| (n0, self.nb.min(self.g.n - n0)))
+    }
+}
+
+impl Gpu {
+    fn conv_plan(&self, op: &'static str, g: ConvGeometry) -> Result<Plan> {
+        let limit = (self.info().max_storage_binding_bytes as usize).min(SCRATCH_BYTES_MAX);
+        let pix = g.ho * g.wo;
+        let rows = g.patch_len().max(g.co);
+        let per_image = rows * pix * 4;
+        let nb = (limit / per_image.max(1)).clamp(1, g.n);
+        let p_ld = (nb * pix).next_multiple_of(4);
+        if rows * p_ld * 4 > self.info().max_storage_binding_bytes as usize {
+            return Err(GpuError::BindingTooLarge {
+                op,
+                what: "patch matrix of one image",
+                bytes: (rows * p_ld * 4) as u64,
+                limit_bytes: self.info().max_storage_binding_bytes,
+            });
+        }
+        Ok(Plan { g, nb, p_ld })
+    }
+
+    fn check_conv_operands(
+        &self,
+        op: &'static str,
+        ts: &[(&'static str, &GpuTensor)],
+    ) -> Result<()> {
+        for (what, t) in ts {
+            expect_dtype(op, what, t, DType::F32)?;
+            expect_binding(op, what, t, self.info().max_storage_binding_bytes)?;
+        }
+        Ok(())
+    }
+
+    fn im2col(
+        &mut self,
+        op: &'static str,
+        plan: &Plan,
+        x: &GpuTensor,
+        col: &GpuTensor,
+        n0: usize,
+        nb: usize,
+    ) -> Result<()> {
+        let g = &plan.g;
+        let p = plan.params(n0, nb);
+        let items = g.patch_len() * nb * g.ho;
+        let entry = if g.wo % 4 == 0 { "im2col_v4" } else { "im2col" };
+        self.dispatch(
+            op,
+            (FILE, entry),
+            &[],
+            &p,
+            &[x.arg(), col.arg()],
+            [groups_for(items, 64), 1, 1],
+        )
+    }
+
+    /// 2-D convolution of NCHW `x` with `w` `[co, ci, kh, kw]` and optional bias `[co]`.
+    pub fn conv2d(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        params: Conv2dParams,
+    ) -> Result<GpuTensor> {
+        const OP: &str = "conv2d";
+        let g = geometry::conv2d(x.shape(), w.shape(), bias.map(|b| b.shape()), params)?;
+        self.check_conv_operands(OP, &[("input", x), ("weight", w)])?;
+        let plan = self.conv_plan(OP, g)?;
+        let y = self.empty(g.output_shape(), DType::F32)?;
+        expect_binding(OP, "output", &y, self.info().max_storage_binding_bytes)?;
+        let zero_bias;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zero_bias = self.zeros([g.co], DType::F32)?;
+                &zero_bias
+            }
+        };
+        let k = g.patch_len();
+        let pix = g.ho * g.wo;
+        let col = self.empty([k, plan.p_ld], DType::F32)?;
+        let ycp = self.empty([g.co, plan.p_ld], DType::F32)?;
+        for (n0, nb) in plan.chunks() {
+            self.im2col(OP, &plan, x, &col, n0, nb)?;
+            self.gemm_into(
+                OP,
+                g.co,
+                nb * pix,
+                k,
+                Mat::rows(w, k),
+                Mat::rows(&col, plan.p_ld),
+                Mat::rows(&ycp, plan.p_ld),
+                false,
+            )?;
+            let p = plan.params(n0, nb);
+            let (entry, items) = if pix % 4 == 0 {
+                ("cp_to_nchw_v4", nb * g.co * pix / 4)
+            } else {
+                ("cp_to_nchw", nb * g.co * pix)
+            };
+            self.dispatch(
+                OP,
+                (FILE, entry),
+                &[],
+                &p,
+                &[ycp.arg(), bias.arg(), y.arg()],
+                [groups_for(items, 256), 1, 1],
+            )?;
+        }
+        Ok(y)
+    }
+
+    /// Gradients of [`Gpu::conv2d`] given the output gradient `dy`; `input_grad: false`
+    /// skips `dx` (a first layer needs none).
+    pub fn conv2d_backward(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        dy: &GpuTensor,
+        params: Conv2dParams,
+        input_grad: bool,
+    ) -> Result<Conv2dGrads> {
+        const OP: &str = "conv2d_backward";
+        let g = geometry::conv2d(x.shape(), w.shape(), None, params)?;
+        if *dy.shape() != g.output_shape() {
+            return Err(TensorError::shape(
+                OP,
+                format!(
+                    "output gradient {} must be {}",
+                    dy.shape(),
+                    g.output_shape()
+                ),
+            )
+            .into());
+        }
+        self.check_conv_operands(OP, &[("input", x), ("weight", w), ("output gradient", dy)])?;
+        let plan = self.conv_plan(OP, g)?;
+        let k = g.patch_len();
+        let pix = g.ho * g.wo;
+        let co_ld = g.co.next_multiple_of(4);
+        let col = self.empty([k, plan.p_ld], DType::F32)?;
+        let dyt = self.empty([plan.p_ld, co_ld], DType::F32)?;
+        let dwt = self.empty([k, co_ld], DType::F32)?;
+        let dx = if input_grad {
+            Some(self.empty(x.shape().clone(), DType::F32)?)
+        } else {
+            None
+        };
+        // W^T [k, co_ld] for dcol = W^T @ dY'.
+        let wt_dcol = if input_grad {
+            let wt = self.empty([k, co_ld], DType::F32)?;
+            self.pack_into(OP, Mat::transposed(w, k), k, g.co, &wt, 0, co_ld, k, co_ld)?;
+            let dcp = self.empty([g.co, plan.p_ld], DType::F32)?;
+            let dcol = self.empty([k, plan.p_ld], DType::F32)?;
+            Some((wt, dcp, dcol))
+        } else {
+            None
+        };
+        for (i, (n0, nb)) in plan.chunks().enumerate() {
+            let p = plan.params(n0, nb);
+            let np = nb * pix;
+            self.im2col(OP, &plan, x, &col, n0, nb)?;
+            self.dispatch(
+                OP,
+                (FILE, "nchw_to_pc"),
+                &[],
+                &p,
+                &[dy.arg(), dyt.arg()],
+                [groups_for(np * co_ld / 4, 256), 1, 1],
+            )?;
+            // dW^T [k, co] (+)= col [k, np] @ dY^T [np, co]
+            self.gemm_into(
+                OP,
+                k,
+                g.co,
+                np,
+                Mat::rows(&col, plan.p_ld),
+                Mat::rows(&dyt, co_ld),
+                Mat::rows(&dwt, co_ld),
+                i > 0,
+            )?;
+            if let (Some((wt, dcp, dcol)), Some(dx)) = (&wt_dcol, &dx) {
+                let (entry, items) = if pix % 4 == 0 {
+                    ("nchw_to_cp_v4", nb * g.co * pix / 4)
+                } else {
+                    ("nchw_to_cp", nb * g.co * pix)
+                };
+                self.dispatch(
+                    OP,
+                    (FILE, entry),
+                    &[],
+                    &p,
+                    &[dy.arg(), dcp.arg()],
+                    [groups_for(items, 256), 1, 1],
+                )?;
+                // dcol [k, np] = W^T [k, co] @ dY' [co, np]
+                self.gemm_into(
+                    OP,
+                    k,
+                    np,
+                    g.co,
+                    Mat::rows(wt, co_ld),
+                    Mat::rows(dcp, plan.p_ld),
+                    Mat::rows(dcol, plan.p_ld),
+                    false,
+                )?;
+                self.dispatch(
+                    OP,
+                    (FILE, "col2im"),
+                    &[],
+                    &p,
+                    &[dcol.arg(), dx.arg()],
+                    [groups_for(nb * g.ci * g.h, 64), 1, 1],
+                )?;
+            }
+        }
+        let dw = self.empty(w.shape().clone(), DType::F32)?;
+        self.pack_into(
+            OP,
+            Mat::transposed(&dwt, co_ld),
+            g.co,
+            k,
+            &dw,
+            0,
+            k,
+            g.co,
+            k,
+        )?;
+        let db = self.empty([g.co], DType::F32)?;
+        let p = plan.params(0, g.n);
+        self.dispatch(
+            OP,
+            (FILE, "bias_grad"),
+            &[],
+            &p,
+            &[dy.arg(), db.arg()],
+            [u(g.co), 1, 1],
+        )?;
+        Ok(Conv2dGrads { dx, dw, db })
+    }
+}

@@ -1,0 +1,370 @@
+//! Matrix multiplication (`shaders/gemm_subgroup.wgsl`, `shaders/gemm_tiled.wgsl`),
+//! linear layers, and the 2-D layout kernel (`shaders/layout.wgsl`) that packs operands.
+//!
+//! The tiled kernel reads any strides. The subgroup kernel (CPU adapters) wants A and B
+//! row-major with rows aligned to vec4; operands that are not get packed into aligned
+//! scratch first, and [`Gpu::matmul`] picks between computing `C` and `C^T` by which
+//! needs less packing (for a linear layer's `x @ W^T`, transposing the small batch
+//! instead of the large weight).
+
+use bytemuck::{Pod, Zeroable};
+use strata_tensor::cpu::ReduceOp;
+use strata_tensor::{DType, geometry};
+
+use super::{expect_binding, expect_dtype, groups_for, u};
+use crate::{GemmKernel, Gpu, GpuTensor, Result};
+
+/// A logical matrix inside a tensor: element `(i, j)` is at
+/// `off + i * ld + j`, or `off + j * ld + i` when `trans`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub(crate) t: &'a GpuTensor,
+    pub(crate) off: usize,
+    pub(crate) ld: usize,
+    pub(crate) trans: bool,
+}
+
+impl<'a> Mat<'a> {
+    pub(crate) fn rows(t: &'a GpuTensor, ld: usize) -> Self {
+        Self {
+            t,
+            off: 0,
+            ld,
+            trans: false,
+        }
+    }
+
+    pub(crate) fn transposed(t: &'a GpuTensor, ld: usize) -> Self {
+        Self {
+            t,
+            off: 0,
+            ld,
+            trans: true,
+        }
+    }
+
+    fn vec4_rows(&self) -> bool {
+        !self.trans && self.ld % 4 == 0 && self.off % 4 == 0
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SubgroupParams {
+    m: u32,
+    n4: u32,
+    k: u32,
+    lda4: u32,
+    ldb4: u32,
+    ldc4: u32,
+    a_off4: u32,
+    b_off4: u32,
+    c_off4: u32,
+    accumulate: u32,
+    _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct TiledParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_off: u32,
+    a_rs: u32,
+    a_cs: u32,
+    b_off: u32,
+    b_rs: u32,
+    b_cs: u32,
+    c_off: u32,
+    ldc: u32,
+    accumulate: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PackParams {
+    rows: u32,
+    cols: u32,
+    src_off: u32,
+    src_ld: u32,
+    trans: u32,
+    dst_rows: u32,
+    dst_cols: u32,
+    dst_ld: u32,
+    dst_off: u32,
+    _pad: [u32; 3],
+}
+
+/// Rows of C per subgroup-GEMM workgroup.
+const SG_TILE_ROWS: usize = 16;
+/// vec4 columns of C per subgroup-GEMM workgroup.
+const SG_TILE_VEC4: usize = 16;
+/// Rows and columns of C per tiled-GEMM workgroup.
+const TILED_TILE: usize = 64;
+
+impl Gpu {
+    /// Writes the `rows x cols` logical matrix `src` into `dst` at `dst_off` with row
+    /// stride `dst_ld`, zero-filling up to `dst_rows x dst_cols`.
+    pub(crate) fn pack_into(
+        &mut self,
+        op: &'static str,
+        src: Mat<'_>,
+        rows: usize,
+        cols: usize,
+        dst: &GpuTensor,
+        dst_off: usize,
+        dst_ld: usize,
+        dst_rows: usize,
+        dst_cols: usize,
+    ) -> Result<()> {
+        let p = PackParams {
+            rows: u(rows),
+            cols: u(cols),
+            src_off: u(src.off),
+            src_ld: u(src.ld),
+            trans: u32::from(src.trans),
+            dst_rows: u(dst_rows),
+            dst_cols: u(dst_cols),
+            dst_ld: u(dst_ld),
+            dst_off: u(dst_off),
+            _pad: [0; 3],
+        };
+        let args = [src.t.arg(), dst.arg()];
+        self.dispatch(
+            op,
+            ("layout.wgsl", "pack2d"),
+            &[],
+            &p,
+            &args,
+            [groups_for(dst_rows * dst_cols, 64), 1, 1],
+        )
+    }
+
+    /// A new `[rows, cols4]` tensor holding `src` with rows padded to `cols4` columns.
+    fn pack(
+        &mut self,
+        op: &'static str,
+        src: Mat<'_>,
+        rows: usize,
+        cols: usize,
+        cols4: usize,
+    ) -> Result<GpuTensor> {
+        let dst = self.empty([rows, cols4], DType::F32)?;
+        self.pack_into(op, src, rows, cols, &dst, 0, cols4, rows, cols4)?;
+        Ok(dst)
+    }
+
+    /// Records `C (+)= A @ B` for logical `m x k` A, `k x n` B and `m x n` C (`c.trans`
+    /// must be false). `k` must be at least 1.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_into(
+        &mut self,
+        op: &'static str,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat<'_>,
+        b: Mat<'_>,
+        c: Mat<'_>,
+        accumulate: bool,
+    ) -> Result<()> {
+        assert!(
+            k > 0 && m > 0 && n > 0 && !c.trans,
+            "gemm_into needs a non-empty product into a row-major C"
+        );
+        match self.gemm {
+            GemmKernel::Tiled => {
+                let stride = |mm: &Mat<'_>| if mm.trans { (1, mm.ld) } else { (mm.ld, 1) };
+                let (a_rs, a_cs) = stride(&a);
+                let (b_rs, b_cs) = stride(&b);
+                let p = TiledParams {
+                    m: u(m),
+                    n: u(n),
+                    k: u(k),
+                    a_off: u(a.off),
+                    a_rs: u(a_rs),
+                    a_cs: u(a_cs),
+                    b_off: u(b.off),
+                    b_rs: u(b_rs),
+                    b_cs: u(b_cs),
+                    c_off: u(c.off),
+                    ldc: u(c.ld),
+                    accumulate: u32::from(accumulate),
+                };
+                let groups = [u(n.div_ceil(TILED_TILE)), u(m.div_ceil(TILED_TILE)), 1];
+                self.dispatch(
+                    op,
+                    ("gemm_tiled.wgsl", "gemm"),
+                    &[],
+                    &p,
+                    &[a.t.arg(), b.t.arg(), c.t.arg()],
+                    groups,
+                )
+            }
+            GemmKernel::Subgroup8 => {
+                let k4 = k.next_multiple_of(4);
+                let n4 = n.next_multiple_of(4);
+                let a_packed;
+                let a = if a.vec4_rows() {
+                    a
+                } else {
+                    a_packed = self.pack(op, a, m, k, k4)?;
+                    Mat::rows(&a_packed, k4)
+                };
+                let b_packed;
+                let b = if b.vec4_rows() {
+                    b
+                } else {
+                    b_packed = self.pack(op, b, k, n, n4)?;
+                    Mat::rows(&b_packed, n4)
+                };
+                if !c.vec4_rows() {
+                    let scratch = self.empty([m, n4], DType::F32)?;
+                    if accumulate {
+                        self.pack_into(op, c, m, n, &scratch, 0, n4, m, n4)?;
+                    }
+                    self.gemm_into(op, m, n, k, a, b, Mat::rows(&scratch, n4), accumulate)?;
+                    return self.pack_into(
+                        op,
+                        Mat::rows(&scratch, n4),
+                        m,
+                        n,
+                        c.t,
+                        c.off,
+                        c.ld,
+                        m,
+                        n,
+                    );
+                }
+                let p = SubgroupParams {
+                    m: u(m),
+                    n4: u(n4 / 4),
+                    k: u(k),
+                    lda4: u(a.ld / 4),
+                    ldb4: u(b.ld / 4),
+                    ldc4: u(c.ld / 4),
+                    a_off4: u(a.off / 4),
+                    b_off4: u(b.off / 4),
+                    c_off4: u(c.off / 4),
+                    accumulate: u32::from(accumulate),
+                    _pad: [0; 2],
+                };
+                let groups = [
+                    u((n4 / 4).div_ceil(SG_TILE_VEC4)),
+                    u(m.div_ceil(SG_TILE_ROWS)),
+                    1,
+                ];
+                self.dispatch(
+                    op,
+                    ("gemm_subgroup.wgsl", "gemm"),
+                    &[],
+                    &p,
+                    &[a.t.arg(), b.t.arg(), c.t.arg()],
+                    groups,
+                )
+            }
+        }
+    }
+
+    /// `op(a) @ op(b)` where `op` transposes when the flag is set; both operands `[rows, cols]` f32.
+    pub fn matmul(
+        &mut self,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        trans_a: bool,
+        trans_b: bool,
+    ) -> Result<GpuTensor> {
+        const OP: &str = "matmul";
+        expect_dtype(OP, "a", a, DType::F32)?;
+        expect_dtype(OP, "b", b, DType::F32)?;
+        let (m, k, n) = geometry::matmul(a.shape(), b.shape(), trans_a, trans_b)?;
+        let limit = self.info().max_storage_binding_bytes;
+        expect_binding(OP, "a", a, limit)?;
+        expect_binding(OP, "b", b, limit)?;
+        let c = self.empty([m, n], DType::F32)?;
+        if m == 0 || n == 0 {
+            return Ok(c);
+        }
+        if k == 0 {
+            self.fill(&c, 0.0)?;
+            return Ok(c);
+        }
+        expect_binding(OP, "result", &c, limit)?;
+        let am = Mat {
+            t: a,
+            off: 0,
+            ld: a.shape().dim(1),
+            trans: trans_a,
+        };
+        let bm = Mat {
+            t: b,
+            off: 0,
+            ld: b.shape().dim(1),
+            trans: trans_b,
+        };
+        if self.gemm == GemmKernel::Subgroup8 {
+            // Elements the subgroup kernel would have to repack in each formulation.
+            let pack = |needed: bool, elems: usize| if needed { elems } else { 0 };
+            let direct = pack(trans_a || k % 4 != 0, m * k)
+                + pack(trans_b || n % 4 != 0, k * n)
+                + pack(n % 4 != 0, m * n);
+            let transposed =
+                pack(!trans_b || k % 4 != 0, n * k) + pack(!trans_a || m % 4 != 0, k * m) + m * n;
+            if transposed < direct {
+                // C^T = op(b)^T @ op(a)^T, then transpose C^T into C.
+                let m4 = m.next_multiple_of(4);
+                let ct = self.empty([n, m4], DType::F32)?;
+                let bt = Mat {
+                    trans: !trans_b,
+                    ..bm
+                };
+                let at = Mat {
+                    trans: !trans_a,
+                    ..am
+                };
+                self.gemm_into(OP, n, m, k, bt, at, Mat::rows(&ct, m4), false)?;
+                self.pack_into(OP, Mat::transposed(&ct, m4), m, n, &c, 0, n, m, n)?;
+                return Ok(c);
+            }
+        }
+        self.gemm_into(OP, m, n, k, am, bm, Mat::rows(&c, n), false)?;
+        Ok(c)
+    }
+
+    /// Linear layer `x @ w^T + bias`: `x` `[batch, in]`, `w` `[out, in]` (PyTorch layout).
+    pub fn linear(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        bias: Option<&GpuTensor>,
+    ) -> Result<GpuTensor> {
+        geometry::linear(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
+        let y = self.matmul(x, w, false, true)?;
+        match bias {
+            Some(b) => self.add_channel_bias(&y, b),
+            None => Ok(y),
+        }
+    }
+
+    /// Gradients `(dx, dw, db)` of [`Gpu::linear`] for output gradient `dy` `[batch, out]`.
+    pub fn linear_backward(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        dy: &GpuTensor,
+    ) -> Result<(GpuTensor, GpuTensor, GpuTensor)> {
+        let (batch, _, out) = geometry::linear(x.shape(), w.shape(), None)?;
+        if dy.shape().dims() != [batch, out] {
+            return Err(strata_tensor::TensorError::shape(
+                "linear_backward",
+                format!("output gradient {} must be [{batch},{out}]", dy.shape()),
+            )
+            .into());
+        }
+        let dx = self.matmul(dy, w, false, false)?;
+        let dw = self.matmul(dy, x, true, false)?;
+        let db = self.reduce(dy, ReduceOp::Sum, Some(0))?;
+        Ok((dx, dw, db))
+    }
+}

@@ -1,0 +1,116 @@
+//! Max pooling (`shaders/pool.wgsl`).
+
+use bytemuck::{Pod, Zeroable};
+use strata_tensor::geometry::{self, Conv2dParams, PoolGeometry};
+use strata_tensor::{DType, Shape, TensorError};
+
+use super::{expect_binding, expect_dtype, groups_for, u};
+use crate::{Gpu, GpuTensor, Result};
+
+const FILE: &str = "pool.wgsl";
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    planes: u32,
+    h: u32,
+    w: u32,
+    kh: u32,
+    kw: u32,
+    ho: u32,
+    wo: u32,
+    sh: u32,
+    sw: u32,
+    ph: u32,
+    pw: u32,
+    _pad: u32,
+}
+
+fn params_of(g: &PoolGeometry) -> Params {
+    Params {
+        planes: u(g.planes),
+        h: u(g.h),
+        w: u(g.w),
+        kh: u(g.kh),
+        kw: u(g.kw),
+        ho: u(g.ho),
+        wo: u(g.wo),
+        sh: u(g.params.stride.0),
+        sw: u(g.params.stride.1),
+        ph: u(g.params.padding.0),
+        pw: u(g.params.padding.1),
+        _pad: 0,
+    }
+}
+
+impl Gpu {
+    /// Max pooling of NCHW `x`; returns the output and the `u32` index (`ih * w + iw`)
+    /// of each window's winner, which the backward pass needs.
+    pub fn max_pool2d(
+        &mut self,
+        x: &GpuTensor,
+        kernel: (usize, usize),
+        params: Conv2dParams,
+    ) -> Result<(GpuTensor, GpuTensor)> {
+        const OP: &str = "max_pool2d";
+        expect_dtype(OP, "input", x, DType::F32)?;
+        expect_binding(OP, "input", x, self.info().max_storage_binding_bytes)?;
+        let g = geometry::max_pool2d(x.shape(), kernel, params)?;
+        let y = self.empty(g.output_shape(), DType::F32)?;
+        let idx = self.empty(g.output_shape(), DType::U32)?;
+        let items = y.numel();
+        self.dispatch(
+            OP,
+            (FILE, "max_pool_forward"),
+            &[],
+            &params_of(&g),
+            &[x.arg(), y.arg(), idx.arg()],
+            [groups_for(items, 256), 1, 1],
+        )?;
+        Ok((y, idx))
+    }
+
+    /// Gradient of [`Gpu::max_pool2d`] for an input of `input_shape`.
+    pub fn max_pool2d_backward(
+        &mut self,
+        dy: &GpuTensor,
+        indices: &GpuTensor,
+        input_shape: &Shape,
+        kernel: (usize, usize),
+        params: Conv2dParams,
+    ) -> Result<GpuTensor> {
+        const OP: &str = "max_pool2d_backward";
+        expect_dtype(OP, "output gradient", dy, DType::F32)?;
+        expect_dtype(OP, "indices", indices, DType::U32)?;
+        let g = geometry::max_pool2d(input_shape, kernel, params)?;
+        if *dy.shape() != g.output_shape() || indices.shape() != dy.shape() {
+            return Err(TensorError::shape(
+                OP,
+                format!(
+                    "gradient {} and indices {} must be {}",
+                    dy.shape(),
+                    indices.shape(),
+                    g.output_shape()
+                ),
+            )
+            .into());
+        }
+        let dx = self.empty(input_shape.clone(), DType::F32)?;
+        expect_binding(
+            OP,
+            "input gradient",
+            &dx,
+            self.info().max_storage_binding_bytes,
+        )?;
+        let items = dx.numel();
+        self.dispatch(
+            OP,
+            (FILE, "max_pool_backward"),
+            &[],
+            &params_of(&g),
+            &[dy.arg(), indices.arg(), dx.arg()],
+            [groups_for(items, 256), 1, 1],
+        )?;
+        Ok(dx)
+    }
+}

@@ -1,0 +1,535 @@
+//! Programs of operations over tensor handles, and the executor that runs them.
+//!
+//! A [`Program`] names its operands by [`TensorId`]; outputs get ids chosen by the caller,
+//! so one program can chain kernels (forward, loss, backward, optimiser step) without any
+//! data passing through the host. [`Executor::run`] is atomic: every operation is checked
+//! and recorded, and only when all succeeded are the results committed and the work
+//! submitted; on an error nothing is submitted and the handle table is unchanged.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use strata_tensor::cpu::{AdamParams, ReduceOp, SgdParams};
+use strata_tensor::geometry::Conv2dParams;
+use strata_tensor::{DType, Element, HostTensor, Shape};
+
+use crate::{Gpu, GpuError, GpuTensor, Result};
+
+/// A handle to a tensor held by an [`Executor`] (and so by a GPU actor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TensorId(pub u64);
+
+impl fmt::Display for TensorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{}", self.0)
+    }
+}
+
+/// One operation of a program. Field names follow the [`Gpu`] methods they call.
+#[allow(missing_docs)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    Add {
+        a: TensorId,
+        b: TensorId,
+        out: TensorId,
+    },
+    Sub {
+        a: TensorId,
+        b: TensorId,
+        out: TensorId,
+    },
+    Mul {
+        a: TensorId,
+        b: TensorId,
+        out: TensorId,
+    },
+    Scale {
+        x: TensorId,
+        alpha: f32,
+        out: TensorId,
+    },
+    /// `y += alpha * x` in place.
+    Axpy {
+        alpha: f32,
+        x: TensorId,
+        y: TensorId,
+    },
+    Relu {
+        x: TensorId,
+        out: TensorId,
+    },
+    ReluBackward {
+        x: TensorId,
+        dy: TensorId,
+        out: TensorId,
+    },
+    AddChannelBias {
+        x: TensorId,
+        bias: TensorId,
+        out: TensorId,
+    },
+    MatMul {
+        a: TensorId,
+        b: TensorId,
+        trans_a: bool,
+        trans_b: bool,
+        out: TensorId,
+    },
+    Linear {
+        x: TensorId,
+        w: TensorId,
+        bias: Option<TensorId>,
+        out: TensorId,
+    },
+    LinearBackward {
+        x: TensorId,
+        w: TensorId,
+        dy: TensorId,
+        dx: TensorId,
+        dw: TensorId,
+        db: TensorId,
+    },
+    Conv2d {
+        x: TensorId,
+        w: TensorId,
+        bias: Option<TensorId>,
+        params: Conv2dParams,
+        out: TensorId,
+    },
+    /// `dx: None` skips the input gradient.
+    Conv2dBackward {
+        x: TensorId,
+        w: TensorId,
+        dy: TensorId,
+        params: Conv2dParams,
+        dx: Option<TensorId>,
+        dw: TensorId,
+        db: TensorId,
+    },
+    MaxPool2d {
+        x: TensorId,
+        kernel: (usize, usize),
+        params: Conv2dParams,
+        out: TensorId,
+        indices: TensorId,
+    },
+    MaxPool2dBackward {
+        dy: TensorId,
+        indices: TensorId,
+        input_shape: Shape,
+        kernel: (usize, usize),
+        params: Conv2dParams,
+        out: TensorId,
+    },
+    LogSoftmax {
+        x: TensorId,
+        out: TensorId,
+    },
+    LogSoftmaxBackward {
+        y: TensorId,
+        dy: TensorId,
+        out: TensorId,
+    },
+    NllLoss {
+        logp: TensorId,
+        targets: TensorId,
+        out: TensorId,
+    },
+    NllLossBackward {
+        logp: TensorId,
+        targets: TensorId,
+        out: TensorId,
+    },
+    CorrectCount {
+        logits: TensorId,
+        targets: TensorId,
+        out: TensorId,
+    },
+    Reduce {
+        x: TensorId,
+        op: ReduceOp,
+        axis: Option<usize>,
+        out: TensorId,
+    },
+    AdamStep {
+        param: TensorId,
+        grad: TensorId,
+        m: TensorId,
+        v: TensorId,
+        hyper: AdamParams,
+        step: u32,
+    },
+    SgdStep {
+        param: TensorId,
+        grad: TensorId,
+        buf: TensorId,
+        hyper: SgdParams,
+        step: u32,
+    },
+    Reshape {
+        x: TensorId,
+        shape: Shape,
+        out: TensorId,
+    },
+    Copy {
+        src: TensorId,
+        out: TensorId,
+    },
+    Fill {
+        t: TensorId,
+        value: f32,
+    },
+    Zeros {
+        shape: Shape,
+        dtype: DType,
+        out: TensorId,
+    },
+    Free {
+        t: TensorId,
+    },
+}
+
+/// A sequence of operations run as one submission.
+pub type Program = Vec<Op>;
+
+/// A device plus a table of tensors named by [`TensorId`].
+pub struct Executor {
+    gpu: Gpu,
+    tensors: HashMap<TensorId, GpuTensor>,
+}
+
+/// Pending changes of a program being recorded: `None` marks a freed handle.
+struct Staged<'a> {
+    table: &'a HashMap<TensorId, GpuTensor>,
+    changes: HashMap<TensorId, Option<GpuTensor>>,
+}
+
+impl Staged<'_> {
+    fn get(&self, op: &'static str, id: TensorId) -> Result<GpuTensor> {
+        let found = match self.changes.get(&id) {
+            Some(change) => change.clone(),
+            None => self.table.get(&id).cloned(),
+        };
+        found.ok_or(GpuError::UnknownTensor { op, id })
+    }
+
+    fn put(&mut self, id: TensorId, t: GpuTensor) {
+        self.changes.insert(id, Some(t));
+    }
+}
+
+impl Executor {
+    /// An executor over `gpu` with an empty table.
+    pub fn new(gpu: Gpu) -> Self {
+        Self {
+            gpu,
+            tensors: HashMap::new(),
+        }
+    }
+
+    /// The device.
+    pub fn gpu(&mut self) -> &mut Gpu {
+        &mut self.gpu
+    }
+
+    /// The tensor behind `id`.
+    pub fn get(&self, id: TensorId) -> Result<&GpuTensor> {
+        self.tensors
+            .get(&id)
+            .ok_or(GpuError::UnknownTensor { op: "get", id })
+    }
+
+    /// Puts a device tensor under `id` (replacing any tensor there).
+    pub fn insert(&mut self, id: TensorId, t: GpuTensor) {
+        self.tensors.insert(id, t);
+    }
+
+    /// Removes `id`, returning its tensor.
+    pub fn remove(&mut self, id: TensorId) -> Option<GpuTensor> {
+        self.tensors.remove(&id)
+    }
+
+    /// Number of live handles.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether no handle is live.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Uploads `host` under `id`.
+    pub fn upload<T: Element>(&mut self, id: TensorId, host: &HostTensor<T>) -> Result<()> {
+        let t = self.gpu.upload(host)?;
+        self.tensors.insert(id, t);
+        Ok(())
+    }
+
+    /// Downloads the tensor under `id`.
+    pub fn download<T: Element>(&mut self, id: TensorId) -> Result<HostTensor<T>> {
+        let t = self
+            .tensors
+            .get(&id)
+            .cloned()
+            .ok_or(GpuError::UnknownTensor { op: "download", id })?;
+        self.gpu.download(&t)
+    }
+
+    /// Runs `ops` atomically as one submission (see the module docs).
+    pub fn run(&mut self, ops: &[Op]) -> Result<()> {
+        let mut staged = Staged {
+            table: &self.tensors,
+            changes: HashMap::new(),
+        };
+        for op in ops {
+            if let Err(e) = apply(&mut self.gpu, &mut staged, op) {
+                self.gpu.discard();
+                return Err(e);
+            }
+        }
+        let changes = staged.changes;
+        for (id, change) in changes {
+            match change {
+                Some(t) => {
+                    self.tensors.insert(id, t);
+                }
+                None => {
+                    self.tensors.remove(&id);
+                }
+            }
+        }
+        self.gpu.flush()
+    }
+}
+
+fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
+    use Op::*;
+    match op {
+        Add { a, b, out } => {
+            let r = gpu.add(&s.get("add", *a)?, &s.get("add", *b)?)?;
+            s.put(*out, r);
+        }
+        Sub { a, b, out } => {
+            let r = gpu.sub(&s.get("sub", *a)?, &s.get("sub", *b)?)?;
+            s.put(*out, r);
+        }
+        Mul { a, b, out } => {
+            let r = gpu.mul(&s.get("mul", *a)?, &s.get("mul", *b)?)?;
+            s.put(*out, r);
+        }
+        Scale { x, alpha, out } => {
+            let r = gpu.scale(&s.get("scale", *x)?, *alpha)?;
+            s.put(*out, r);
+        }
+        Axpy { alpha, x, y } => gpu.axpy(*alpha, &s.get("axpy", *x)?, &s.get("axpy", *y)?)?,
+        Relu { x, out } => {
+            let r = gpu.relu(&s.get("relu", *x)?)?;
+            s.put(*out, r);
+        }
+        ReluBackward { x, dy, out } => {
+            let r =
+                gpu.relu_backward(&s.get("relu_backward", *x)?, &s.get("relu_backward", *dy)?)?;
+            s.put(*out, r);
+        }
+        AddChannelBias { x, bias, out } => {
+            let r = gpu.add_channel_bias(
+                &s.get("add_channel_bias", *x)?,
+                &s.get("add_channel_bias", *bias)?,
+            )?;
+            s.put(*out, r);
+        }
+        MatMul {
+            a,
+            b,
+            trans_a,
+            trans_b,
+            out,
+        } => {
+            let r = gpu.matmul(
+                &s.get("matmul", *a)?,
+                &s.get("matmul", *b)?,
+                *trans_a,
+                *trans_b,
+            )?;
+            s.put(*out, r);
+        }
+        Linear { x, w, bias, out } => {
+            let b = bias.map(|b| s.get("linear", b)).transpose()?;
+            let r = gpu.linear(&s.get("linear", *x)?, &s.get("linear", *w)?, b.as_ref())?;
+            s.put(*out, r);
+        }
+        LinearBackward {
+            x,
+            w,
+            dy,
+            dx,
+            dw,
+            db,
+        } => {
+            const N: &str = "linear_backward";
+            let (gx, gw, gb) =
+                gpu.linear_backward(&s.get(N, *x)?, &s.get(N, *w)?, &s.get(N, *dy)?)?;
+            s.put(*dx, gx);
+            s.put(*dw, gw);
+            s.put(*db, gb);
+        }
+        Conv2d {
+            x,
+            w,
+            bias,
+            params,
+            out,
+        } => {
+            let b = bias.map(|b| s.get("conv2d", b)).transpose()?;
+            let r = gpu.conv2d(
+                &s.get("conv2d", *x)?,
+                &s.get("conv2d", *w)?,
+                b.as_ref(),
+                *params,
+            )?;
+            s.put(*out, r);
+        }
+        Conv2dBackward {
+            x,
+            w,
+            dy,
+            params,
+            dx,
+            dw,
+            db,
+        } => {
+            const N: &str = "conv2d_backward";
+            let g = gpu.conv2d_backward(
+                &s.get(N, *x)?,
+                &s.get(N, *w)?,
+                &s.get(N, *dy)?,
+                *params,
+                dx.is_some(),
+            )?;
+            if let (Some(id), Some(t)) = (dx, g.dx) {
+                s.put(*id, t);
+            }
+            s.put(*dw, g.dw);
+            s.put(*db, g.db);
+        }
+        MaxPool2d {
+            x,
+            kernel,
+            params,
+            out,
+            indices,
+        } => {
+            let (y, i) = gpu.max_pool2d(&s.get("max_pool2d", *x)?, *kernel, *params)?;
+            s.put(*out, y);
+            s.put(*indices, i);
+        }
+        MaxPool2dBackward {
+            dy,
+            indices,
+            input_shape,
+            kernel,
+            params,
+            out,
+        } => {
+            const N: &str = "max_pool2d_backward";
+            let r = gpu.max_pool2d_backward(
+                &s.get(N, *dy)?,
+                &s.get(N, *indices)?,
+                input_shape,
+                *kernel,
+                *params,
+            )?;
+            s.put(*out, r);
+        }
+        LogSoftmax { x, out } => {
+            let r = gpu.log_softmax(&s.get("log_softmax", *x)?)?;
+            s.put(*out, r);
+        }
+        LogSoftmaxBackward { y, dy, out } => {
+            let r = gpu.log_softmax_backward(
+                &s.get("log_softmax_backward", *y)?,
+                &s.get("log_softmax_backward", *dy)?,
+            )?;
+            s.put(*out, r);
+        }
+        NllLoss { logp, targets, out } => {
+            let r = gpu.nll_loss(&s.get("nll_loss", *logp)?, &s.get("nll_loss", *targets)?)?;
+            s.put(*out, r);
+        }
+        NllLossBackward { logp, targets, out } => {
+            let shape = s.get("nll_loss_backward", *logp)?.shape().clone();
+            let r = gpu.nll_loss_backward(&shape, &s.get("nll_loss_backward", *targets)?)?;
+            s.put(*out, r);
+        }
+        CorrectCount {
+            logits,
+            targets,
+            out,
+        } => {
+            let r = gpu.correct_count(
+                &s.get("correct_count", *logits)?,
+                &s.get("correct_count", *targets)?,
+            )?;
+            s.put(*out, r);
+        }
+        Reduce { x, op, axis, out } => {
+            let r = gpu.reduce(&s.get(op.name(), *x)?, *op, *axis)?;
+            s.put(*out, r);
+        }
+        AdamStep {
+            param,
+            grad,
+            m,
+            v,
+            hyper,
+            step,
+        } => {
+            const N: &str = "adam_step";
+            gpu.adam_step(
+                &s.get(N, *param)?,
+                &s.get(N, *grad)?,
+                &s.get(N, *m)?,
+                &s.get(N, *v)?,
+                hyper,
+                *step,
+            )?;
+        }
+        SgdStep {
+            param,
+            grad,
+            buf,
+            hyper,
+            step,
+        } => {
+            const N: &str = "sgd_step";
+            gpu.sgd_step(
+                &s.get(N, *param)?,
+                &s.get(N, *grad)?,
+                &s.get(N, *buf)?,
+                hyper,
+                *step,
+            )?;
+        }
+        Reshape { x, shape, out } => {
+            let r = s.get("reshape", *x)?.reshape(shape.clone())?;
+            s.put(*out, r);
+        }
+        Copy { src, out } => {
+            let r = gpu.copy(&s.get("copy", *src)?)?;
+            s.put(*out, r);
+        }
+        Fill { t, value } => gpu.fill(&s.get("fill", *t)?, *value)?,
+        Zeros { shape, dtype, out } => {
+            let r = gpu.zeros(shape.clone(), *dtype)?;
+            s.put(*out, r);
+        }
+        Free { t } => {
+            s.get("free", *t)?;
+            s.changes.insert(*t, None);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Strata: a cross-vendor distributed GPU compute runtime.
+//!
+//! This crate re-exports the public API of the layers below and holds the code behind
+//! the `strata` binary's commands.
+
+pub use strata_gpu as gpu;
+pub use strata_tensor as tensor;

@@ -1,0 +1,5 @@
+//! The `strata` node binary.
+
+fn main() {
+    println!("strata");
+}

@@ -1,0 +1,112 @@
+// Elementwise kernels over flat f32 buffers viewed as vec4: add/sub (a + alpha*b), mul,
+// scale, axpy, ReLU and its gradient, per-channel bias, fill.
+//
+// Every kernel walks `n` elements with a grid-stride loop over vec4s. When `n` is not a
+// multiple of 4 the last vec4 also covers up to 3 elements past the tensor; those lie in
+// the buffer's padding (buffers are rounded up to 256 bytes) and are never read back.
+
+struct Params {
+    n: u32,        // elements in this chunk
+    base: u32,     // index of the chunk's first element in the whole tensor
+    alpha: f32,
+    bits: u32,     // fill pattern
+    inner: u32,    // elements per channel (bias)
+    channels: u32, // channel count (bias)
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+const WG: u32 = 64u;
+
+fn vec_count() -> u32 {
+    return (p.n + 3u) / 4u;
+}
+
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+
+// out = a + alpha * b
+@compute @workgroup_size(64)
+fn add_scaled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = vec_count();
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        out[i] = fma(vec4<f32>(p.alpha), b[i], a[i]);
+    }
+}
+
+// out = a * b
+@compute @workgroup_size(64)
+fn mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = vec_count();
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        out[i] = a[i] * b[i];
+    }
+}
+
+// out = x > 0 ? dy : 0, with a = x and b = dy
+@compute @workgroup_size(64)
+fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = vec_count();
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        out[i] = select(vec4<f32>(0.0), b[i], a[i] > vec4<f32>(0.0));
+    }
+}
+
+@group(0) @binding(1) var<storage, read> x1: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> y1: array<vec4<f32>>;
+
+// y = alpha * x
+@compute @workgroup_size(64)
+fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = vec_count();
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        y1[i] = p.alpha * x1[i];
+    }
+}
+
+// y += alpha * x (in place)
+@compute @workgroup_size(64)
+fn axpy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = vec_count();
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        y1[i] = fma(vec4<f32>(p.alpha), x1[i], y1[i]);
+    }
+}
+
+// y = max(x, 0)
+@compute @workgroup_size(64)
+fn relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = vec_count();
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        y1[i] = max(x1[i], vec4<f32>(0.0));
+    }
+}
+
+@group(0) @binding(1) var<storage, read> xb: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> yb: array<vec4<f32>>;
+
+// y = x + bias[channel], for x laid out [n, channels, inner]
+@compute @workgroup_size(64)
+fn add_channel_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = vec_count();
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        let e = p.base + i * 4u;
+        let c = vec4<u32>(e, e + 1u, e + 2u, e + 3u) / p.inner % p.channels;
+        yb[i] = xb[i] + vec4<f32>(bias[c.x], bias[c.y], bias[c.z], bias[c.w]);
+    }
+}
+
+@group(0) @binding(1) var<storage, read_write> words: array<vec4<u32>>;
+
+// Every 32-bit word set to `bits` (f32 or u32 tensors alike).
+@compute @workgroup_size(64)
+fn fill(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = vec_count();
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        words[i] = vec4<u32>(p.bits);
+    }
+}

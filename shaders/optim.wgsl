@@ -1,0 +1,66 @@
+// Optimiser steps, in place, with PyTorch's update rules (torch.optim.Adam and SGD).
+// The host folds the bias corrections into step_size = lr / (1 - beta1^t) and
+// bc2_sqrt = sqrt(1 - beta2^t).
+
+struct Params {
+    n: u32,
+    lr: f32,
+    beta1: f32,   // Adam: beta1;       SGD: momentum
+    beta2: f32,   // Adam: beta2;       SGD: dampening
+    eps: f32,
+    weight_decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    first: u32,   // SGD: 1 on the first step (the buffer takes the gradient as is)
+    nesterov: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+const WG: u32 = 64u;
+
+@group(0) @binding(1) var<storage, read_write> param: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> grad: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> m: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> v: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = (p.n + 3u) / 4u;
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        let w = param[i];
+        let g = grad[i] + p.weight_decay * w;
+        let mi = p.beta1 * m[i] + (1.0 - p.beta1) * g;
+        let vi = p.beta2 * v[i] + (1.0 - p.beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        let denom = sqrt(vi) / p.bc2_sqrt + p.eps;
+        param[i] = w - p.step_size * mi / denom;
+    }
+}
+
+@group(0) @binding(1) var<storage, read_write> sparam: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> sgrad: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> buf: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn sgd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let nv = (p.n + 3u) / 4u;
+    let momentum = p.beta1;
+    let dampening = p.beta2;
+    for (var i = gid.x; i < nv; i += ng.x * WG) {
+        let w = sparam[i];
+        var g = sgrad[i] + p.weight_decay * w;
+        if (momentum != 0.0) {
+            var b = g;
+            if (p.first == 0u) {
+                b = momentum * buf[i] + (1.0 - dampening) * g;
+            }
+            buf[i] = b;
+            g = select(b, g + momentum * b, p.nesterov == 1u);
+        }
+        sparam[i] = w - p.lr * g;
+    }
+}
