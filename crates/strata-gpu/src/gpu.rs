@@ -19,6 +19,8 @@ use crate::{GpuError, GpuTensor, Result};
 const PARAMS_SLOT_BYTES: usize = 256;
 /// Bytes of one parameter-arena chunk (one uniform buffer).
 const ARENA_CHUNK_BYTES: usize = 64 * 1024;
+/// Default cap on one scratch matrix (e.g. a convolution's patch matrix).
+const SCRATCH_BYTES_DEFAULT: usize = 64 << 20;
 /// Default memory budget: no limit beyond the device's own.
 const BUDGET_BYTES_DEFAULT: u64 = u64::MAX;
 
@@ -175,6 +177,7 @@ pub struct Gpu {
     dispatches: u64,
     submits: u64,
     pub(crate) storage_align: usize,
+    pub(crate) scratch_bytes_max: usize,
 }
 
 impl Gpu {
@@ -242,6 +245,7 @@ impl Gpu {
             dispatches: 0,
             submits: 0,
             storage_align: limits.min_storage_buffer_offset_alignment.max(16) as usize,
+            scratch_bytes_max: SCRATCH_BYTES_DEFAULT,
             info,
         })
     }
@@ -273,6 +277,12 @@ impl Gpu {
     /// Sets the memory budget in bytes (tensors plus idle pool buffers).
     pub fn set_memory_budget(&mut self, bytes: u64) {
         self.pool.set_budget(bytes);
+    }
+
+    /// Caps the bytes of one scratch matrix (a convolution's patch matrix); larger
+    /// problems are processed in several chunks. Lower it to trade speed for memory.
+    pub fn set_scratch_limit(&mut self, bytes: usize) {
+        self.scratch_bytes_max = bytes.max(1);
     }
 
     /// Releases idle pool buffers.

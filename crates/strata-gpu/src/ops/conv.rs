@@ -12,8 +12,6 @@ use super::{expect_binding, expect_dtype, groups_for, u};
 use crate::{Gpu, GpuError, GpuTensor, Result};
 
 const FILE: &str = "conv2d.wgsl";
-/// Upper bound on the bytes of one patch-matrix chunk.
-const SCRATCH_BYTES_MAX: usize = 64 << 20;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -88,7 +86,7 @@ impl Plan {
 
 impl Gpu {
     fn conv_plan(&self, op: &'static str, g: ConvGeometry) -> Result<Plan> {
-        let limit = (self.info().max_storage_binding_bytes as usize).min(SCRATCH_BYTES_MAX);
+        let limit = (self.info().max_storage_binding_bytes as usize).min(self.scratch_bytes_max);
         let pix = g.ho * g.wo;
         let rows = g.patch_len().max(g.co);
         let per_image = rows * pix * 4;
