@@ -18,7 +18,9 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-const WG: u32 = 64u;
+// Lanes per workgroup, set by the host: 8 on CPU adapters (one SIMD batch, so each
+// batch walks memory contiguously), 64 on GPUs. Workgroup arrays hold up to 64.
+override WG: u32 = 64u;
 
 fn vec_count() -> u32 {
     return (p.n + 3u) / 4u;
@@ -29,7 +31,7 @@ fn vec_count() -> u32 {
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
 
 // out = a + alpha * b
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn add_scaled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {
@@ -38,7 +40,7 @@ fn add_scaled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 }
 
 // out = a * b
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {
@@ -47,7 +49,7 @@ fn mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 }
 
 // out = x > 0 ? dy : 0, with a = x and b = dy
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {
@@ -59,7 +61,7 @@ fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 @group(0) @binding(2) var<storage, read_write> y1: array<vec4<f32>>;
 
 // y = alpha * x
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {
@@ -68,7 +70,7 @@ fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 }
 
 // y += alpha * x (in place)
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn axpy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {
@@ -77,7 +79,7 @@ fn axpy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 // y = max(x, 0)
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {
@@ -90,7 +92,7 @@ fn relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 @group(0) @binding(3) var<storage, read_write> yb: array<vec4<f32>>;
 
 // y = x + bias[channel], for x laid out [n, channels, inner]
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn add_channel_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {
@@ -103,7 +105,7 @@ fn add_channel_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 @group(0) @binding(1) var<storage, read_write> words: array<vec4<u32>>;
 
 // Every 32-bit word set to `bits` (f32 or u32 tensors alike).
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn fill(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {

@@ -21,13 +21,16 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// Lanes per workgroup, set by the host (8 on CPU adapters, 64 on GPUs).
+override WG: u32 = 64u;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn pack2d(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let total = p.dst_rows * p.dst_cols;
-    for (var i = gid.x; i < total; i += ng.x * 64u) {
+    for (var i = gid.x; i < total; i += ng.x * WG) {
         let r = i / p.dst_cols;
         let c = i % p.dst_cols;
         var v = 0.0;

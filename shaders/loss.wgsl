@@ -13,12 +13,14 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-const WG: u32 = 64u;
+// Lanes per workgroup, set by the host: 8 on CPU adapters (one SIMD batch, so each
+// batch walks memory contiguously), 64 on GPUs. Workgroup arrays hold up to 64.
+override WG: u32 = 64u;
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn log_softmax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     for (var r = gid.x; r < p.rows; r += ng.x * WG) {
         let base = r * p.classes;
@@ -42,7 +44,7 @@ fn log_softmax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 @group(0) @binding(3) var<storage, read_write> ldx: array<f32>;
 
 // dx = dy - exp(y) * sum(dy), per row.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn log_softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     for (var r = gid.x; r < p.rows; r += ng.x * WG) {
         let base = r * p.classes;
@@ -75,7 +77,7 @@ fn tree_sum(lid: u32, v: f32) -> f32 {
 }
 
 // out[0] = -scale * sum_r logp[r, targets[r]]  (scale = 1 / rows for the mean); one workgroup.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn nll_loss(@builtin(local_invocation_index) lid: u32) {
     var s = 0.0;
     var comp = 0.0;
@@ -96,7 +98,7 @@ fn nll_loss(@builtin(local_invocation_index) lid: u32) {
 @group(0) @binding(2) var<storage, read_write> dlogp: array<f32>;
 
 // dlogp[r, c] = -scale where c == targets[r], else 0.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn nll_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let total = p.rows * p.classes;
     for (var i = gid.x; i < total; i += ng.x * WG) {
@@ -107,7 +109,7 @@ fn nll_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 }
 
 // out[0] = number of rows whose first maximal logit is at the targets class; one workgroup.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn correct_count(@builtin(local_invocation_index) lid: u32) {
     var n = 0.0;
     for (var r = lid; r < p.rows; r += WG) {

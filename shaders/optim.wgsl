@@ -19,14 +19,16 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-const WG: u32 = 64u;
+// Lanes per workgroup, set by the host: 8 on CPU adapters (one SIMD batch, so each
+// batch walks memory contiguously), 64 on GPUs. Workgroup arrays hold up to 64.
+override WG: u32 = 64u;
 
 @group(0) @binding(1) var<storage, read_write> param: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> grad: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> m: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> v: array<vec4<f32>>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = (p.n + 3u) / 4u;
     for (var i = gid.x; i < nv; i += ng.x * WG) {
@@ -45,7 +47,7 @@ fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 @group(0) @binding(2) var<storage, read> sgrad: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> buf: array<vec4<f32>>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn sgd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = (p.n + 3u) / 4u;
     let momentum = p.beta1;

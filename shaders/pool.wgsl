@@ -18,14 +18,16 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-const WG: u32 = 64u;
+// Lanes per workgroup, set by the host: 8 on CPU adapters (one SIMD batch, so each
+// batch walks memory contiguously), 64 on GPUs. Workgroup arrays hold up to 64.
+override WG: u32 = 64u;
 const NONE: u32 = 0xffffffffu;
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read_write> idx: array<u32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn max_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let per = p.ho * p.wo;
     let total = p.planes * per;
@@ -65,7 +67,7 @@ fn max_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 
 // Each input pixel gathers the gradients of the windows it won (no atomics, so the
 // result is deterministic even for overlapping windows).
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn max_pool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let plane_len = p.h * p.w;
     let total = p.planes * plane_len;

@@ -24,7 +24,9 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-const WG: u32 = 64u;
+// Lanes per workgroup, set by the host: 8 on CPU adapters (one SIMD batch, so each
+// batch walks memory contiguously), 64 on GPUs. Workgroup arrays hold up to 64.
+override WG: u32 = 64u;
 
 var<workgroup> tv: array<f32, 64>;
 var<workgroup> ti: array<u32, 64>;
@@ -72,7 +74,7 @@ fn tree(lid: u32) {
 @group(0) @binding(2) var<storage, read_write> pv: array<f32>;
 @group(0) @binding(3) var<storage, read_write> pi: array<u32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn partials(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = p.n / 4u;
     let per = (nv + ng.x - 1u) / ng.x;
@@ -133,7 +135,7 @@ fn partials(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
 @group(0) @binding(4) var<storage, read_write> outi: array<u32>;
 
 // One workgroup reduces `n` partials into outv[0] / outi[0].
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn finish(@builtin(local_invocation_index) lid: u32) {
     var best = identity();
     var best_i = NONE;
@@ -163,7 +165,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
 @group(0) @binding(3) var<storage, read_write> ai: array<u32>;
 
 // One lane per output element of [outer, inner], walking the axis.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn axis_lane(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let outputs = p.outer * p.inner;
     for (var o = gid.x; o < outputs; o += ng.x * WG) {
@@ -189,7 +191,7 @@ fn axis_lane(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 }
 
 // One workgroup per output element, for few outputs over a long axis.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn axis_group(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let o = wg.x + wg.y * 65535u;
     if (o >= p.outer * p.inner) {

@@ -54,10 +54,7 @@ pub fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, rtol: f32, 
     assert_eq!(got.shape(), want.shape(), "{what}: shapes differ");
     for (i, (g, w)) in got.data().iter().zip(want.data()).enumerate() {
         let ok = (g - w).abs() <= atol + rtol * w.abs() || (g.is_nan() && w.is_nan());
-        assert!(
-            ok,
-            "{what}: element {i} is {g}, expected {w} (rtol {rtol}, atol {atol})"
-        );
+        assert!(ok, "{what}: element {i} is {g}, expected {w} (rtol {rtol}, atol {atol})");
     }
 }
 

@@ -19,97 +19,37 @@ async fn errors_are_typed_and_the_actor_keeps_serving() {
 
     // Unknown handle.
     let ghost = TensorId(999_999);
-    let e = gpu
-        .run(vec![Op::Add {
-            a,
-            b: ghost,
-            out: c,
-        }])
-        .await
-        .unwrap_err();
-    assert_eq!(
-        e,
-        GpuError::UnknownTensor {
-            op: "add",
-            id: ghost
-        }
-    );
-    assert!(matches!(
-        gpu.download::<f32>(ghost).await,
-        Err(GpuError::UnknownTensor { .. })
-    ));
+    let e = gpu.run(vec![Op::Add { a, b: ghost, out: c }]).await.unwrap_err();
+    assert_eq!(e, GpuError::UnknownTensor { op: "add", id: ghost });
+    assert!(matches!(gpu.download::<f32>(ghost).await, Err(GpuError::UnknownTensor { .. })));
 
     // Shape mismatch, after a valid first op: the whole program leaves no trace.
     let e = gpu
-        .run(vec![
-            Op::MatMul {
-                a,
-                b,
-                trans_a: false,
-                trans_b: false,
-                out: c,
-            },
-            Op::Add {
-                a,
-                b,
-                out: gpu.new_id(),
-            },
-        ])
+        .run(vec![Op::MatMul { a, b, trans_a: false, trans_b: false, out: c }, Op::Add { a, b, out: gpu.new_id() }])
         .await
         .unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "add: operands [2,3] and [3,4] differ in shape"
-    );
-    assert!(
-        gpu.download::<f32>(c).await.is_err(),
-        "a failed program must not commit its outputs"
-    );
+    assert_eq!(e.to_string(), "add: operands [2,3] and [3,4] differ in shape");
+    assert!(gpu.download::<f32>(c).await.is_err(), "a failed program must not commit its outputs");
 
     // Wrong dtype and a bad convolution.
     let e = gpu
-        .run(vec![Op::Conv2d {
-            x: a,
-            w: b,
-            bias: None,
-            params: Conv2dParams::new(1, 1),
-            out: c,
-        }])
+        .run(vec![Op::Conv2d { x: a, w: b, bias: None, params: Conv2dParams::new(1, 1), out: c }])
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "conv2d: input [2,3] must have rank 4 (NCHW)");
 
     // Out of memory under a budget.
-    gpu.with(|ex| ex.gpu().set_memory_budget(64 << 10))
-        .await
-        .unwrap();
-    let e = gpu
-        .upload(HostTensor::random([1 << 16], 3))
-        .await
-        .unwrap_err();
+    gpu.with(|ex| ex.gpu().set_memory_budget(64 << 10)).await.unwrap();
+    let e = gpu.upload(HostTensor::random([1 << 16], 3)).await.unwrap_err();
     assert!(matches!(e, GpuError::OutOfMemory { .. }), "{e:?}");
-    gpu.with(|ex| ex.gpu().set_memory_budget(u64::MAX))
-        .await
-        .unwrap();
+    gpu.with(|ex| ex.gpu().set_memory_budget(u64::MAX)).await.unwrap();
 
     // Still serving: a valid program gives the right answer.
-    gpu.run(vec![Op::MatMul {
-        a,
-        b,
-        trans_a: false,
-        trans_b: false,
-        out: c,
-    }])
-    .await
-    .unwrap();
+    gpu.run(vec![Op::MatMul { a, b, trans_a: false, trans_b: false, out: c }]).await.unwrap();
     let got = gpu.download::<f32>(c).await.unwrap();
-    let want = strata_tensor::cpu::matmul(
-        &gpu.download(a).await.unwrap(),
-        &gpu.download(b).await.unwrap(),
-        false,
-        false,
-    )
-    .unwrap();
+    let want =
+        strata_tensor::cpu::matmul(&gpu.download(a).await.unwrap(), &gpu.download(b).await.unwrap(), false, false)
+            .unwrap();
     common::assert_close("matmul via actor", &got, &want, 1e-5, 1e-6);
     let stats = gpu.stats().await.unwrap();
     assert!(stats.dispatches > 0 && stats.submits > 0);

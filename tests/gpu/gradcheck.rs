@@ -11,12 +11,7 @@ use crate::gpu_or_skip;
 const EPS: f32 = 1e-2;
 
 /// Compares `analytic` with central differences of `loss` at `x`, element by element.
-fn check(
-    what: &str,
-    x: &HostTensor,
-    analytic: &HostTensor,
-    mut loss: impl FnMut(&HostTensor) -> f32,
-) {
+fn check(what: &str, x: &HostTensor, analytic: &HostTensor, mut loss: impl FnMut(&HostTensor) -> f32) {
     assert_eq!(x.shape(), analytic.shape());
     for i in 0..x.data().len() {
         let mut xp = x.clone();
@@ -25,10 +20,7 @@ fn check(
         xm.data_mut()[i] -= EPS;
         let fd = (loss(&xp) - loss(&xm)) / (2.0 * EPS);
         let an = analytic.data()[i];
-        assert!(
-            (fd - an).abs() <= 1e-2 + 1e-2 * an.abs(),
-            "{what}: d/dx[{i}] analytic {an}, finite difference {fd}"
-        );
+        assert!((fd - an).abs() <= 1e-2 + 1e-2 * an.abs(), "{what}: d/dx[{i}] analytic {an}, finite difference {fd}");
     }
 }
 
@@ -55,11 +47,7 @@ fn conv2d_gradients() {
         g.download(&grads.db).unwrap(),
     );
     let mut loss = |x: &HostTensor, w: &HostTensor, b: &HostTensor| {
-        let (gx, gw, gb) = (
-            g.upload(x).unwrap(),
-            g.upload(w).unwrap(),
-            g.upload(b).unwrap(),
-        );
+        let (gx, gw, gb) = (g.upload(x).unwrap(), g.upload(w).unwrap(), g.upload(b).unwrap());
         let y = g.conv2d(&gx, &gw, Some(&gb), params).unwrap();
         weighted_sum(&mut g, &y, &r)
     };
@@ -78,17 +66,9 @@ fn linear_gradients() {
     let (gx, gw) = (g.upload(&x).unwrap(), g.upload(&w).unwrap());
     let gr = g.upload(&r).unwrap();
     let (dx, dw, db) = g.linear_backward(&gx, &gw, &gr).unwrap();
-    let (dx, dw, db) = (
-        g.download(&dx).unwrap(),
-        g.download(&dw).unwrap(),
-        g.download(&db).unwrap(),
-    );
+    let (dx, dw, db) = (g.download(&dx).unwrap(), g.download(&dw).unwrap(), g.download(&db).unwrap());
     let mut loss = |x: &HostTensor, w: &HostTensor, b: &HostTensor| {
-        let (gx, gw, gb) = (
-            g.upload(x).unwrap(),
-            g.upload(w).unwrap(),
-            g.upload(b).unwrap(),
-        );
+        let (gx, gw, gb) = (g.upload(x).unwrap(), g.upload(w).unwrap(), g.upload(b).unwrap());
         let y = g.linear(&gx, &gw, Some(&gb)).unwrap();
         weighted_sum(&mut g, &y, &r)
     };
@@ -118,9 +98,7 @@ fn max_pool_gradients() {
         let (y, idx) = g.max_pool2d(&gx, (k, k), params).unwrap();
         let r = HostTensor::random(y.shape().clone(), 8);
         let gr = g.upload(&r).unwrap();
-        let dx = g
-            .max_pool2d_backward(&gr, &idx, x.shape(), (k, k), params)
-            .unwrap();
+        let dx = g.max_pool2d_backward(&gr, &idx, x.shape(), (k, k), params).unwrap();
         let dx = g.download(&dx).unwrap();
         check(&format!("max_pool2d k{k} s{s} p{p}"), &x, &dx, |v| {
             let gv = g.upload(v).unwrap();
@@ -134,9 +112,7 @@ fn max_pool_gradients() {
 fn log_softmax_nll_gradients() {
     let mut g = gpu_or_skip!();
     let x = HostTensor::random([4, 6], 1);
-    let targets = g
-        .upload(&HostTensor::new([4], vec![0u32, 5, 2, 2]).unwrap())
-        .unwrap();
+    let targets = g.upload(&HostTensor::new([4], vec![0u32, 5, 2, 2]).unwrap()).unwrap();
     let gx = g.upload(&x).unwrap();
     let logp = g.log_softmax(&gx).unwrap();
     let dlogp = g.nll_loss_backward(logp.shape(), &targets).unwrap();

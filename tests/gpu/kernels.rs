@@ -26,95 +26,40 @@ fn elementwise_matches_reference() {
         let b = HostTensor::random(dims.to_vec(), 20 + i as u64);
         let (ga, gb) = (up(&mut g, &a), up(&mut g, &b));
         let r = g.add(&ga, &gb).unwrap();
-        assert_close(
-            "add",
-            &down(&mut g, &r),
-            &cpu::add(&a, &b).unwrap(),
-            0.0,
-            0.0,
-        );
+        assert_close("add", &down(&mut g, &r), &cpu::add(&a, &b).unwrap(), 0.0, 0.0);
         let r = g.sub(&ga, &gb).unwrap();
-        assert_close(
-            "sub",
-            &down(&mut g, &r),
-            &cpu::sub(&a, &b).unwrap(),
-            0.0,
-            0.0,
-        );
+        assert_close("sub", &down(&mut g, &r), &cpu::sub(&a, &b).unwrap(), 0.0, 0.0);
         let r = g.mul(&ga, &gb).unwrap();
-        assert_close(
-            "mul",
-            &down(&mut g, &r),
-            &cpu::mul(&a, &b).unwrap(),
-            0.0,
-            0.0,
-        );
+        assert_close("mul", &down(&mut g, &r), &cpu::mul(&a, &b).unwrap(), 0.0, 0.0);
         let r = g.scale(&ga, -2.5).unwrap();
         assert_close("scale", &down(&mut g, &r), &cpu::scale(&a, -2.5), 0.0, 0.0);
         let r = g.relu(&ga).unwrap();
         assert_close("relu", &down(&mut g, &r), &cpu::relu(&a), 0.0, 0.0);
         let r = g.relu_backward(&ga, &gb).unwrap();
-        assert_close(
-            "relu_backward",
-            &down(&mut g, &r),
-            &cpu::relu_backward(&a, &b).unwrap(),
-            0.0,
-            0.0,
-        );
+        assert_close("relu_backward", &down(&mut g, &r), &cpu::relu_backward(&a, &b).unwrap(), 0.0, 0.0);
         let y = g.copy(&gb).unwrap();
         g.axpy(0.5, &ga, &y).unwrap();
-        assert_close(
-            "axpy",
-            &down(&mut g, &y),
-            &cpu::axpy(0.5, &a, &b).unwrap(),
-            1e-6,
-            1e-6,
-        );
+        assert_close("axpy", &down(&mut g, &y), &cpu::axpy(0.5, &a, &b).unwrap(), 1e-6, 1e-6);
         g.axpy(1.0, &y.clone(), &y).unwrap();
-        assert_close(
-            "axpy aliased",
-            &down(&mut g, &y),
-            &cpu::scale(&cpu::axpy(0.5, &a, &b).unwrap(), 2.0),
-            1e-6,
-            1e-6,
-        );
+        assert_close("axpy aliased", &down(&mut g, &y), &cpu::scale(&cpu::axpy(0.5, &a, &b).unwrap(), 2.0), 1e-6, 1e-6);
         g.fill(&y, 3.25).unwrap();
         assert!(down(&mut g, &y).data().iter().all(|&v| v == 3.25));
         if dims.len() >= 2 {
             let bias = HostTensor::random([dims[1]], 30);
             let gbias = up(&mut g, &bias);
             let r = g.add_channel_bias(&ga, &gbias).unwrap();
-            assert_close(
-                "bias",
-                &down(&mut g, &r),
-                &cpu::add_channel_bias(&a, &bias).unwrap(),
-                0.0,
-                0.0,
-            );
+            assert_close("bias", &down(&mut g, &r), &cpu::add_channel_bias(&a, &bias).unwrap(), 0.0, 0.0);
         }
     }
-    let (p, q) = (
-        up(&mut g, &HostTensor::random([2, 3], 1)),
-        up(&mut g, &HostTensor::random([3, 2], 1)),
-    );
+    let (p, q) = (up(&mut g, &HostTensor::random([2, 3], 1)), up(&mut g, &HostTensor::random([3, 2], 1)));
     let e = g.add(&p, &q).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "add: operands [2,3] and [3,2] differ in shape"
-    );
+    assert_eq!(e.to_string(), "add: operands [2,3] and [3,2] differ in shape");
 }
 
 #[test]
 fn reductions_match_reference() {
     let mut g = gpu_or_skip!();
-    let ops = [
-        ReduceOp::Sum,
-        ReduceOp::Mean,
-        ReduceOp::Max,
-        ReduceOp::Min,
-        ReduceOp::ArgMax,
-        ReduceOp::ArgMin,
-    ];
+    let ops = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min, ReduceOp::ArgMax, ReduceOp::ArgMin];
     for (i, n) in [1usize, 2, 7, 64, 1000, 100_003].into_iter().enumerate() {
         let x = HostTensor::random([n], 40 + i as u64);
         let gx = up(&mut g, &x);
@@ -126,16 +71,8 @@ fn reductions_match_reference() {
             } else {
                 f64::from(g.read_scalar(&r).unwrap())
             };
-            let tol = if op.is_arg() {
-                0.0
-            } else {
-                1e-5 * (n as f64).sqrt() + 1e-6
-            };
-            assert!(
-                (got - want).abs() <= tol,
-                "{} of {n}: {got} vs {want}",
-                op.name()
-            );
+            let tol = if op.is_arg() { 0.0 } else { 1e-5 * (n as f64).sqrt() + 1e-6 };
+            assert!((got - want).abs() <= tol, "{} of {n}: {got} vs {want}", op.name());
         }
     }
     // Ties go to the first index.
@@ -146,13 +83,9 @@ fn reductions_match_reference() {
     let am = g.reduce(&gx, ReduceOp::ArgMin, None).unwrap();
     assert_eq!(g.download::<u32>(&am).unwrap().data(), &[2]);
     // Along an axis: lane path, group path (few outputs, long axis), every axis of a 3-D tensor.
-    for (dims, seed) in [
-        (vec![3, 5, 7], 1u64),
-        (vec![2, 5000], 2),
-        (vec![5000, 3], 3),
-        (vec![1, 1], 4),
-        (vec![4, 1, 3], 5),
-    ] {
+    for (dims, seed) in
+        [(vec![3, 5, 7], 1u64), (vec![2, 5000], 2), (vec![5000, 3], 3), (vec![1, 1], 4), (vec![4, 1, 3], 5)]
+    {
         let x = HostTensor::random(dims.clone(), seed);
         let gx = up(&mut g, &x);
         for axis in 0..dims.len() {
@@ -160,12 +93,7 @@ fn reductions_match_reference() {
                 let r = g.reduce(&gx, op, Some(axis)).unwrap();
                 if op.is_arg() {
                     let want = cpu::arg_reduce_axis(&x, op, axis).unwrap();
-                    assert_eq!(
-                        g.download::<u32>(&r).unwrap(),
-                        want,
-                        "{} axis {axis} of {dims:?}",
-                        op.name()
-                    );
+                    assert_eq!(g.download::<u32>(&r).unwrap(), want, "{} axis {axis} of {dims:?}", op.name());
                 } else {
                     let want = cpu::reduce_axis(&x, op, axis).unwrap();
                     assert_close(
@@ -189,16 +117,7 @@ fn gx_dummy(g: &mut Gpu) -> strata_gpu::GpuTensor {
 }
 
 fn matmul_cases() -> Vec<(usize, usize, usize)> {
-    vec![
-        (1, 1, 1),
-        (3, 5, 7),
-        (17, 33, 65),
-        (16, 64, 64),
-        (130, 9, 10),
-        (64, 576, 128),
-        (5, 1000, 3),
-        (100, 4, 260),
-    ]
+    vec![(1, 1, 1), (3, 5, 7), (17, 33, 65), (16, 64, 64), (130, 9, 10), (64, 576, 128), (5, 1000, 3), (100, 4, 260)]
 }
 
 #[test]
@@ -213,24 +132,12 @@ fn matmul_matches_reference_with_both_kernels() {
                 let (ga, gb) = (up(&mut g, &a), up(&mut g, &b));
                 let got = g.matmul(&ga, &gb, ta, tb).unwrap();
                 let what = format!("{kernel:?} matmul {m}x{k}x{n} ta={ta} tb={tb}");
-                assert_close(
-                    &what,
-                    &down(&mut g, &got),
-                    &want,
-                    1e-4,
-                    1e-5 * (k as f32).sqrt(),
-                );
+                assert_close(&what, &down(&mut g, &got), &want, 1e-4, 1e-5 * (k as f32).sqrt());
             }
         }
-        let (p, q) = (
-            up(&mut g, &HostTensor::random([2, 3], 1)),
-            up(&mut g, &HostTensor::random([4, 5], 1)),
-        );
+        let (p, q) = (up(&mut g, &HostTensor::random([2, 3], 1)), up(&mut g, &HostTensor::random([4, 5], 1)));
         let e = g.matmul(&p, &q, false, false).unwrap_err();
-        assert!(
-            e.to_string().starts_with("matmul: inner dimensions differ"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("matmul: inner dimensions differ"), "{e}");
     }
 }
 
@@ -243,48 +150,19 @@ fn linear_forward_and_backward_match_reference() {
             let w = HostTensor::random([fout, fin], 2);
             let b = HostTensor::random([fout], 3);
             let dy = HostTensor::random([batch, fout], 4);
-            let (gx, gw, gb, gdy) = (
-                up(&mut g, &x),
-                up(&mut g, &w),
-                up(&mut g, &b),
-                up(&mut g, &dy),
-            );
+            let (gx, gw, gb, gdy) = (up(&mut g, &x), up(&mut g, &w), up(&mut g, &b), up(&mut g, &dy));
             let y = g.linear(&gx, &gw, Some(&gb)).unwrap();
             let tol = 1e-5 * (fin as f32).sqrt();
-            assert_close(
-                "linear",
-                &down(&mut g, &y),
-                &cpu::linear(&x, &w, Some(&b)).unwrap(),
-                1e-4,
-                tol,
-            );
+            assert_close("linear", &down(&mut g, &y), &cpu::linear(&x, &w, Some(&b)).unwrap(), 1e-4, tol);
             let (dx, dw, db) = g.linear_backward(&gx, &gw, &gdy).unwrap();
             let (rx, rw, rb) = cpu::linear_backward(&x, &w, &dy).unwrap();
             assert_close("linear dx", &down(&mut g, &dx), &rx, 1e-4, tol);
-            assert_close(
-                "linear dw",
-                &down(&mut g, &dw),
-                &rw,
-                1e-4,
-                1e-5 * (batch as f32).sqrt(),
-            );
-            assert_close(
-                "linear db",
-                &down(&mut g, &db),
-                &rb,
-                1e-4,
-                1e-5 * (batch as f32).sqrt(),
-            );
+            assert_close("linear dw", &down(&mut g, &dw), &rw, 1e-4, 1e-5 * (batch as f32).sqrt());
+            assert_close("linear db", &down(&mut g, &db), &rb, 1e-4, 1e-5 * (batch as f32).sqrt());
         }
-        let (p, q) = (
-            up(&mut g, &HostTensor::random([2, 3], 1)),
-            up(&mut g, &HostTensor::random([4, 5], 1)),
-        );
+        let (p, q) = (up(&mut g, &HostTensor::random([2, 3], 1)), up(&mut g, &HostTensor::random([4, 5], 1)));
         let e = g.linear(&p, &q, None).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "linear: input [2,3] has 3 features, weight [4,5] expects 5"
-        );
+        assert_eq!(e.to_string(), "linear: input [2,3] has 3 features, weight [4,5] expects 5");
     }
 }
 
@@ -329,34 +207,14 @@ fn conv2d_matches_reference_with_both_kernels() {
                 1e-4,
                 1e-5 * (ws[0] as f32 * k).sqrt(),
             );
-            assert_close(
-                &format!("{what} dw"),
-                &down(&mut g, &grads.dw),
-                &r.dw,
-                1e-4,
-                1e-5 * pix.sqrt(),
-            );
-            assert_close(
-                &format!("{what} db"),
-                &down(&mut g, &grads.db),
-                &r.db,
-                1e-4,
-                1e-5 * pix.sqrt(),
-            );
+            assert_close(&format!("{what} dw"), &down(&mut g, &grads.dw), &r.dw, 1e-4, 1e-5 * pix.sqrt());
+            assert_close(&format!("{what} db"), &down(&mut g, &grads.db), &r.db, 1e-4, 1e-5 * pix.sqrt());
             let no_dx = g.conv2d_backward(&gx, &gw, &gdy, params, false).unwrap();
             assert!(no_dx.dx.is_none());
-            assert_close(
-                &format!("{what} dw without dx"),
-                &down(&mut g, &no_dx.dw),
-                &r.dw,
-                1e-4,
-                1e-5 * pix.sqrt(),
-            );
+            assert_close(&format!("{what} dw without dx"), &down(&mut g, &no_dx.dw), &r.dw, 1e-4, 1e-5 * pix.sqrt());
         }
-        let (p, q) = (
-            up(&mut g, &HostTensor::random([32, 3, 28, 28], 1)),
-            up(&mut g, &HostTensor::random([64, 1, 3, 3], 1)),
-        );
+        let (p, q) =
+            (up(&mut g, &HostTensor::random([32, 3, 28, 28], 1)), up(&mut g, &HostTensor::random([64, 1, 3, 3], 1)));
         let bad = g.conv2d(&p, &q, None, Conv2dParams::new(1, 1));
         assert_eq!(
             bad.unwrap_err().to_string(),
@@ -376,23 +234,11 @@ fn conv2d_splits_the_batch_when_the_patch_matrix_is_large() {
     let dy = HostTensor::random([7, 16, 14, 14], 3);
     let (gx, gw) = (up(&mut g, &x), up(&mut g, &w));
     let y = g.conv2d(&gx, &gw, None, params).unwrap();
-    assert_close(
-        "chunked conv2d",
-        &down(&mut g, &y),
-        &cpu::conv2d(&x, &w, None, params).unwrap(),
-        1e-4,
-        1e-4,
-    );
+    assert_close("chunked conv2d", &down(&mut g, &y), &cpu::conv2d(&x, &w, None, params).unwrap(), 1e-4, 1e-4);
     let gdy = up(&mut g, &dy);
     let grads = g.conv2d_backward(&gx, &gw, &gdy, params, true).unwrap();
     let r = cpu::conv2d_backward(&x, &w, &dy, params).unwrap();
-    assert_close(
-        "chunked dx",
-        &down(&mut g, grads.dx.as_ref().unwrap()),
-        &r.dx,
-        1e-4,
-        1e-4,
-    );
+    assert_close("chunked dx", &down(&mut g, grads.dx.as_ref().unwrap()), &r.dx, 1e-4, 1e-4);
     assert_close("chunked dw", &down(&mut g, &grads.dw), &r.dw, 1e-4, 1e-3);
 }
 
@@ -418,9 +264,7 @@ fn max_pool_matches_reference() {
         assert_eq!(g.download::<u32>(&idx).unwrap(), ri);
         let dy = HostTensor::random(ry.shape().clone(), 800 + i as u64);
         let gdy = up(&mut g, &dy);
-        let dx = g
-            .max_pool2d_backward(&gdy, &idx, x.shape(), (k, k), params)
-            .unwrap();
+        let dx = g.max_pool2d_backward(&gdy, &idx, x.shape(), (k, k), params).unwrap();
         let geo = geometry::max_pool2d(x.shape(), (k, k), params).unwrap();
         assert_close(
             "max_pool2d_backward",
@@ -439,13 +283,7 @@ fn loss_head_matches_reference() {
     for (rows, classes) in [(1, 1), (1, 10), (64, 10), (33, 7), (5, 1000)] {
         let x = HostTensor::random([rows, classes], rows as u64 * 31 + classes as u64);
         let x = cpu::scale(&x, 8.0);
-        let targets = HostTensor::new(
-            [rows],
-            (0..rows)
-                .map(|_| rng.below(classes as u64) as u32)
-                .collect(),
-        )
-        .unwrap();
+        let targets = HostTensor::new([rows], (0..rows).map(|_| rng.below(classes as u64) as u32).collect()).unwrap();
         let (gx, gt) = (up(&mut g, &x), g.upload(&targets).unwrap());
         let logp = g.log_softmax(&gx).unwrap();
         let rlogp = cpu::log_softmax(&x).unwrap();
@@ -465,21 +303,12 @@ fn loss_head_matches_reference() {
             1e-6,
         );
         let c = g.correct_count(&gx, &gt).unwrap();
-        assert_eq!(
-            g.read_scalar(&c).unwrap() as u32,
-            cpu::accuracy_count(&x, &targets).unwrap()
-        );
+        assert_eq!(g.read_scalar(&c).unwrap() as u32, cpu::accuracy_count(&x, &targets).unwrap());
     }
-    let (p, q) = (
-        up(&mut g, &HostTensor::random([4, 10], 1)),
-        g.upload(&HostTensor::new([5], vec![0u32; 5]).unwrap())
-            .unwrap(),
-    );
+    let (p, q) =
+        (up(&mut g, &HostTensor::random([4, 10], 1)), g.upload(&HostTensor::new([5], vec![0u32; 5]).unwrap()).unwrap());
     let e = g.nll_loss(&p, &q).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "nll_loss: targets [5] must be [4] for logits [4,10]"
-    );
+    assert_eq!(e.to_string(), "nll_loss: targets [5] must be [4] for logits [4,10]");
 }
 
 #[test]
@@ -488,10 +317,7 @@ fn optimisers_match_reference_over_several_steps() {
     for n in [1usize, 5, 1000] {
         let mut p = HostTensor::random([n], 1).into_data();
         let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
-        let h = AdamParams {
-            weight_decay: 0.01,
-            ..AdamParams::default()
-        };
+        let h = AdamParams { weight_decay: 0.01, ..AdamParams::default() };
         let gp = g.upload(&HostTensor::new([n], p.clone()).unwrap()).unwrap();
         let gm = g.zeros([n], strata_tensor::DType::F32).unwrap();
         let gv = g.zeros([n], strata_tensor::DType::F32).unwrap();
@@ -501,13 +327,7 @@ fn optimisers_match_reference_over_several_steps() {
             let gg = up(&mut g, &grad);
             g.adam_step(&gp, &gg, &gm, &gv, &h, step).unwrap();
         }
-        assert_close(
-            "adam",
-            &down(&mut g, &gp),
-            &HostTensor::new([n], p).unwrap(),
-            1e-5,
-            1e-6,
-        );
+        assert_close("adam", &down(&mut g, &gp), &HostTensor::new([n], p).unwrap(), 1e-5, 1e-6);
 
         for nesterov in [false, true] {
             let mut p = HostTensor::random([n], 2).into_data();
@@ -526,13 +346,7 @@ fn optimisers_match_reference_over_several_steps() {
                 let gg = up(&mut g, &grad);
                 g.sgd_step(&gp, &gg, &gb, &h, step).unwrap();
             }
-            assert_close(
-                "sgd",
-                &down(&mut g, &gp),
-                &HostTensor::new([n], p).unwrap(),
-                1e-5,
-                1e-6,
-            );
+            assert_close("sgd", &down(&mut g, &gp), &HostTensor::new([n], p).unwrap(), 1e-5, 1e-6);
         }
     }
 }
@@ -552,12 +366,6 @@ fn both_gemm_kernels_agree_on_the_reference_cnn_shapes() {
         let y = g.conv2d(&gx, &gw, None, Conv2dParams::new(1, 1)).unwrap();
         outs.push(down(&mut g, &y));
     }
-    assert_close(
-        "tiled vs subgroup",
-        &outs[0],
-        &outs[1],
-        1e-4,
-        1e-4 * max_abs(&outs[1]),
-    );
+    assert_close("tiled vs subgroup", &outs[0], &outs[1], 1e-4, 1e-4 * max_abs(&outs[1]));
     let _ = Shape::scalar();
 }

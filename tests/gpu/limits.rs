@@ -21,17 +21,12 @@ fn reductions_of_64m_elements_span_bindings() {
     let gx = g.upload(&host).unwrap();
     let binding = g.info().max_storage_binding_bytes;
     if (n as u64) * 4 <= binding {
-        eprintln!(
-            "note: this adapter binds {binding} bytes at once; the 64M-element tensor fits one binding"
-        );
+        eprintln!("note: this adapter binds {binding} bytes at once; the 64M-element tensor fits one binding");
     }
     drop(host);
     let s = g.reduce(&gx, ReduceOp::Sum, None).unwrap();
     let got = f64::from(g.read_scalar(&s).unwrap());
-    assert!(
-        (got - want_sum).abs() <= 1e-6 * want_sum.abs().max(1.0) + 1.0,
-        "sum {got} vs {want_sum}"
-    );
+    assert!((got - want_sum).abs() <= 1e-6 * want_sum.abs().max(1.0) + 1.0, "sum {got} vs {want_sum}");
     let m = g.reduce(&gx, ReduceOp::Mean, None).unwrap();
     let got = f64::from(g.read_scalar(&m).unwrap());
     assert!((got - want_sum / n as f64).abs() <= 1e-6, "mean {got}");
@@ -53,32 +48,13 @@ fn elementwise_and_optimiser_steps_span_bindings() {
     g.fill(&y, 1.0).unwrap();
     g.axpy(0.5, &x, &y).unwrap();
     let s = g.sum_to_host(&y).unwrap();
-    assert!(
-        (f64::from(s) - 2.0 * n as f64).abs() < 1e-6 * n as f64,
-        "axpy sum {s}"
-    );
+    assert!((f64::from(s) - 2.0 * n as f64).abs() < 1e-6 * n as f64, "axpy sum {s}");
     let m = g.zeros([n], DType::F32).unwrap();
     let v = g.zeros([n], DType::F32).unwrap();
     // First Adam step moves every parameter by -lr * sign(grad).
-    g.adam_step(
-        &y,
-        &x,
-        &m,
-        &v,
-        &AdamParams {
-            lr: 0.5,
-            ..AdamParams::default()
-        },
-        1,
-    )
-    .unwrap();
+    g.adam_step(&y, &x, &m, &v, &AdamParams { lr: 0.5, ..AdamParams::default() }, 1).unwrap();
     let tail = g.download::<f32>(&y).unwrap();
-    assert!(
-        tail.data()[n - 1] == 1.5 && tail.data()[0] == 1.5,
-        "{} {}",
-        tail.data()[0],
-        tail.data()[n - 1]
-    );
+    assert!(tail.data()[n - 1] == 1.5 && tail.data()[0] == 1.5, "{} {}", tail.data()[0], tail.data()[n - 1]);
 }
 
 #[test]
@@ -90,11 +66,7 @@ fn operands_beyond_one_binding_are_refused_with_the_limit_named() {
     let b = g.zeros([8, 4], DType::F32).unwrap();
     let e = g.matmul(&a, &b, false, false).unwrap_err();
     assert!(matches!(e, GpuError::BindingTooLarge { .. }), "{e:?}");
-    assert!(
-        e.to_string()
-            .contains(&format!("storage binding limit of {limit} bytes")),
-        "{e}"
-    );
+    assert!(e.to_string().contains(&format!("storage binding limit of {limit} bytes")), "{e}");
     // The device keeps working.
     let small = g.zeros([2, 8], DType::F32).unwrap();
     assert!(g.matmul(&small, &b, false, false).is_ok());
@@ -106,11 +78,7 @@ fn memory_budget_gives_out_of_memory_errors_and_the_device_keeps_working() {
     g.set_memory_budget(1 << 20);
     let e = g.zeros([1 << 19], DType::F32).unwrap_err();
     assert!(matches!(e, GpuError::OutOfMemory { .. }), "{e:?}");
-    assert!(
-        e.to_string()
-            .starts_with("out of GPU memory: allocating 2097152 bytes"),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with("out of GPU memory: allocating 2097152 bytes"), "{e}");
     let t = g.upload(&HostTensor::random([1000], 1)).unwrap();
     assert_eq!(g.download::<f32>(&t).unwrap().data().len(), 1000);
 }
@@ -122,67 +90,17 @@ fn step_program(step: u32) -> Vec<Op> {
     let pool = Conv2dParams::new(2, 0);
     let h = AdamParams::default();
     vec![
-        Op::Conv2d {
-            x: t(1),
-            w: t(2),
-            bias: Some(t(3)),
-            params: p,
-            out: t(20),
-        },
-        Op::Relu {
-            x: t(20),
-            out: t(21),
-        },
-        Op::MaxPool2d {
-            x: t(21),
-            kernel: (2, 2),
-            params: pool,
-            out: t(22),
-            indices: t(23),
-        },
-        Op::Reshape {
-            x: t(22),
-            shape: [8, 4 * 7 * 7].into(),
-            out: t(24),
-        },
-        Op::Linear {
-            x: t(24),
-            w: t(4),
-            bias: Some(t(5)),
-            out: t(25),
-        },
-        Op::LogSoftmax {
-            x: t(25),
-            out: t(26),
-        },
-        Op::NllLoss {
-            logp: t(26),
-            targets: t(6),
-            out: t(27),
-        },
-        Op::NllLossBackward {
-            logp: t(26),
-            targets: t(6),
-            out: t(28),
-        },
-        Op::LogSoftmaxBackward {
-            y: t(26),
-            dy: t(28),
-            out: t(29),
-        },
-        Op::LinearBackward {
-            x: t(24),
-            w: t(4),
-            dy: t(29),
-            dx: t(30),
-            dw: t(31),
-            db: t(32),
-        },
-        Op::Reshape {
-            x: t(30),
-            shape: [8, 4, 7, 7].into(),
-            out: t(33),
-        },
+        Op::Conv2d { x: t(1), w: t(2), bias: Some(t(3)), params: p, out: t(20) },
+        Op::Relu { x: t(20), out: t(21) },
+        Op::MaxPool2d { x: t(21), kernel: (2, 2), params: pool, out: t(22), indices: t(23) },
+        Op::Reshape { x: t(22), shape: [8, 4 * 7 * 7].into(), out: t(24) },
+        Op::Linear { x: t(24), w: t(4), bias: Some(t(5)), out: t(25) },
+        Op::LogSoftmax { x: t(25), out: t(26) },
+        Op::NllLoss { logp: t(26), targets: t(6), out: t(27) },
+        Op::NllLossBackward { logp: t(26), targets: t(6), out: t(28) },
+        Op::LogSoftmaxBackward { y: t(26), dy: t(28), out: t(29) },
+        Op::LinearBackward { x: t(24), w: t(4), dy: t(29), dx: t(30), dw: t(31), db: t(32) },
+        Op::Reshape { x: t(30), shape: [8, 4, 7, 7].into(), out: t(33) },
         Op::MaxPool2dBackward {
             dy: t(33),
             indices: t(23),
@@ -191,52 +109,12 @@ fn step_program(step: u32) -> Vec<Op> {
             params: pool,
             out: t(34),
         },
-        Op::ReluBackward {
-            x: t(20),
-            dy: t(34),
-            out: t(35),
-        },
-        Op::Conv2dBackward {
-            x: t(1),
-            w: t(2),
-            dy: t(35),
-            params: p,
-            dx: None,
-            dw: t(36),
-            db: t(37),
-        },
-        Op::AdamStep {
-            param: t(2),
-            grad: t(36),
-            m: t(40),
-            v: t(41),
-            hyper: h,
-            step,
-        },
-        Op::AdamStep {
-            param: t(3),
-            grad: t(37),
-            m: t(42),
-            v: t(43),
-            hyper: h,
-            step,
-        },
-        Op::AdamStep {
-            param: t(4),
-            grad: t(31),
-            m: t(44),
-            v: t(45),
-            hyper: h,
-            step,
-        },
-        Op::AdamStep {
-            param: t(5),
-            grad: t(32),
-            m: t(46),
-            v: t(47),
-            hyper: h,
-            step,
-        },
+        Op::ReluBackward { x: t(20), dy: t(34), out: t(35) },
+        Op::Conv2dBackward { x: t(1), w: t(2), dy: t(35), params: p, dx: None, dw: t(36), db: t(37) },
+        Op::AdamStep { param: t(2), grad: t(36), m: t(40), v: t(41), hyper: h, step },
+        Op::AdamStep { param: t(3), grad: t(37), m: t(42), v: t(43), hyper: h, step },
+        Op::AdamStep { param: t(4), grad: t(31), m: t(44), v: t(45), hyper: h, step },
+        Op::AdamStep { param: t(5), grad: t(32), m: t(46), v: t(47), hyper: h, step },
     ]
 }
 
@@ -246,26 +124,13 @@ fn a_steady_training_step_allocates_no_buffers_after_warm_up() {
     let mut ex = Executor::new(g);
     let t = TensorId;
     let mut rng = SplitMix64(3);
-    ex.upload(t(1), &HostTensor::random([8, 1, 14, 14], 1))
-        .unwrap();
-    for (id, shape) in [
-        (2, vec![4, 1, 3, 3]),
-        (3, vec![4]),
-        (4, vec![10, 196]),
-        (5, vec![10]),
-    ] {
-        ex.upload(t(id), &HostTensor::random(shape.clone(), id))
-            .unwrap();
-        ex.upload(t(36 + 2 * id), &HostTensor::<f32>::zeros(shape.clone()))
-            .unwrap();
-        ex.upload(t(37 + 2 * id), &HostTensor::<f32>::zeros(shape))
-            .unwrap();
+    ex.upload(t(1), &HostTensor::random([8, 1, 14, 14], 1)).unwrap();
+    for (id, shape) in [(2, vec![4, 1, 3, 3]), (3, vec![4]), (4, vec![10, 196]), (5, vec![10])] {
+        ex.upload(t(id), &HostTensor::random(shape.clone(), id)).unwrap();
+        ex.upload(t(36 + 2 * id), &HostTensor::<f32>::zeros(shape.clone())).unwrap();
+        ex.upload(t(37 + 2 * id), &HostTensor::<f32>::zeros(shape)).unwrap();
     }
-    ex.upload(
-        t(6),
-        &HostTensor::new([8], (0..8).map(|_| rng.below(10) as u32).collect()).unwrap(),
-    )
-    .unwrap();
+    ex.upload(t(6), &HostTensor::new([8], (0..8).map(|_| rng.below(10) as u32).collect()).unwrap()).unwrap();
     let mut losses = Vec::new();
     let mut allocations = Vec::new();
     for step in 1..=6 {
@@ -273,12 +138,6 @@ fn a_steady_training_step_allocates_no_buffers_after_warm_up() {
         losses.push(ex.download::<f32>(t(27)).unwrap().data()[0]);
         allocations.push(ex.gpu().stats().pool.allocations);
     }
-    assert!(
-        losses[5] < losses[0],
-        "the loss should fall on a fixed batch: {losses:?}"
-    );
-    assert_eq!(
-        allocations[2], allocations[5],
-        "buffers allocated after warm-up: {allocations:?}"
-    );
+    assert!(losses[5] < losses[0], "the loss should fall on a fixed batch: {losses:?}");
+    assert_eq!(allocations[2], allocations[5], "buffers allocated after warm-up: {allocations:?}");
 }

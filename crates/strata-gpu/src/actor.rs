@@ -152,20 +152,10 @@ impl GpuHandle {
         let info = gpu.info().clone();
         let slot = Mutex::new(Some(gpu));
         let addr = SyncArbiter::start(1, move || {
-            let gpu = slot
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .expect("the GPU actor is constructed once");
-            GpuActor {
-                exec: Executor::new(gpu),
-            }
+            let gpu = slot.lock().unwrap_or_else(|p| p.into_inner()).take().expect("the GPU actor is constructed once");
+            GpuActor { exec: Executor::new(gpu) }
         });
-        Self {
-            addr,
-            next_id: Arc::new(AtomicU64::new(1)),
-            info,
-        }
+        Self { addr, next_id: Arc::new(AtomicU64::new(1)), info }
     }
 
     /// The actor's address, for sending messages directly.
@@ -206,11 +196,7 @@ impl GpuHandle {
 
     /// Downloads a tensor.
     pub async fn download<T: Element>(&self, id: TensorId) -> Result<HostTensor<T>> {
-        self.ask(Download::<T> {
-            id,
-            _t: PhantomData,
-        })
-        .await?
+        self.ask(Download::<T> { id, _t: PhantomData }).await?
     }
 
     /// Runs a program atomically.

@@ -25,33 +25,23 @@ impl AdapterRequest {
     /// The request described by `STRATA_BACKEND` and `STRATA_ADAPTER`.
     pub fn from_env() -> Self {
         let var = |k| std::env::var(k).ok().filter(|v: &String| !v.is_empty());
-        Self {
-            backend: var("STRATA_BACKEND"),
-            adapter: var("STRATA_ADAPTER"),
-        }
+        Self { backend: var("STRATA_BACKEND"), adapter: var("STRATA_ADAPTER") }
     }
 
     fn backends(&self) -> Result<wgpu::Backends> {
-        Ok(
-            match self
-                .backend
-                .as_deref()
-                .map(str::to_ascii_lowercase)
-                .as_deref()
-            {
-                None | Some("any") | Some("all") => wgpu::Backends::all(),
-                Some("vulkan") | Some("vk") => wgpu::Backends::VULKAN,
-                Some("metal") => wgpu::Backends::METAL,
-                Some("dx12") | Some("d3d12") => wgpu::Backends::DX12,
-                Some("gl") | Some("opengl") | Some("gles") => wgpu::Backends::GL,
-                Some(other) => {
-                    return Err(GpuError::NoAdapter {
-                        request: format!("backend {other:?}"),
-                        available: "backends vulkan, metal, dx12, gl".into(),
-                    });
-                }
-            },
-        )
+        Ok(match self.backend.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("any") | Some("all") => wgpu::Backends::all(),
+            Some("vulkan") | Some("vk") => wgpu::Backends::VULKAN,
+            Some("metal") => wgpu::Backends::METAL,
+            Some("dx12") | Some("d3d12") => wgpu::Backends::DX12,
+            Some("gl") | Some("opengl") | Some("gles") => wgpu::Backends::GL,
+            Some(other) => {
+                return Err(GpuError::NoAdapter {
+                    request: format!("backend {other:?}"),
+                    available: "backends vulkan, metal, dx12, gl".into(),
+                });
+            }
+        })
     }
 }
 
@@ -61,9 +51,7 @@ impl fmt::Display for AdapterRequest {
             f,
             "backend {} and adapter name {}",
             self.backend.as_deref().unwrap_or("any"),
-            self.adapter
-                .as_deref()
-                .map_or("any".to_string(), |a| format!("containing {a:?}"))
+            self.adapter.as_deref().map_or("any".to_string(), |a| format!("containing {a:?}"))
         )
     }
 }
@@ -109,11 +97,7 @@ impl DeviceInfo {
 impl fmt::Display for DeviceInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "adapter        {}", self.name)?;
-        writeln!(
-            f,
-            "backend        {} ({} device)",
-            self.backend, self.device_type
-        )?;
+        writeln!(f, "backend        {} ({} device)", self.backend, self.device_type)?;
         writeln!(f, "driver         {}", self.driver)?;
         writeln!(
             f,
@@ -127,11 +111,7 @@ impl fmt::Display for DeviceInfo {
         write!(
             f,
             "features       subgroups {} (size {}..{}), timestamps {}, f16 {}",
-            self.subgroups,
-            self.subgroup_sizes.0,
-            self.subgroup_sizes.1,
-            self.timestamps,
-            self.shader_f16
+            self.subgroups, self.subgroup_sizes.0, self.subgroup_sizes.1, self.timestamps, self.shader_f16
         )
     }
 }
@@ -207,20 +187,12 @@ pub(crate) fn open(request: &AdapterRequest) -> Result<OpenDevice> {
         let i = a.get_info();
         (type_rank(i.device_type), backend_rank(i.backend))
     });
-    let adapter = adapters
-        .into_iter()
-        .next()
-        .ok_or_else(|| GpuError::NoAdapter {
-            request: request.to_string(),
-            available: if available.is_empty() {
-                "none".into()
-            } else {
-                available
-            },
-        })?;
+    let adapter = adapters.into_iter().next().ok_or_else(|| GpuError::NoAdapter {
+        request: request.to_string(),
+        available: if available.is_empty() { "none".into() } else { available },
+    })?;
     let ai = adapter.get_info();
-    let wanted =
-        wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16;
+    let wanted = wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16;
     let features = adapter.features() & wanted;
     let limits = adapter.limits();
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -231,35 +203,22 @@ pub(crate) fn open(request: &AdapterRequest) -> Result<OpenDevice> {
         memory_hints: wgpu::MemoryHints::Performance,
         trace: Default::default(),
     }))
-    .map_err(|e| GpuError::RequestDevice {
-        adapter: ai.name.clone(),
-        reason: e.to_string(),
-    })?;
+    .map_err(|e| GpuError::RequestDevice { adapter: ai.name.clone(), reason: e.to_string() })?;
     let subgroups = features.contains(wgpu::Features::SUBGROUP);
     let info = DeviceInfo {
         name: ai.name.clone(),
         backend: format!("{:?}", ai.backend).to_lowercase(),
         device_type: type_name(ai.device_type).into(),
-        driver: format!("{} {}", ai.driver, ai.driver_info)
-            .trim()
-            .to_string(),
+        driver: format!("{} {}", ai.driver, ai.driver_info).trim().to_string(),
         max_storage_binding_bytes: limits.max_storage_buffer_binding_size,
         max_buffer_bytes: limits.max_buffer_size,
         max_workgroup_invocations: limits.max_compute_invocations_per_workgroup,
         max_workgroup_storage_bytes: limits.max_compute_workgroup_storage_size,
         max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
-        subgroup_sizes: if subgroups {
-            (ai.subgroup_min_size, ai.subgroup_max_size)
-        } else {
-            (0, 0)
-        },
+        subgroup_sizes: if subgroups { (ai.subgroup_min_size, ai.subgroup_max_size) } else { (0, 0) },
         subgroups,
         timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         shader_f16: features.contains(wgpu::Features::SHADER_F16),
     };
-    Ok(OpenDevice {
-        device,
-        queue,
-        info,
-    })
+    Ok(OpenDevice { device, queue, info })
 }

@@ -76,9 +76,7 @@ pub enum GpuError {
         limit_bytes: u64,
     },
     /// A tensor is larger than the largest buffer the device can create.
-    #[error(
-        "tensor of {bytes} bytes exceeds the device's buffer size limit of {limit_bytes} bytes"
-    )]
+    #[error("tensor of {bytes} bytes exceeds the device's buffer size limit of {limit_bytes} bytes")]
     BufferTooLarge {
         /// Bytes asked for.
         bytes: u64,

@@ -55,11 +55,7 @@ impl GpuOptions {
             Ok("subgroup") => Some(GemmKernel::Subgroup8),
             _ => None,
         };
-        Self {
-            adapter: AdapterRequest::from_env(),
-            memory_budget_bytes: None,
-            gemm,
-        }
+        Self { adapter: AdapterRequest::from_env(), memory_budget_bytes: None, gemm }
     }
 }
 
@@ -72,11 +68,7 @@ struct ParamArena {
 
 impl ParamArena {
     fn push(&mut self, device: &wgpu::Device, bytes: &[u8]) -> (usize, u32) {
-        assert!(
-            bytes.len() <= PARAMS_SLOT_BYTES,
-            "parameter block of {} bytes exceeds the slot",
-            bytes.len()
-        );
+        assert!(bytes.len() <= PARAMS_SLOT_BYTES, "parameter block of {} bytes exceeds the slot", bytes.len());
         if self.used + PARAMS_SLOT_BYTES > ARENA_CHUNK_BYTES {
             self.chunk += 1;
             self.used = 0;
@@ -98,11 +90,7 @@ impl ParamArena {
 
     fn flush(&mut self, queue: &wgpu::Queue) {
         for i in 0..=self.chunk.min(self.chunks.len().saturating_sub(1)) {
-            let len = if i == self.chunk {
-                self.used
-            } else {
-                ARENA_CHUNK_BYTES
-            };
+            let len = if i == self.chunk { self.used } else { ARENA_CHUNK_BYTES };
             if len > 0 && i < self.chunks.len() {
                 queue.write_buffer(&self.chunks[i].0, 0, &self.chunks[i].1[..len]);
             }
@@ -122,16 +110,8 @@ pub(crate) struct Arg<'a> {
 impl GpuTensor {
     /// The whole tensor as a binding, rounded up to 16 bytes so `vec4` views see the tail.
     pub(crate) fn arg(&self) -> Arg<'_> {
-        let size = self
-            .size_bytes()
-            .max(4)
-            .next_multiple_of(16)
-            .min(self.capacity_bytes());
-        Arg {
-            tensor: self,
-            offset_bytes: 0,
-            size_bytes: size,
-        }
+        let size = self.size_bytes().max(4).next_multiple_of(16).min(self.capacity_bytes());
+        Arg { tensor: self, offset_bytes: 0, size_bytes: size }
     }
 
     /// Elements `[offset, offset + len)` as a binding; `offset` must respect the device's
@@ -139,15 +119,8 @@ impl GpuTensor {
     pub(crate) fn arg_range(&self, offset: usize, len: usize) -> Arg<'_> {
         let es = self.dtype().size_bytes() as u64;
         let off = offset as u64 * es;
-        let size = (len as u64 * es)
-            .max(4)
-            .next_multiple_of(16)
-            .min(self.capacity_bytes() - off);
-        Arg {
-            tensor: self,
-            offset_bytes: off,
-            size_bytes: size,
-        }
+        let size = (len as u64 * es).max(4).next_multiple_of(16).min(self.capacity_bytes() - off);
+        Arg { tensor: self, offset_bytes: off, size_bytes: size }
     }
 }
 
@@ -178,6 +151,10 @@ pub struct Gpu {
     submits: u64,
     pub(crate) storage_align: usize,
     pub(crate) scratch_bytes_max: usize,
+    /// Lanes per workgroup of the grid-stride kernels (the `WG` override).
+    pub(crate) wg: u32,
+    /// Per-kernel wall time when profiling: (calls, seconds) by `file:entry`.
+    profile: Option<std::collections::BTreeMap<String, (u64, f64)>>,
 }
 
 impl Gpu {
@@ -186,24 +163,17 @@ impl Gpu {
         let open = device::open(&options.adapter)?;
         let errors = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
-        open.device
-            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-                tracing::error!("wgpu: {e}");
-                sink.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(e.to_string());
-            }));
+        open.device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            tracing::error!("wgpu: {e}");
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+        }));
         let info = open.info;
-        let gemm = options
-            .gemm
-            .unwrap_or_else(|| match std::env::var("STRATA_GEMM").as_deref() {
-                Ok("tiled") => GemmKernel::Tiled,
-                Ok("subgroup") if info.subgroups => GemmKernel::Subgroup8,
-                _ if info.is_cpu() && info.subgroups && info.subgroup_sizes.0 >= 8 => {
-                    GemmKernel::Subgroup8
-                }
-                _ => GemmKernel::Tiled,
-            });
+        let gemm = options.gemm.unwrap_or_else(|| match std::env::var("STRATA_GEMM").as_deref() {
+            Ok("tiled") => GemmKernel::Tiled,
+            Ok("subgroup") if info.subgroups => GemmKernel::Subgroup8,
+            _ if info.is_cpu() && info.subgroups && info.subgroup_sizes.0 >= 8 => GemmKernel::Subgroup8,
+            _ => GemmKernel::Tiled,
+        });
         if gemm == GemmKernel::Subgroup8 && !(info.subgroups && info.subgroup_sizes.0 >= 8) {
             return Err(GpuError::Wgpu(format!(
                 "the subgroup GEMM needs subgroups of at least 8 lanes; {} has {:?}",
@@ -211,28 +181,14 @@ impl Gpu {
             )));
         }
         let limits = open.device.limits();
-        let usage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST;
-        tracing::info!(
-            "opened {} ({}, {}), gemm {:?}",
-            info.name,
-            info.backend,
-            info.device_type,
-            gemm
-        );
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        tracing::info!("opened {} ({}, {}), gemm {:?}", info.name, info.backend, info.device_type, gemm);
         Ok(Self {
             device: open.device,
             queue: open.queue,
             kernels: Kernels::default(),
-            pool: Pool::new(
-                options.memory_budget_bytes.unwrap_or(BUDGET_BYTES_DEFAULT),
-                usage,
-            ),
-            staging: Pool::new(
-                u64::MAX,
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            ),
+            pool: Pool::new(options.memory_budget_bytes.unwrap_or(BUDGET_BYTES_DEFAULT), usage),
+            staging: Pool::new(u64::MAX, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
             encoder: None,
             arena: ParamArena {
                 chunks: Vec::new(),
@@ -246,6 +202,10 @@ impl Gpu {
             submits: 0,
             storage_align: limits.min_storage_buffer_offset_alignment.max(16) as usize,
             scratch_bytes_max: SCRATCH_BYTES_DEFAULT,
+            // On a CPU adapter a workgroup's lanes run in SIMD batches one after another,
+            // so one batch per workgroup keeps every batch's accesses contiguous.
+            wg: if info.is_cpu() { 8 } else { 64 },
+            profile: std::env::var_os("STRATA_PROFILE").map(|_| Default::default()),
             info,
         })
     }
@@ -267,11 +227,7 @@ impl Gpu {
 
     /// Pool and dispatch counters.
     pub fn stats(&self) -> GpuStats {
-        GpuStats {
-            pool: self.pool.stats(),
-            dispatches: self.dispatches,
-            submits: self.submits,
-        }
+        GpuStats { pool: self.pool.stats(), dispatches: self.dispatches, submits: self.submits }
     }
 
     /// Sets the memory budget in bytes (tensors plus idle pool buffers).
@@ -285,6 +241,18 @@ impl Gpu {
         self.scratch_bytes_max = bytes.max(1);
     }
 
+    /// Turns per-kernel profiling on or off (also `STRATA_PROFILE=1`). While on, every
+    /// dispatch is submitted and waited for on its own, so totals are exact per kernel but
+    /// the whole runs slower.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(Default::default);
+    }
+
+    /// Calls and seconds per kernel (`file:entry`) since profiling was turned on.
+    pub fn profile(&self) -> Vec<(String, u64, f64)> {
+        self.profile.iter().flatten().map(|(k, (n, s))| (k.clone(), *n, *s)).collect()
+    }
+
     /// Releases idle pool buffers.
     pub fn trim(&mut self) {
         self.pool.trim();
@@ -295,14 +263,8 @@ impl Gpu {
     pub fn empty(&mut self, shape: impl Into<Shape>, dtype: DType) -> Result<GpuTensor> {
         let shape = shape.into();
         let bytes = (shape.numel() * dtype.size_bytes()) as u64;
-        let (buf, class) = self
-            .pool
-            .acquire(&self.device, bytes, self.info.max_buffer_bytes)?;
-        Ok(GpuTensor::new(
-            crate::tensor::Storage::new(buf, class, self.pool.clone()),
-            shape,
-            dtype,
-        ))
+        let (buf, class) = self.pool.acquire(&self.device, bytes, self.info.max_buffer_bytes)?;
+        Ok(GpuTensor::new(crate::tensor::Storage::new(buf, class, self.pool.clone()), shape, dtype))
     }
 
     /// A new tensor of zeros.
@@ -341,8 +303,7 @@ impl Gpu {
         // the next submission, so submit what is recorded first.
         self.flush()?;
         if !data.is_empty() {
-            self.queue
-                .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
+            self.queue.write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
         }
         Ok(())
     }
@@ -362,23 +323,18 @@ impl Gpu {
             return Ok(HostTensor::new(t.shape().clone(), Vec::new())?);
         }
         let (staging, class) = self.staging.acquire(&self.device, bytes, u64::MAX)?;
-        self.encoder()
-            .copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, bytes);
+        self.encoder().copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, bytes);
         self.flush()?;
         let slice = staging.slice(..bytes);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| GpuError::Wgpu(e.to_string()))?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Wgpu(e.to_string()))?;
         let mapped = rx.recv().map_err(|e| GpuError::Readback(e.to_string()))?;
         mapped.map_err(|e| GpuError::Readback(e.to_string()))?;
         let data: Vec<T> = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| GpuError::Readback(e.to_string()))?;
+            let view = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
             bytemuck::cast_slice(&view[..t.size_bytes() as usize]).to_vec()
         };
         staging.unmap();
@@ -405,9 +361,7 @@ impl Gpu {
     /// Submits everything recorded so far and waits until the device has finished it.
     pub fn sync(&mut self) -> Result<()> {
         self.flush()?;
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| GpuError::Wgpu(e.to_string()))?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Wgpu(e.to_string()))?;
         self.check_errors()
     }
 
@@ -431,30 +385,14 @@ impl Gpu {
 
     fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
         self.encoder.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("strata"),
-                })
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("strata") })
         })
     }
 
     /// Records a buffer-to-buffer copy of whole 4-byte words.
-    pub(crate) fn copy_bytes(
-        &mut self,
-        src: &GpuTensor,
-        src_off: u64,
-        dst: &GpuTensor,
-        dst_off: u64,
-        bytes: u64,
-    ) {
+    pub(crate) fn copy_bytes(&mut self, src: &GpuTensor, src_off: u64, dst: &GpuTensor, dst_off: u64, bytes: u64) {
         if bytes > 0 {
-            self.encoder().copy_buffer_to_buffer(
-                src.buffer(),
-                src_off,
-                dst.buffer(),
-                dst_off,
-                bytes,
-            );
+            self.encoder().copy_buffer_to_buffer(src.buffer(), src_off, dst.buffer(), dst_off, bytes);
         }
     }
 
@@ -474,12 +412,7 @@ impl Gpu {
         let limit = self.info.max_storage_binding_bytes;
         for a in args {
             if a.size_bytes > limit {
-                return Err(GpuError::BindingTooLarge {
-                    op,
-                    what: "tensor",
-                    bytes: a.size_bytes,
-                    limit_bytes: limit,
-                });
+                return Err(GpuError::BindingTooLarge { op, what: "tensor", bytes: a.size_bytes, limit_bytes: limit });
             }
             debug_assert!(a.offset_bytes + a.size_bytes <= a.tensor.capacity_bytes());
         }
@@ -493,9 +426,7 @@ impl Gpu {
         if groups.contains(&0) {
             return Ok(());
         }
-        let pipeline = self
-            .kernels
-            .pipeline(&self.device, kernel.0, kernel.1, constants)?;
+        let pipeline = self.kernels.pipeline(&self.device, kernel.0, kernel.1, constants, self.wg)?;
         assert_eq!(
             pipeline.storage_count,
             args.len(),
@@ -530,20 +461,22 @@ impl Gpu {
             entries: &entries,
         });
         let enc = self.encoder.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("strata"),
-                })
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("strata") })
         });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: None,
-            timestamp_writes: None,
-        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
         pass.set_pipeline(&pipeline.pipeline);
         pass.set_bind_group(0, &bind_group, &[offset]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         drop(pass);
         self.dispatches += 1;
+        if self.profile.is_some() {
+            let start = std::time::Instant::now();
+            self.sync()?;
+            let secs = start.elapsed().as_secs_f64();
+            let e = self.profile.as_mut().expect("checked").entry(format!("{}:{}", kernel.0, kernel.1)).or_default();
+            e.0 += 1;
+            e.1 += secs;
+        }
         Ok(())
     }
 

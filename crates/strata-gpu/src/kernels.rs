@@ -27,11 +27,7 @@ macro_rules! shader {
     ($name:literal, $subgroups:literal) => {
         ShaderFile {
             name: $name,
-            source: include_str!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shaders/",
-                $name
-            )),
+            source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shaders/", $name)),
             subgroups: $subgroups,
         }
     };
@@ -61,20 +57,13 @@ pub fn shader(name: &str) -> Option<&'static ShaderFile> {
 }
 
 /// Parses and validates a WGSL source with naga, as the device would.
-pub fn validate(
-    name: &str,
-    source: &str,
-) -> Result<(naga::Module, naga::valid::ModuleInfo), String> {
-    let module = naga::front::wgsl::parse_str(source)
+pub fn validate(name: &str, source: &str) -> Result<(naga::Module, naga::valid::ModuleInfo), String> {
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| e.emit_to_string_with_path(source, name))?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+        .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+        .validate(&module)
         .map_err(|e| e.emit_to_string_with_path(source, name))?;
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::all(),
-    )
-    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
-    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
-    .validate(&module)
-    .map_err(|e| e.emit_to_string_with_path(source, name))?;
     Ok((module, info))
 }
 
@@ -94,11 +83,8 @@ pub fn entry_bindings(
     info: &naga::valid::ModuleInfo,
     entry: &str,
 ) -> Result<Vec<BindingKind>, String> {
-    let idx = module
-        .entry_points
-        .iter()
-        .position(|e| e.name == entry)
-        .ok_or_else(|| format!("no entry point {entry:?}"))?;
+    let idx =
+        module.entry_points.iter().position(|e| e.name == entry).ok_or_else(|| format!("no entry point {entry:?}"))?;
     let fi = info.get_entry_point(idx);
     let mut found: Vec<(u32, BindingKind)> = Vec::new();
     for (handle, var) in module.global_variables.iter() {
@@ -107,10 +93,7 @@ pub fn entry_bindings(
             continue;
         }
         if rb.group != 0 {
-            return Err(format!(
-                "{entry}: binding {} is in group {}, kernels use group 0",
-                rb.binding, rb.group
-            ));
+            return Err(format!("{entry}: binding {} is in group {}, kernels use group 0", rb.binding, rb.group));
         }
         let kind = match var.space {
             naga::AddressSpace::Uniform => BindingKind::Params,
@@ -118,10 +101,7 @@ pub fn entry_bindings(
                 BindingKind::Storage(!access.contains(naga::StorageAccess::STORE))
             }
             other => {
-                return Err(format!(
-                    "{entry}: binding {} has unsupported address space {other:?}",
-                    rb.binding
-                ));
+                return Err(format!("{entry}: binding {} has unsupported address space {other:?}", rb.binding));
             }
         };
         found.push((rb.binding, kind));
@@ -130,9 +110,7 @@ pub fn entry_bindings(
     for (i, (b, kind)) in found.iter().enumerate() {
         let ok = *b as usize == i && ((i == 0) == (*kind == BindingKind::Params));
         if !ok {
-            return Err(format!(
-                "{entry}: bindings must be params at 0 then storage at 1..n, found {found:?}"
-            ));
+            return Err(format!("{entry}: bindings must be params at 0 then storage at 1..n, found {found:?}"));
         }
     }
     if found.is_empty() {
@@ -153,6 +131,8 @@ struct Module {
     module: wgpu::ShaderModule,
     naga: naga::Module,
     info: naga::valid::ModuleInfo,
+    /// Whether the module declares the `WG` (lanes per workgroup) override.
+    has_wg: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -174,13 +154,11 @@ impl Kernels {
         if let Some(m) = self.modules.get(file) {
             return Ok(m.clone());
         }
-        let sf = shader(file)
-            .unwrap_or_else(|| panic!("kernel file {file} is not registered in SHADERS"));
+        let sf = shader(file).unwrap_or_else(|| panic!("kernel file {file} is not registered in SHADERS"));
         // STRATA_SHADER_DIR lets kernel developers edit WGSL without rebuilding.
         let source = match std::env::var_os("STRATA_SHADER_DIR") {
-            Some(dir) => std::fs::read_to_string(PathBuf::from(dir).join(file)).map_err(|e| {
-                GpuError::Wgpu(format!("reading {file} from STRATA_SHADER_DIR: {e}"))
-            })?,
+            Some(dir) => std::fs::read_to_string(PathBuf::from(dir).join(file))
+                .map_err(|e| GpuError::Wgpu(format!("reading {file} from STRATA_SHADER_DIR: {e}")))?,
             None => sf.source.to_string(),
         };
         let (naga_module, info) = validate(file, &source).map_err(GpuError::Wgpu)?;
@@ -196,18 +174,12 @@ impl Kernels {
         // STRATA_SHADER_CHECKS=1 to turn it back on while debugging a kernel.
         let module = unsafe {
             device.create_shader_module_trusted(
-                wgpu::ShaderModuleDescriptor {
-                    label: Some(file),
-                    source: wgpu::ShaderSource::Wgsl(source.into()),
-                },
+                wgpu::ShaderModuleDescriptor { label: Some(file), source: wgpu::ShaderSource::Wgsl(source.into()) },
                 checks,
             )
         };
-        let m = Arc::new(Module {
-            module,
-            naga: naga_module,
-            info,
-        });
+        let has_wg = naga_module.overrides.iter().any(|(_, o)| o.name.as_deref() == Some("WG"));
+        let m = Arc::new(Module { module, naga: naga_module, info, has_wg });
         self.modules.insert(file, m.clone());
         Ok(m)
     }
@@ -218,18 +190,19 @@ impl Kernels {
         file: &'static str,
         entry: &'static str,
         constants: &[(&'static str, f64)],
+        wg: u32,
     ) -> Result<Arc<Pipeline>> {
-        let key = PipelineKey {
-            file,
-            entry,
-            constants: constants.iter().map(|(k, v)| (*k, v.to_bits())).collect(),
-        };
+        let key = PipelineKey { file, entry, constants: constants.iter().map(|(k, v)| (*k, v.to_bits())).collect() };
         if let Some(p) = self.pipelines.get(&key) {
             return Ok(p.clone());
         }
         let m = self.module(device, file)?;
-        let kinds = entry_bindings(&m.naga, &m.info, entry)
-            .map_err(|e| GpuError::Wgpu(format!("{file}: {e}")))?;
+        let mut constants = constants.to_vec();
+        if m.has_wg {
+            constants.push(("WG", f64::from(wg)));
+        }
+        let constants = constants.as_slice();
+        let kinds = entry_bindings(&m.naga, &m.info, entry).map_err(|e| GpuError::Wgpu(format!("{file}: {e}")))?;
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kinds
             .iter()
             .enumerate()
@@ -239,9 +212,7 @@ impl Kernels {
                 ty: wgpu::BindingType::Buffer {
                     ty: match k {
                         BindingKind::Params => wgpu::BufferBindingType::Uniform,
-                        BindingKind::Storage(ro) => {
-                            wgpu::BufferBindingType::Storage { read_only: *ro }
-                        }
+                        BindingKind::Storage(ro) => wgpu::BufferBindingType::Storage { read_only: *ro },
                     },
                     has_dynamic_offset: *k == BindingKind::Params,
                     min_binding_size: None,
@@ -250,10 +221,8 @@ impl Kernels {
             })
             .collect();
         let label = format!("{file}:{entry}");
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(&label),
-            entries: &entries,
-        });
+        let layout = device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&label), entries: &entries });
         let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(&label),
             bind_group_layouts: &[Some(&layout)],
@@ -270,11 +239,7 @@ impl Kernels {
             },
             cache: None,
         });
-        let p = Arc::new(Pipeline {
-            pipeline,
-            layout,
-            storage_count: kinds.len() - 1,
-        });
+        let p = Arc::new(Pipeline { pipeline, layout, storage_count: kinds.len() - 1 });
         self.pipelines.insert(key, p.clone());
         Ok(p)
     }
@@ -291,28 +256,13 @@ mod tests {
         assert!(!SHADERS.is_empty());
         for s in SHADERS {
             let (module, info) = validate(s.name, s.source).unwrap_or_else(|e| panic!("{e}"));
-            assert!(
-                !module.entry_points.is_empty(),
-                "{} has no entry point",
-                s.name
-            );
+            assert!(!module.entry_points.is_empty(), "{} has no entry point", s.name);
             for ep in &module.entry_points {
-                assert_eq!(
-                    ep.stage,
-                    naga::ShaderStage::Compute,
-                    "{}:{}",
-                    s.name,
-                    ep.name
-                );
-                entry_bindings(&module, &info, &ep.name)
-                    .unwrap_or_else(|e| panic!("{}: {e}", s.name));
+                assert_eq!(ep.stage, naga::ShaderStage::Compute, "{}:{}", s.name, ep.name);
+                entry_bindings(&module, &info, &ep.name).unwrap_or_else(|e| panic!("{}: {e}", s.name));
             }
             let uses_subgroups = s.source.contains("subgroup");
-            assert_eq!(
-                uses_subgroups, s.subgroups,
-                "{}: subgroup flag disagrees with the source",
-                s.name
-            );
+            assert_eq!(uses_subgroups, s.subgroups, "{}: subgroup flag disagrees with the source", s.name);
         }
     }
 
@@ -321,25 +271,15 @@ mod tests {
         let dir = shader_dir();
         let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-            .map(|e| {
-                e.expect("directory entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
+            .map(|e| e.expect("directory entry").file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".wgsl"))
             .collect();
         let registered: BTreeSet<String> = SHADERS.iter().map(|s| s.name.to_string()).collect();
         assert!(!on_disk.is_empty(), "no .wgsl files in {}", dir.display());
         assert_eq!(on_disk, registered);
         for s in SHADERS {
-            let text =
-                std::fs::read_to_string(dir.join(s.name)).expect("registered file is readable");
-            assert_eq!(
-                text, s.source,
-                "{} on disk differs from the compiled-in copy",
-                s.name
-            );
+            let text = std::fs::read_to_string(dir.join(s.name)).expect("registered file is readable");
+            assert_eq!(text, s.source, "{} on disk differs from the compiled-in copy", s.name);
         }
     }
 
@@ -347,11 +287,7 @@ mod tests {
     fn convention_violations_are_reported() {
         let src = "@group(0) @binding(1) var<storage, read_write> x: array<f32>;\n@compute @workgroup_size(1) fn main() { x[0] = 1.0; }";
         let (m, i) = validate("bad.wgsl", src).unwrap();
-        assert!(
-            entry_bindings(&m, &i, "main")
-                .unwrap_err()
-                .contains("bindings must be params at 0")
-        );
+        assert!(entry_bindings(&m, &i, "main").unwrap_err().contains("bindings must be params at 0"));
         assert!(validate("bad.wgsl", "fn main( {").is_err());
     }
 }

@@ -60,11 +60,7 @@ pub(crate) struct Pool {
 impl Pool {
     pub(crate) fn new(budget_bytes: u64, usage: wgpu::BufferUsages) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(PoolInner {
-                free: HashMap::new(),
-                stats: PoolStats::default(),
-                budget_bytes,
-            })),
+            inner: Arc::new(Mutex::new(PoolInner { free: HashMap::new(), stats: PoolStats::default(), budget_bytes })),
             usage,
         }
     }
@@ -99,10 +95,7 @@ impl Pool {
     ) -> Result<(wgpu::Buffer, u64)> {
         let class = size_class(bytes);
         if class > max_buffer_bytes {
-            return Err(GpuError::BufferTooLarge {
-                bytes,
-                limit_bytes: max_buffer_bytes,
-            });
+            return Err(GpuError::BufferTooLarge { bytes, limit_bytes: max_buffer_bytes });
         }
         let mut p = self.lock();
         if let Some(buf) = p.free.get_mut(&class).and_then(Vec::pop) {
@@ -112,16 +105,9 @@ impl Pool {
             return Ok((buf, class));
         }
         // Make room under the budget by releasing idle buffers, largest first.
-        while p.stats.in_use_bytes + p.stats.idle_bytes + class > p.budget_bytes
-            && p.stats.idle_bytes > 0
-        {
-            let largest = *p
-                .free
-                .iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(c, _)| c)
-                .max()
-                .expect("idle bytes imply a buffer");
+        while p.stats.in_use_bytes + p.stats.idle_bytes + class > p.budget_bytes && p.stats.idle_bytes > 0 {
+            let largest =
+                *p.free.iter().filter(|(_, v)| !v.is_empty()).map(|(c, _)| c).max().expect("idle bytes imply a buffer");
             p.free.get_mut(&largest).and_then(Vec::pop);
             p.stats.idle_bytes -= largest;
             p.stats.evictions += 1;
@@ -150,10 +136,7 @@ impl Pool {
         }
         p.stats.allocations += 1;
         p.stats.in_use_bytes += class;
-        p.stats.peak_bytes = p
-            .stats
-            .peak_bytes
-            .max(p.stats.in_use_bytes + p.stats.idle_bytes);
+        p.stats.peak_bytes = p.stats.peak_bytes.max(p.stats.in_use_bytes + p.stats.idle_bytes);
         Ok((buf, class))
     }
 
@@ -174,17 +157,9 @@ mod tests {
     fn classes_bound_slack() {
         assert_eq!(size_class(1), 256);
         assert_eq!(size_class(1000), 1024);
-        for bytes in [
-            1025u64,
-            4000,
-            4097,
-            1 << 20,
-            (1 << 20) + 1,
-            3 << 27,
-            123_456_789,
-        ] {
+        for bytes in [1025u64, 4000, 4097, 1 << 20, (1 << 20) + 1, 3 << 27, 123_456_789] {
             let c = size_class(bytes);
-            assert!(c >= bytes && c % 256 == 0, "{bytes} -> {c}");
+            assert!(c >= bytes && c.is_multiple_of(256), "{bytes} -> {c}");
             assert!(c as f64 <= bytes as f64 * 1.25 + 256.0, "{bytes} -> {c}");
         }
         assert_eq!(size_class(size_class(5000)), size_class(5000));

@@ -223,10 +223,7 @@ impl Staged<'_> {
 impl Executor {
     /// An executor over `gpu` with an empty table.
     pub fn new(gpu: Gpu) -> Self {
-        Self {
-            gpu,
-            tensors: HashMap::new(),
-        }
+        Self { gpu, tensors: HashMap::new() }
     }
 
     /// The device.
@@ -236,9 +233,7 @@ impl Executor {
 
     /// The tensor behind `id`.
     pub fn get(&self, id: TensorId) -> Result<&GpuTensor> {
-        self.tensors
-            .get(&id)
-            .ok_or(GpuError::UnknownTensor { op: "get", id })
+        self.tensors.get(&id).ok_or(GpuError::UnknownTensor { op: "get", id })
     }
 
     /// Puts a device tensor under `id` (replacing any tensor there).
@@ -270,20 +265,13 @@ impl Executor {
 
     /// Downloads the tensor under `id`.
     pub fn download<T: Element>(&mut self, id: TensorId) -> Result<HostTensor<T>> {
-        let t = self
-            .tensors
-            .get(&id)
-            .cloned()
-            .ok_or(GpuError::UnknownTensor { op: "download", id })?;
+        let t = self.tensors.get(&id).cloned().ok_or(GpuError::UnknownTensor { op: "download", id })?;
         self.gpu.download(&t)
     }
 
     /// Runs `ops` atomically as one submission (see the module docs).
     pub fn run(&mut self, ops: &[Op]) -> Result<()> {
-        let mut staged = Staged {
-            table: &self.tensors,
-            changes: HashMap::new(),
-        };
+        let mut staged = Staged { table: &self.tensors, changes: HashMap::new() };
         for op in ops {
             if let Err(e) = apply(&mut self.gpu, &mut staged, op) {
                 self.gpu.discard();
@@ -330,30 +318,15 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             s.put(*out, r);
         }
         ReluBackward { x, dy, out } => {
-            let r =
-                gpu.relu_backward(&s.get("relu_backward", *x)?, &s.get("relu_backward", *dy)?)?;
+            let r = gpu.relu_backward(&s.get("relu_backward", *x)?, &s.get("relu_backward", *dy)?)?;
             s.put(*out, r);
         }
         AddChannelBias { x, bias, out } => {
-            let r = gpu.add_channel_bias(
-                &s.get("add_channel_bias", *x)?,
-                &s.get("add_channel_bias", *bias)?,
-            )?;
+            let r = gpu.add_channel_bias(&s.get("add_channel_bias", *x)?, &s.get("add_channel_bias", *bias)?)?;
             s.put(*out, r);
         }
-        MatMul {
-            a,
-            b,
-            trans_a,
-            trans_b,
-            out,
-        } => {
-            let r = gpu.matmul(
-                &s.get("matmul", *a)?,
-                &s.get("matmul", *b)?,
-                *trans_a,
-                *trans_b,
-            )?;
+        MatMul { a, b, trans_a, trans_b, out } => {
+            let r = gpu.matmul(&s.get("matmul", *a)?, &s.get("matmul", *b)?, *trans_a, *trans_b)?;
             s.put(*out, r);
         }
         Linear { x, w, bias, out } => {
@@ -361,87 +334,35 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             let r = gpu.linear(&s.get("linear", *x)?, &s.get("linear", *w)?, b.as_ref())?;
             s.put(*out, r);
         }
-        LinearBackward {
-            x,
-            w,
-            dy,
-            dx,
-            dw,
-            db,
-        } => {
+        LinearBackward { x, w, dy, dx, dw, db } => {
             const N: &str = "linear_backward";
-            let (gx, gw, gb) =
-                gpu.linear_backward(&s.get(N, *x)?, &s.get(N, *w)?, &s.get(N, *dy)?)?;
+            let (gx, gw, gb) = gpu.linear_backward(&s.get(N, *x)?, &s.get(N, *w)?, &s.get(N, *dy)?)?;
             s.put(*dx, gx);
             s.put(*dw, gw);
             s.put(*db, gb);
         }
-        Conv2d {
-            x,
-            w,
-            bias,
-            params,
-            out,
-        } => {
+        Conv2d { x, w, bias, params, out } => {
             let b = bias.map(|b| s.get("conv2d", b)).transpose()?;
-            let r = gpu.conv2d(
-                &s.get("conv2d", *x)?,
-                &s.get("conv2d", *w)?,
-                b.as_ref(),
-                *params,
-            )?;
+            let r = gpu.conv2d(&s.get("conv2d", *x)?, &s.get("conv2d", *w)?, b.as_ref(), *params)?;
             s.put(*out, r);
         }
-        Conv2dBackward {
-            x,
-            w,
-            dy,
-            params,
-            dx,
-            dw,
-            db,
-        } => {
+        Conv2dBackward { x, w, dy, params, dx, dw, db } => {
             const N: &str = "conv2d_backward";
-            let g = gpu.conv2d_backward(
-                &s.get(N, *x)?,
-                &s.get(N, *w)?,
-                &s.get(N, *dy)?,
-                *params,
-                dx.is_some(),
-            )?;
+            let g = gpu.conv2d_backward(&s.get(N, *x)?, &s.get(N, *w)?, &s.get(N, *dy)?, *params, dx.is_some())?;
             if let (Some(id), Some(t)) = (dx, g.dx) {
                 s.put(*id, t);
             }
             s.put(*dw, g.dw);
             s.put(*db, g.db);
         }
-        MaxPool2d {
-            x,
-            kernel,
-            params,
-            out,
-            indices,
-        } => {
+        MaxPool2d { x, kernel, params, out, indices } => {
             let (y, i) = gpu.max_pool2d(&s.get("max_pool2d", *x)?, *kernel, *params)?;
             s.put(*out, y);
             s.put(*indices, i);
         }
-        MaxPool2dBackward {
-            dy,
-            indices,
-            input_shape,
-            kernel,
-            params,
-            out,
-        } => {
+        MaxPool2dBackward { dy, indices, input_shape, kernel, params, out } => {
             const N: &str = "max_pool2d_backward";
-            let r = gpu.max_pool2d_backward(
-                &s.get(N, *dy)?,
-                &s.get(N, *indices)?,
-                input_shape,
-                *kernel,
-                *params,
-            )?;
+            let r = gpu.max_pool2d_backward(&s.get(N, *dy)?, &s.get(N, *indices)?, input_shape, *kernel, *params)?;
             s.put(*out, r);
         }
         LogSoftmax { x, out } => {
@@ -449,10 +370,8 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             s.put(*out, r);
         }
         LogSoftmaxBackward { y, dy, out } => {
-            let r = gpu.log_softmax_backward(
-                &s.get("log_softmax_backward", *y)?,
-                &s.get("log_softmax_backward", *dy)?,
-            )?;
+            let r =
+                gpu.log_softmax_backward(&s.get("log_softmax_backward", *y)?, &s.get("log_softmax_backward", *dy)?)?;
             s.put(*out, r);
         }
         NllLoss { logp, targets, out } => {
@@ -464,54 +383,21 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             let r = gpu.nll_loss_backward(&shape, &s.get("nll_loss_backward", *targets)?)?;
             s.put(*out, r);
         }
-        CorrectCount {
-            logits,
-            targets,
-            out,
-        } => {
-            let r = gpu.correct_count(
-                &s.get("correct_count", *logits)?,
-                &s.get("correct_count", *targets)?,
-            )?;
+        CorrectCount { logits, targets, out } => {
+            let r = gpu.correct_count(&s.get("correct_count", *logits)?, &s.get("correct_count", *targets)?)?;
             s.put(*out, r);
         }
         Reduce { x, op, axis, out } => {
             let r = gpu.reduce(&s.get(op.name(), *x)?, *op, *axis)?;
             s.put(*out, r);
         }
-        AdamStep {
-            param,
-            grad,
-            m,
-            v,
-            hyper,
-            step,
-        } => {
+        AdamStep { param, grad, m, v, hyper, step } => {
             const N: &str = "adam_step";
-            gpu.adam_step(
-                &s.get(N, *param)?,
-                &s.get(N, *grad)?,
-                &s.get(N, *m)?,
-                &s.get(N, *v)?,
-                hyper,
-                *step,
-            )?;
+            gpu.adam_step(&s.get(N, *param)?, &s.get(N, *grad)?, &s.get(N, *m)?, &s.get(N, *v)?, hyper, *step)?;
         }
-        SgdStep {
-            param,
-            grad,
-            buf,
-            hyper,
-            step,
-        } => {
+        SgdStep { param, grad, buf, hyper, step } => {
             const N: &str = "sgd_step";
-            gpu.sgd_step(
-                &s.get(N, *param)?,
-                &s.get(N, *grad)?,
-                &s.get(N, *buf)?,
-                hyper,
-                *step,
-            )?;
+            gpu.sgd_step(&s.get(N, *param)?, &s.get(N, *grad)?, &s.get(N, *buf)?, hyper, *step)?;
         }
         Reshape { x, shape, out } => {
             let r = s.get("reshape", *x)?.reshape(shape.clone())?;

@@ -16,11 +16,7 @@ pub(crate) struct Storage {
 
 impl Storage {
     pub(crate) fn new(buffer: wgpu::Buffer, class_bytes: u64, pool: Pool) -> Self {
-        Self {
-            buffer: Some(buffer),
-            class_bytes,
-            pool,
-        }
+        Self { buffer: Some(buffer), class_bytes, pool }
     }
 }
 
@@ -46,11 +42,7 @@ pub struct GpuTensor {
 
 impl GpuTensor {
     pub(crate) fn new(storage: Storage, shape: Shape, dtype: DType) -> Self {
-        Self {
-            storage: Arc::new(storage),
-            shape,
-            dtype,
-        }
+        Self { storage: Arc::new(storage), shape, dtype }
     }
 
     /// The shape.
@@ -87,11 +79,7 @@ impl GpuTensor {
                 ),
             ));
         }
-        Ok(Self {
-            storage: self.storage.clone(),
-            shape,
-            dtype: self.dtype,
-        })
+        Ok(Self { storage: self.storage.clone(), shape, dtype: self.dtype })
     }
 
     /// Whether two tensors share a buffer.
@@ -100,10 +88,7 @@ impl GpuTensor {
     }
 
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
-        self.storage
-            .buffer
-            .as_ref()
-            .expect("storage holds its buffer until dropped")
+        self.storage.buffer.as_ref().expect("storage holds its buffer until dropped")
     }
 
     /// Bytes the buffer really has (the size class).

@@ -62,13 +62,7 @@ pub struct AdamParams {
 
 impl Default for AdamParams {
     fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 }
 
@@ -89,13 +83,7 @@ pub struct SgdParams {
 
 impl Default for SgdParams {
     fn default() -> Self {
-        Self {
-            lr: 1e-2,
-            momentum: 0.9,
-            dampening: 0.0,
-            weight_decay: 0.0,
-            nesterov: false,
-        }
+        Self { lr: 1e-2, momentum: 0.9, dampening: 0.0, weight_decay: 0.0, nesterov: false }
     }
 }
 
@@ -106,70 +94,41 @@ fn t(shape: impl Into<Shape>, data: Vec<f32>) -> HostTensor {
 /// Elementwise `a + b`.
 pub fn add(a: &HostTensor, b: &HostTensor) -> Result<HostTensor> {
     geometry::same_shape("add", a.shape(), b.shape())?;
-    Ok(t(
-        a.shape().clone(),
-        a.data().iter().zip(b.data()).map(|(x, y)| x + y).collect(),
-    ))
+    Ok(t(a.shape().clone(), a.data().iter().zip(b.data()).map(|(x, y)| x + y).collect()))
 }
 
 /// Elementwise `a - b`.
 pub fn sub(a: &HostTensor, b: &HostTensor) -> Result<HostTensor> {
     geometry::same_shape("sub", a.shape(), b.shape())?;
-    Ok(t(
-        a.shape().clone(),
-        a.data().iter().zip(b.data()).map(|(x, y)| x - y).collect(),
-    ))
+    Ok(t(a.shape().clone(), a.data().iter().zip(b.data()).map(|(x, y)| x - y).collect()))
 }
 
 /// Elementwise `a * b`.
 pub fn mul(a: &HostTensor, b: &HostTensor) -> Result<HostTensor> {
     geometry::same_shape("mul", a.shape(), b.shape())?;
-    Ok(t(
-        a.shape().clone(),
-        a.data().iter().zip(b.data()).map(|(x, y)| x * y).collect(),
-    ))
+    Ok(t(a.shape().clone(), a.data().iter().zip(b.data()).map(|(x, y)| x * y).collect()))
 }
 
 /// `alpha * x`.
 pub fn scale(x: &HostTensor, alpha: f32) -> HostTensor {
-    t(
-        x.shape().clone(),
-        x.data().iter().map(|v| alpha * v).collect(),
-    )
+    t(x.shape().clone(), x.data().iter().map(|v| alpha * v).collect())
 }
 
 /// `y + alpha * x`.
 pub fn axpy(alpha: f32, x: &HostTensor, y: &HostTensor) -> Result<HostTensor> {
     geometry::same_shape("axpy", x.shape(), y.shape())?;
-    Ok(t(
-        y.shape().clone(),
-        x.data()
-            .iter()
-            .zip(y.data())
-            .map(|(a, b)| alpha.mul_add(*a, *b))
-            .collect(),
-    ))
+    Ok(t(y.shape().clone(), x.data().iter().zip(y.data()).map(|(a, b)| alpha.mul_add(*a, *b)).collect()))
 }
 
 /// `max(x, 0)`.
 pub fn relu(x: &HostTensor) -> HostTensor {
-    t(
-        x.shape().clone(),
-        x.data().iter().map(|v| v.max(0.0)).collect(),
-    )
+    t(x.shape().clone(), x.data().iter().map(|v| v.max(0.0)).collect())
 }
 
 /// Gradient of ReLU: `dy` where `x > 0`, else 0.
 pub fn relu_backward(x: &HostTensor, dy: &HostTensor) -> Result<HostTensor> {
     geometry::same_shape("relu_backward", x.shape(), dy.shape())?;
-    Ok(t(
-        x.shape().clone(),
-        x.data()
-            .iter()
-            .zip(dy.data())
-            .map(|(x, g)| if *x > 0.0 { *g } else { 0.0 })
-            .collect(),
-    ))
+    Ok(t(x.shape().clone(), x.data().iter().zip(dy.data()).map(|(x, g)| if *x > 0.0 { *g } else { 0.0 }).collect()))
 }
 
 /// Adds `bias[c]` to every element of channel `c` of `x` `[n, c, ...]`.
@@ -192,16 +151,8 @@ pub fn matmul(a: &HostTensor, b: &HostTensor, trans_a: bool, trans_b: bool) -> R
         for j in 0..n {
             let mut s = 0.0f64;
             for p in 0..k {
-                let av = if trans_a {
-                    ad[p * m + i]
-                } else {
-                    ad[i * k + p]
-                };
-                let bv = if trans_b {
-                    bd[j * k + p]
-                } else {
-                    bd[p * n + j]
-                };
+                let av = if trans_a { ad[p * m + i] } else { ad[i * k + p] };
+                let bv = if trans_b { bd[j * k + p] } else { bd[p * n + j] };
                 s += f64::from(av) * f64::from(bv);
             }
             c[i * n + j] = s as f32;
@@ -244,12 +195,7 @@ pub fn linear_backward(
 }
 
 /// 2-D convolution (cross-correlation, as in PyTorch) of NCHW `x` with `w` `[co, ci, kh, kw]`.
-pub fn conv2d(
-    x: &HostTensor,
-    w: &HostTensor,
-    bias: Option<&HostTensor>,
-    p: Conv2dParams,
-) -> Result<HostTensor> {
+pub fn conv2d(x: &HostTensor, w: &HostTensor, bias: Option<&HostTensor>, p: Conv2dParams) -> Result<HostTensor> {
     let g = geometry::conv2d(x.shape(), w.shape(), bias.map(|b| b.shape()), p)?;
     let (xd, wd) = (x.data(), w.data());
     let mut y = vec![0.0f32; g.n * g.co * g.ho * g.wo];
@@ -269,8 +215,7 @@ pub fn conv2d(
                                 if iw < 0 || iw >= g.w as isize {
                                     continue;
                                 }
-                                let xv =
-                                    xd[((n * g.ci + ci) * g.h + ih as usize) * g.w + iw as usize];
+                                let xv = xd[((n * g.ci + ci) * g.h + ih as usize) * g.w + iw as usize];
                                 let wv = wd[((co * g.ci + ci) * g.kh + kh) * g.kw + kw];
                                 s += f64::from(xv) * f64::from(wv);
                             }
@@ -296,21 +241,12 @@ pub struct Conv2dGrads {
 }
 
 /// Gradients of [`conv2d`] given the output gradient `dy`.
-pub fn conv2d_backward(
-    x: &HostTensor,
-    w: &HostTensor,
-    dy: &HostTensor,
-    p: Conv2dParams,
-) -> Result<Conv2dGrads> {
+pub fn conv2d_backward(x: &HostTensor, w: &HostTensor, dy: &HostTensor, p: Conv2dParams) -> Result<Conv2dGrads> {
     let g = geometry::conv2d(x.shape(), w.shape(), None, p)?;
     if *dy.shape() != g.output_shape() {
         return Err(TensorError::shape(
             "conv2d_backward",
-            format!(
-                "output gradient {} must be {}",
-                dy.shape(),
-                g.output_shape()
-            ),
+            format!("output gradient {} must be {}", dy.shape(), g.output_shape()),
         ));
     }
     let (xd, wd, gd) = (x.data(), w.data(), dy.data());
@@ -346,20 +282,12 @@ pub fn conv2d_backward(
         }
     }
     let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
-    Ok(Conv2dGrads {
-        dx: t(x.shape().clone(), f(dx)),
-        dw: t(w.shape().clone(), f(dw)),
-        db: t([g.co], f(db)),
-    })
+    Ok(Conv2dGrads { dx: t(x.shape().clone(), f(dx)), dw: t(w.shape().clone(), f(dw)), db: t([g.co], f(db)) })
 }
 
 /// Max pooling; returns the output and, per output, the flat index `ih * w + iw` of the
 /// winning input within its plane (the first one on ties).
-pub fn max_pool2d(
-    x: &HostTensor,
-    kernel: (usize, usize),
-    p: Conv2dParams,
-) -> Result<(HostTensor, HostTensor<u32>)> {
+pub fn max_pool2d(x: &HostTensor, kernel: (usize, usize), p: Conv2dParams) -> Result<(HostTensor, HostTensor<u32>)> {
     let g = geometry::max_pool2d(x.shape(), kernel, p)?;
     let mut y = Vec::with_capacity(g.planes * g.ho * g.wo);
     let mut idx = Vec::with_capacity(y.capacity());
@@ -387,27 +315,15 @@ pub fn max_pool2d(
             }
         }
     }
-    Ok((
-        t(g.output_shape(), y),
-        HostTensor::new(g.output_shape(), idx)?,
-    ))
+    Ok((t(g.output_shape(), y), HostTensor::new(g.output_shape(), idx)?))
 }
 
 /// Gradient of [`max_pool2d`]: routes each output gradient to its winning input.
-pub fn max_pool2d_backward(
-    dy: &HostTensor,
-    indices: &HostTensor<u32>,
-    g: &PoolGeometry,
-) -> Result<HostTensor> {
+pub fn max_pool2d_backward(dy: &HostTensor, indices: &HostTensor<u32>, g: &PoolGeometry) -> Result<HostTensor> {
     if *dy.shape() != g.output_shape() || indices.shape() != dy.shape() {
         return Err(TensorError::shape(
             "max_pool2d_backward",
-            format!(
-                "gradient {} and indices {} must be {}",
-                dy.shape(),
-                indices.shape(),
-                g.output_shape()
-            ),
+            format!("gradient {} and indices {} must be {}", dy.shape(), indices.shape(), g.output_shape()),
         ));
     }
     let mut dx = vec![0.0f32; g.planes * g.h * g.w];
@@ -422,21 +338,13 @@ pub fn max_pool2d_backward(
 /// Row-wise log-softmax of `x` `[rows, classes]`.
 pub fn log_softmax(x: &HostTensor) -> Result<HostTensor> {
     if x.shape().rank() != 2 {
-        return Err(TensorError::shape(
-            "log_softmax",
-            format!("input {} must have rank 2", x.shape()),
-        ));
+        return Err(TensorError::shape("log_softmax", format!("input {} must have rank 2", x.shape())));
     }
     let c = x.shape().dim(1);
     let mut y = x.data().to_vec();
     for row in y.chunks_mut(c.max(1)) {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = f64::from(m)
-            + row
-                .iter()
-                .map(|v| (f64::from(*v) - f64::from(m)).exp())
-                .sum::<f64>()
-                .ln();
+        let lse = f64::from(m) + row.iter().map(|v| (f64::from(*v) - f64::from(m)).exp()).sum::<f64>().ln();
         for v in row.iter_mut() {
             *v = (f64::from(*v) - lse) as f32;
         }
@@ -452,21 +360,14 @@ pub fn log_softmax_backward(y: &HostTensor, dy: &HostTensor) -> Result<HostTenso
     let mut dx = Vec::with_capacity(y.data().len());
     for (yr, gr) in y.data().chunks(c).zip(dy.data().chunks(c)) {
         let s: f64 = gr.iter().map(|v| f64::from(*v)).sum();
-        dx.extend(
-            yr.iter()
-                .zip(gr)
-                .map(|(yv, gv)| (f64::from(*gv) - f64::from(*yv).exp() * s) as f32),
-        );
+        dx.extend(yr.iter().zip(gr).map(|(yv, gv)| (f64::from(*gv) - f64::from(*yv).exp() * s) as f32));
     }
     Ok(t(y.shape().clone(), dx))
 }
 
 fn check_targets(op: &'static str, classes: usize, targets: &HostTensor<u32>) -> Result<()> {
     if let Some(bad) = targets.data().iter().find(|&&v| v as usize >= classes) {
-        return Err(TensorError::argument(
-            op,
-            format!("target {bad} is out of range for {classes} classes"),
-        ));
+        return Err(TensorError::argument(op, format!("target {bad} is out of range for {classes} classes")));
     }
     Ok(())
 }
@@ -475,12 +376,7 @@ fn check_targets(op: &'static str, classes: usize, targets: &HostTensor<u32>) ->
 pub fn nll_loss(logp: &HostTensor, targets: &HostTensor<u32>) -> Result<f32> {
     let (rows, c) = geometry::classification("nll_loss", logp.shape(), targets.shape())?;
     check_targets("nll_loss", c, targets)?;
-    let s: f64 = targets
-        .data()
-        .iter()
-        .enumerate()
-        .map(|(r, &k)| -f64::from(logp.data()[r * c + k as usize]))
-        .sum();
+    let s: f64 = targets.data().iter().enumerate().map(|(r, &k)| -f64::from(logp.data()[r * c + k as usize])).sum();
     Ok((s / rows as f64) as f32)
 }
 
@@ -500,22 +396,14 @@ pub fn accuracy_count(logits: &HostTensor, targets: &HostTensor<u32>) -> Result<
     let (_, c) = geometry::classification("accuracy_count", logits.shape(), targets.shape())?;
     let am = arg_reduce_axis(logits, ReduceOp::ArgMax, 1)?;
     let _ = c;
-    Ok(am
-        .data()
-        .iter()
-        .zip(targets.data())
-        .filter(|(a, b)| a == b)
-        .count() as u32)
+    Ok(am.data().iter().zip(targets.data()).filter(|(a, b)| a == b).count() as u32)
 }
 
 /// Value reduction (`Sum`, `Mean`, `Max`, `Min`) along `axis`; the axis is removed.
 pub fn reduce_axis(x: &HostTensor, op: ReduceOp, axis: usize) -> Result<HostTensor> {
     geometry::axis(op.name(), x.shape(), axis)?;
     if op.is_arg() {
-        return Err(TensorError::argument(
-            op.name(),
-            "use arg_reduce_axis for index results",
-        ));
+        return Err(TensorError::argument(op.name(), "use arg_reduce_axis for index results"));
     }
     let (outer, len, inner) = x.shape().split_at_axis(axis);
     let mut out = Vec::with_capacity(outer * inner);
@@ -538,10 +426,7 @@ pub fn reduce_axis(x: &HostTensor, op: ReduceOp, axis: usize) -> Result<HostTens
 pub fn arg_reduce_axis(x: &HostTensor, op: ReduceOp, axis: usize) -> Result<HostTensor<u32>> {
     geometry::axis(op.name(), x.shape(), axis)?;
     if !op.is_arg() {
-        return Err(TensorError::argument(
-            op.name(),
-            "use reduce_axis for value results",
-        ));
+        return Err(TensorError::argument(op.name(), "use reduce_axis for value results"));
     }
     let (outer, len, inner) = x.shape().split_at_axis(axis);
     let mut out = Vec::with_capacity(outer * inner);
@@ -569,16 +454,11 @@ pub fn reduce_all(x: &HostTensor, op: ReduceOp) -> Result<f64> {
         return Ok(f64::from(arg_reduce_axis(&flat, op, 0)?.data()[0]));
     }
     if x.data().is_empty() {
-        return Err(TensorError::shape(
-            op.name(),
-            format!("tensor {} is empty", x.shape()),
-        ));
+        return Err(TensorError::shape(op.name(), format!("tensor {} is empty", x.shape())));
     }
     Ok(match op {
         ReduceOp::Sum => x.data().iter().map(|v| f64::from(*v)).sum(),
-        ReduceOp::Mean => {
-            x.data().iter().map(|v| f64::from(*v)).sum::<f64>() / x.data().len() as f64
-        }
+        ReduceOp::Mean => x.data().iter().map(|v| f64::from(*v)).sum::<f64>() / x.data().len() as f64,
         ReduceOp::Max => f64::from(x.data().iter().copied().fold(f32::NEG_INFINITY, f32::max)),
         ReduceOp::Min => f64::from(x.data().iter().copied().fold(f32::INFINITY, f32::min)),
         ReduceOp::ArgMax | ReduceOp::ArgMin => unreachable!("handled above"),
@@ -586,14 +466,7 @@ pub fn reduce_all(x: &HostTensor, op: ReduceOp) -> Result<f64> {
 }
 
 /// One Adam step at step number `step` (1-based), updating `param`, `m` and `v` in place.
-pub fn adam_step(
-    param: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    h: &AdamParams,
-    step: u32,
-) {
+pub fn adam_step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamParams, step: u32) {
     assert!(step >= 1, "adam steps are 1-based");
     let bc1 = 1.0 - h.beta1.powi(step as i32);
     let bc2 = 1.0 - h.beta2.powi(step as i32);
@@ -613,16 +486,8 @@ pub fn sgd_step(param: &mut [f32], grad: &[f32], buf: &mut [f32], h: &SgdParams,
     for i in 0..param.len() {
         let mut g = grad[i] + h.weight_decay * param[i];
         if h.momentum != 0.0 {
-            buf[i] = if step <= 1 {
-                g
-            } else {
-                h.momentum * buf[i] + (1.0 - h.dampening) * g
-            };
-            g = if h.nesterov {
-                g + h.momentum * buf[i]
-            } else {
-                buf[i]
-            };
+            buf[i] = if step <= 1 { g } else { h.momentum * buf[i] + (1.0 - h.dampening) * g };
+            g = if h.nesterov { g + h.momentum * buf[i] } else { buf[i] };
         }
         param[i] -= h.lr * g;
     }
@@ -640,15 +505,9 @@ mod tests {
     fn matmul_small() {
         let a = ht([2, 3], &[1., 2., 3., 4., 5., 6.]);
         let b = ht([3, 2], &[7., 8., 9., 10., 11., 12.]);
-        assert_eq!(
-            matmul(&a, &b, false, false).unwrap().data(),
-            &[58., 64., 139., 154.]
-        );
+        assert_eq!(matmul(&a, &b, false, false).unwrap().data(), &[58., 64., 139., 154.]);
         let at = ht([3, 2], &[1., 4., 2., 5., 3., 6.]);
-        assert_eq!(
-            matmul(&at, &b, true, false).unwrap().data(),
-            &[58., 64., 139., 154.]
-        );
+        assert_eq!(matmul(&at, &b, true, false).unwrap().data(), &[58., 64., 139., 154.]);
     }
 
     #[test]
@@ -678,24 +537,15 @@ mod tests {
         let tg = HostTensor::new([1], vec![2u32]).unwrap();
         assert!((nll_loss(&y, &tg).unwrap() + y.data()[2]).abs() < 1e-7);
         let e = nll_loss(&y, &HostTensor::new([1], vec![3u32]).unwrap()).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "nll_loss: target 3 is out of range for 3 classes"
-        );
+        assert_eq!(e.to_string(), "nll_loss: target 3 is out of range for 3 classes");
     }
 
     #[test]
     fn reductions() {
         let x = ht([2, 3], &[1., 5., 3., 4., 2., 6.]);
-        assert_eq!(
-            reduce_axis(&x, ReduceOp::Sum, 0).unwrap().data(),
-            &[5., 7., 9.]
-        );
+        assert_eq!(reduce_axis(&x, ReduceOp::Sum, 0).unwrap().data(), &[5., 7., 9.]);
         assert_eq!(reduce_axis(&x, ReduceOp::Max, 1).unwrap().data(), &[5., 6.]);
-        assert_eq!(
-            arg_reduce_axis(&x, ReduceOp::ArgMin, 1).unwrap().data(),
-            &[0, 1]
-        );
+        assert_eq!(arg_reduce_axis(&x, ReduceOp::ArgMin, 1).unwrap().data(), &[0, 1]);
         assert_eq!(reduce_all(&x, ReduceOp::ArgMax).unwrap(), 5.0);
         assert_eq!(reduce_all(&x, ReduceOp::Mean).unwrap(), 3.5);
     }

@@ -45,17 +45,11 @@ pub enum TensorError {
 impl TensorError {
     /// Shorthand for [`TensorError::Shape`].
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
-        Self::Shape {
-            op,
-            msg: msg.into(),
-        }
+        Self::Shape { op, msg: msg.into() }
     }
 
     /// Shorthand for [`TensorError::Argument`].
     pub fn argument(op: &'static str, msg: impl Into<String>) -> Self {
-        Self::Argument {
-            op,
-            msg: msg.into(),
-        }
+        Self::Argument { op, msg: msg.into() }
     }
 }

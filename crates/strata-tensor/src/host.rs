@@ -14,11 +14,7 @@ impl<T: Element> HostTensor<T> {
     pub fn new(shape: impl Into<Shape>, data: Vec<T>) -> Result<Self> {
         let shape = shape.into();
         if shape.numel() != data.len() {
-            return Err(TensorError::DataLength {
-                shape: shape.to_string(),
-                expected: shape.numel(),
-                got: data.len(),
-            });
+            return Err(TensorError::DataLength { shape: shape.to_string(), expected: shape.numel(), got: data.len() });
         }
         Ok(Self { shape, data })
     }
@@ -62,21 +58,14 @@ impl HostTensor<f32> {
     pub fn random(shape: impl Into<Shape>, seed: u64) -> Self {
         let shape = shape.into();
         let mut rng = SplitMix64(seed);
-        let data = (0..shape.numel())
-            .map(|_| rng.next_f32() * 2.0 - 1.0)
-            .collect();
+        let data = (0..shape.numel()).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         Self { shape, data }
     }
 
     /// The largest absolute difference to `other`, or `None` if the shapes differ.
     pub fn max_abs_diff(&self, other: &Self) -> Option<f32> {
-        (self.shape == other.shape).then(|| {
-            self.data
-                .iter()
-                .zip(&other.data)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max)
-        })
+        (self.shape == other.shape)
+            .then(|| self.data.iter().zip(&other.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max))
     }
 }
 
@@ -112,10 +101,7 @@ mod tests {
     #[test]
     fn new_checks_length() {
         let err = HostTensor::new([2, 3], vec![0.0f32; 5]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "tensor of shape [2,3] holds 6 elements, data has 5"
-        );
+        assert_eq!(err.to_string(), "tensor of shape [2,3] holds 6 elements, data has 5");
         assert!(HostTensor::new([2, 3], vec![0u32; 6]).is_ok());
     }
 

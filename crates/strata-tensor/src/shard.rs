@@ -45,14 +45,7 @@ pub fn even_ranges(len: usize, parts: usize) -> Vec<Range<usize>> {
 
 /// The shards of [`even_ranges`] as [`ShardSpec`]s.
 pub fn even_shards(len: usize, parts: usize) -> Vec<ShardSpec> {
-    even_ranges(len, parts)
-        .into_iter()
-        .map(|r| ShardSpec {
-            offset: r.start,
-            len: r.len(),
-            total: len,
-        })
-        .collect()
+    even_ranges(len, parts).into_iter().map(|r| ShardSpec { offset: r.start, len: r.len(), total: len }).collect()
 }
 
 #[cfg(test)]

@@ -3,5 +3,8 @@
 //! This crate re-exports the public API of the layers below and holds the code behind
 //! the `strata` binary's commands.
 
+pub mod bench;
+pub mod check;
+
 pub use strata_gpu as gpu;
 pub use strata_tensor as tensor;

@@ -8,7 +8,7 @@ use strata_tensor::geometry::{self, Conv2dParams, ConvGeometry};
 use strata_tensor::{DType, TensorError};
 
 use super::gemm::Mat;
-use super::{expect_binding, expect_dtype, groups_for, u};
+use super::{expect_binding, expect_dtype, u};
 use crate::{Gpu, GpuError, GpuTensor, Result};
 
 const FILE: &str = "conv2d.wgsl";
@@ -78,9 +78,7 @@ impl Plan {
 
     /// `(first image, images)` of each chunk.
     fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..self.g.n)
-            .step_by(self.nb)
-            .map(|n0| (n0, self.nb.min(self.g.n - n0)))
+        (0..self.g.n).step_by(self.nb).map(|n0| (n0, self.nb.min(self.g.n - n0)))
     }
 }
 
@@ -103,11 +101,7 @@ impl Gpu {
         Ok(Plan { g, nb, p_ld })
     }
 
-    fn check_conv_operands(
-        &self,
-        op: &'static str,
-        ts: &[(&'static str, &GpuTensor)],
-    ) -> Result<()> {
+    fn check_conv_operands(&self, op: &'static str, ts: &[(&'static str, &GpuTensor)]) -> Result<()> {
         for (what, t) in ts {
             expect_dtype(op, what, t, DType::F32)?;
             expect_binding(op, what, t, self.info().max_storage_binding_bytes)?;
@@ -126,16 +120,10 @@ impl Gpu {
     ) -> Result<()> {
         let g = &plan.g;
         let p = plan.params(n0, nb);
-        let items = g.patch_len() * nb * g.ho;
-        let entry = if g.wo % 4 == 0 { "im2col_v4" } else { "im2col" };
-        self.dispatch(
-            op,
-            (FILE, entry),
-            &[],
-            &p,
-            &[x.arg(), col.arg()],
-            [groups_for(items, 64), 1, 1],
-        )
+        // Runs of 4 vec4 along each patch row (see RUN in conv2d.wgsl).
+        let runs = (plan.p_ld / 4).div_ceil(4);
+        let groups = self.plane_grid(runs, 2, g.patch_len());
+        self.dispatch(op, (FILE, "im2col"), &[], &p, &[x.arg(), col.arg()], groups)
     }
 
     /// 2-D convolution of NCHW `x` with `w` `[co, ci, kh, kw]` and optional bias `[co]`.
@@ -177,19 +165,9 @@ impl Gpu {
                 false,
             )?;
             let p = plan.params(n0, nb);
-            let (entry, items) = if pix % 4 == 0 {
-                ("cp_to_nchw_v4", nb * g.co * pix / 4)
-            } else {
-                ("cp_to_nchw", nb * g.co * pix)
-            };
-            self.dispatch(
-                OP,
-                (FILE, entry),
-                &[],
-                &p,
-                &[ycp.arg(), bias.arg(), y.arg()],
-                [groups_for(items, 256), 1, 1],
-            )?;
+            let (entry, items) = if pix % 4 == 0 { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
+            let groups = self.plane_grid(items, 4, nb * g.co);
+            self.dispatch(OP, (FILE, entry), &[], &p, &[ycp.arg(), bias.arg(), y.arg()], groups)?;
         }
         Ok(y)
     }
@@ -207,15 +185,9 @@ impl Gpu {
         const OP: &str = "conv2d_backward";
         let g = geometry::conv2d(x.shape(), w.shape(), None, params)?;
         if *dy.shape() != g.output_shape() {
-            return Err(TensorError::shape(
-                OP,
-                format!(
-                    "output gradient {} must be {}",
-                    dy.shape(),
-                    g.output_shape()
-                ),
-            )
-            .into());
+            return Err(
+                TensorError::shape(OP, format!("output gradient {} must be {}", dy.shape(), g.output_shape())).into()
+            );
         }
         self.check_conv_operands(OP, &[("input", x), ("weight", w), ("output gradient", dy)])?;
         let plan = self.conv_plan(OP, g)?;
@@ -225,11 +197,7 @@ impl Gpu {
         let col = self.empty([k, plan.p_ld], DType::F32)?;
         let dyt = self.empty([plan.p_ld, co_ld], DType::F32)?;
         let dwt = self.empty([k, co_ld], DType::F32)?;
-        let dx = if input_grad {
-            Some(self.empty(x.shape().clone(), DType::F32)?)
-        } else {
-            None
-        };
+        let dx = if input_grad { Some(self.empty(x.shape().clone(), DType::F32)?) } else { None };
         // W^T [k, co_ld] for dcol = W^T @ dY'.
         let wt_dcol = if input_grad {
             let wt = self.empty([k, co_ld], DType::F32)?;
@@ -244,14 +212,7 @@ impl Gpu {
             let p = plan.params(n0, nb);
             let np = nb * pix;
             self.im2col(OP, &plan, x, &col, n0, nb)?;
-            self.dispatch(
-                OP,
-                (FILE, "nchw_to_pc"),
-                &[],
-                &p,
-                &[dy.arg(), dyt.arg()],
-                [groups_for(np * co_ld / 4, 256), 1, 1],
-            )?;
+            self.dispatch(OP, (FILE, "nchw_to_pc"), &[], &p, &[dy.arg(), dyt.arg()], self.plane_grid(pix, 1, nb))?;
             // dW^T [k, co] (+)= col [k, np] @ dY^T [np, co]
             self.gemm_into(
                 OP,
@@ -264,19 +225,9 @@ impl Gpu {
                 i > 0,
             )?;
             if let (Some((wt, dcp, dcol)), Some(dx)) = (&wt_dcol, &dx) {
-                let (entry, items) = if pix % 4 == 0 {
-                    ("nchw_to_cp_v4", nb * g.co * pix / 4)
-                } else {
-                    ("nchw_to_cp", nb * g.co * pix)
-                };
-                self.dispatch(
-                    OP,
-                    (FILE, entry),
-                    &[],
-                    &p,
-                    &[dy.arg(), dcp.arg()],
-                    [groups_for(items, 256), 1, 1],
-                )?;
+                let (entry, items) = if pix % 4 == 0 { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
+                let groups = self.plane_grid(items, 4, nb * g.co);
+                self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dcp.arg()], groups)?;
                 // dcol [k, np] = W^T [k, co] @ dY' [co, np]
                 self.gemm_into(
                     OP,
@@ -294,32 +245,15 @@ impl Gpu {
                     &[],
                     &p,
                     &[dcol.arg(), dx.arg()],
-                    [groups_for(nb * g.ci * g.h, 64), 1, 1],
+                    self.plane_grid(g.h, 1, nb * g.ci),
                 )?;
             }
         }
         let dw = self.empty(w.shape().clone(), DType::F32)?;
-        self.pack_into(
-            OP,
-            Mat::transposed(&dwt, co_ld),
-            g.co,
-            k,
-            &dw,
-            0,
-            k,
-            g.co,
-            k,
-        )?;
+        self.pack_into(OP, Mat::transposed(&dwt, co_ld), g.co, k, &dw, 0, k, g.co, k)?;
         let db = self.empty([g.co], DType::F32)?;
         let p = plan.params(0, g.n);
-        self.dispatch(
-            OP,
-            (FILE, "bias_grad"),
-            &[],
-            &p,
-            &[dy.arg(), db.arg()],
-            [u(g.co), 1, 1],
-        )?;
+        self.dispatch(OP, (FILE, "bias_grad"), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
         Ok(Conv2dGrads { dx, dw, db })
     }
 }

@@ -5,7 +5,7 @@
 use bytemuck::{Pod, Zeroable};
 use strata_tensor::{DType, TensorError, geometry};
 
-use super::{expect_dtype, groups_for, u};
+use super::{expect_dtype, u};
 use crate::{Gpu, GpuTensor, Result};
 
 const FILE: &str = "elementwise.wgsl";
@@ -24,20 +24,9 @@ struct Params {
 
 impl Params {
     fn new(n: usize, base: usize) -> Self {
-        Self {
-            n: u(n),
-            base: u(base),
-            alpha: 1.0,
-            bits: 0,
-            inner: 1,
-            channels: 1,
-            _pad: [0; 2],
-        }
+        Self { n: u(n), base: u(base), alpha: 1.0, bits: 0, inner: 1, channels: 1, _pad: [0; 2] }
     }
 }
-
-/// Elements per invocation of the grid-stride loop times the workgroup size.
-const ITEMS_PER_GROUP: usize = 4 * 64 * 4;
 
 impl Gpu {
     /// `(offset, len)` of consecutive binding-sized chunks of `n` 4-byte elements (one
@@ -63,49 +52,18 @@ impl Gpu {
         geometry::same_shape(op, a.shape(), b.shape())?;
         let out = self.empty(a.shape().clone(), DType::F32)?;
         for (off, len) in self.chunk_ranges(a.numel()) {
-            let p = Params {
-                alpha,
-                ..Params::new(len, off)
-            };
-            let args = [
-                a.arg_range(off, len),
-                b.arg_range(off, len),
-                out.arg_range(off, len),
-            ];
-            self.dispatch(
-                op,
-                (FILE, entry),
-                &[],
-                &p,
-                &args,
-                [groups_for(len, ITEMS_PER_GROUP), 1, 1],
-            )?;
+            let p = Params { alpha, ..Params::new(len, off) };
+            let args = [a.arg_range(off, len), b.arg_range(off, len), out.arg_range(off, len)];
+            self.dispatch(op, (FILE, entry), &[], &p, &args, [self.grid(len, 16), 1, 1])?;
         }
         Ok(out)
     }
 
-    fn unary(
-        &mut self,
-        op: &'static str,
-        entry: &'static str,
-        x: &GpuTensor,
-        y: &GpuTensor,
-        alpha: f32,
-    ) -> Result<()> {
+    fn unary(&mut self, op: &'static str, entry: &'static str, x: &GpuTensor, y: &GpuTensor, alpha: f32) -> Result<()> {
         for (off, len) in self.chunk_ranges(x.numel()) {
-            let p = Params {
-                alpha,
-                ..Params::new(len, off)
-            };
+            let p = Params { alpha, ..Params::new(len, off) };
             let args = [x.arg_range(off, len), y.arg_range(off, len)];
-            self.dispatch(
-                op,
-                (FILE, entry),
-                &[],
-                &p,
-                &args,
-                [groups_for(len, ITEMS_PER_GROUP), 1, 1],
-            )?;
+            self.dispatch(op, (FILE, entry), &[], &p, &args, [self.grid(len, 16), 1, 1])?;
         }
         Ok(())
     }
@@ -180,20 +138,9 @@ impl Gpu {
         let inner: usize = x.shape().dims()[2..].iter().product();
         let y = self.empty(x.shape().clone(), DType::F32)?;
         for (off, len) in self.chunk_ranges(x.numel()) {
-            let p = Params {
-                inner: u(inner),
-                channels: u(channels),
-                ..Params::new(len, off)
-            };
+            let p = Params { inner: u(inner), channels: u(channels), ..Params::new(len, off) };
             let args = [x.arg_range(off, len), bias.arg(), y.arg_range(off, len)];
-            self.dispatch(
-                OP,
-                (FILE, "add_channel_bias"),
-                &[],
-                &p,
-                &args,
-                [groups_for(len, ITEMS_PER_GROUP), 1, 1],
-            )?;
+            self.dispatch(OP, (FILE, "add_channel_bias"), &[], &p, &args, [self.grid(len, 16), 1, 1])?;
         }
         Ok(y)
     }
@@ -208,18 +155,8 @@ impl Gpu {
     pub(crate) fn fill_bits(&mut self, t: &GpuTensor, bits: u32) -> Result<()> {
         let n = t.numel() * t.dtype().size_bytes() / 4;
         for (off, len) in self.chunk_ranges(n) {
-            let p = Params {
-                bits,
-                ..Params::new(len, off)
-            };
-            self.dispatch(
-                "fill",
-                (FILE, "fill"),
-                &[],
-                &p,
-                &[t.arg_range(off, len)],
-                [groups_for(len, ITEMS_PER_GROUP), 1, 1],
-            )?;
+            let p = Params { bits, ..Params::new(len, off) };
+            self.dispatch("fill", (FILE, "fill"), &[], &p, &[t.arg_range(off, len)], [self.grid(len, 16), 1, 1])?;
         }
         Ok(())
     }

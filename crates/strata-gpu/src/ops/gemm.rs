@@ -11,7 +11,7 @@ use bytemuck::{Pod, Zeroable};
 use strata_tensor::cpu::ReduceOp;
 use strata_tensor::{DType, geometry};
 
-use super::{expect_binding, expect_dtype, groups_for, u};
+use super::{expect_binding, expect_dtype, u};
 use crate::{GemmKernel, Gpu, GpuTensor, Result};
 
 /// A logical matrix inside a tensor: element `(i, j)` is at
@@ -26,25 +26,15 @@ pub(crate) struct Mat<'a> {
 
 impl<'a> Mat<'a> {
     pub(crate) fn rows(t: &'a GpuTensor, ld: usize) -> Self {
-        Self {
-            t,
-            off: 0,
-            ld,
-            trans: false,
-        }
+        Self { t, off: 0, ld, trans: false }
     }
 
     pub(crate) fn transposed(t: &'a GpuTensor, ld: usize) -> Self {
-        Self {
-            t,
-            off: 0,
-            ld,
-            trans: true,
-        }
+        Self { t, off: 0, ld, trans: true }
     }
 
     fn vec4_rows(&self) -> bool {
-        !self.trans && self.ld % 4 == 0 && self.off % 4 == 0
+        !self.trans && self.ld.is_multiple_of(4) && self.off.is_multiple_of(4)
     }
 }
 
@@ -131,25 +121,11 @@ impl Gpu {
             _pad: [0; 3],
         };
         let args = [src.t.arg(), dst.arg()];
-        self.dispatch(
-            op,
-            ("layout.wgsl", "pack2d"),
-            &[],
-            &p,
-            &args,
-            [groups_for(dst_rows * dst_cols, 64), 1, 1],
-        )
+        self.dispatch(op, ("layout.wgsl", "pack2d"), &[], &p, &args, [self.grid(dst_rows * dst_cols, 1), 1, 1])
     }
 
     /// A new `[rows, cols4]` tensor holding `src` with rows padded to `cols4` columns.
-    fn pack(
-        &mut self,
-        op: &'static str,
-        src: Mat<'_>,
-        rows: usize,
-        cols: usize,
-        cols4: usize,
-    ) -> Result<GpuTensor> {
+    fn pack(&mut self, op: &'static str, src: Mat<'_>, rows: usize, cols: usize, cols4: usize) -> Result<GpuTensor> {
         let dst = self.empty([rows, cols4], DType::F32)?;
         self.pack_into(op, src, rows, cols, &dst, 0, cols4, rows, cols4)?;
         Ok(dst)
@@ -169,10 +145,7 @@ impl Gpu {
         c: Mat<'_>,
         accumulate: bool,
     ) -> Result<()> {
-        assert!(
-            k > 0 && m > 0 && n > 0 && !c.trans,
-            "gemm_into needs a non-empty product into a row-major C"
-        );
+        assert!(k > 0 && m > 0 && n > 0 && !c.trans, "gemm_into needs a non-empty product into a row-major C");
         match self.gemm {
             GemmKernel::Tiled => {
                 let stride = |mm: &Mat<'_>| if mm.trans { (1, mm.ld) } else { (mm.ld, 1) };
@@ -193,14 +166,7 @@ impl Gpu {
                     accumulate: u32::from(accumulate),
                 };
                 let groups = [u(n.div_ceil(TILED_TILE)), u(m.div_ceil(TILED_TILE)), 1];
-                self.dispatch(
-                    op,
-                    ("gemm_tiled.wgsl", "gemm"),
-                    &[],
-                    &p,
-                    &[a.t.arg(), b.t.arg(), c.t.arg()],
-                    groups,
-                )
+                self.dispatch(op, ("gemm_tiled.wgsl", "gemm"), &[], &p, &[a.t.arg(), b.t.arg(), c.t.arg()], groups)
             }
             GemmKernel::Subgroup8 => {
                 let k4 = k.next_multiple_of(4);
@@ -225,17 +191,7 @@ impl Gpu {
                         self.pack_into(op, c, m, n, &scratch, 0, n4, m, n4)?;
                     }
                     self.gemm_into(op, m, n, k, a, b, Mat::rows(&scratch, n4), accumulate)?;
-                    return self.pack_into(
-                        op,
-                        Mat::rows(&scratch, n4),
-                        m,
-                        n,
-                        c.t,
-                        c.off,
-                        c.ld,
-                        m,
-                        n,
-                    );
+                    return self.pack_into(op, Mat::rows(&scratch, n4), m, n, c.t, c.off, c.ld, m, n);
                 }
                 let p = SubgroupParams {
                     m: u(m),
@@ -250,31 +206,14 @@ impl Gpu {
                     accumulate: u32::from(accumulate),
                     _pad: [0; 2],
                 };
-                let groups = [
-                    u((n4 / 4).div_ceil(SG_TILE_VEC4)),
-                    u(m.div_ceil(SG_TILE_ROWS)),
-                    1,
-                ];
-                self.dispatch(
-                    op,
-                    ("gemm_subgroup.wgsl", "gemm"),
-                    &[],
-                    &p,
-                    &[a.t.arg(), b.t.arg(), c.t.arg()],
-                    groups,
-                )
+                let groups = [u((n4 / 4).div_ceil(SG_TILE_VEC4)), u(m.div_ceil(SG_TILE_ROWS)), 1];
+                self.dispatch(op, ("gemm_subgroup.wgsl", "gemm"), &[], &p, &[a.t.arg(), b.t.arg(), c.t.arg()], groups)
             }
         }
     }
 
     /// `op(a) @ op(b)` where `op` transposes when the flag is set; both operands `[rows, cols]` f32.
-    pub fn matmul(
-        &mut self,
-        a: &GpuTensor,
-        b: &GpuTensor,
-        trans_a: bool,
-        trans_b: bool,
-    ) -> Result<GpuTensor> {
+    pub fn matmul(&mut self, a: &GpuTensor, b: &GpuTensor, trans_a: bool, trans_b: bool) -> Result<GpuTensor> {
         const OP: &str = "matmul";
         expect_dtype(OP, "a", a, DType::F32)?;
         expect_dtype(OP, "b", b, DType::F32)?;
@@ -291,38 +230,20 @@ impl Gpu {
             return Ok(c);
         }
         expect_binding(OP, "result", &c, limit)?;
-        let am = Mat {
-            t: a,
-            off: 0,
-            ld: a.shape().dim(1),
-            trans: trans_a,
-        };
-        let bm = Mat {
-            t: b,
-            off: 0,
-            ld: b.shape().dim(1),
-            trans: trans_b,
-        };
+        let am = Mat { t: a, off: 0, ld: a.shape().dim(1), trans: trans_a };
+        let bm = Mat { t: b, off: 0, ld: b.shape().dim(1), trans: trans_b };
         if self.gemm == GemmKernel::Subgroup8 {
             // Elements the subgroup kernel would have to repack in each formulation.
             let pack = |needed: bool, elems: usize| if needed { elems } else { 0 };
-            let direct = pack(trans_a || k % 4 != 0, m * k)
-                + pack(trans_b || n % 4 != 0, k * n)
-                + pack(n % 4 != 0, m * n);
-            let transposed =
-                pack(!trans_b || k % 4 != 0, n * k) + pack(!trans_a || m % 4 != 0, k * m) + m * n;
+            let direct =
+                pack(trans_a || k % 4 != 0, m * k) + pack(trans_b || n % 4 != 0, k * n) + pack(n % 4 != 0, m * n);
+            let transposed = pack(!trans_b || k % 4 != 0, n * k) + pack(!trans_a || m % 4 != 0, k * m) + m * n;
             if transposed < direct {
                 // C^T = op(b)^T @ op(a)^T, then transpose C^T into C.
                 let m4 = m.next_multiple_of(4);
                 let ct = self.empty([n, m4], DType::F32)?;
-                let bt = Mat {
-                    trans: !trans_b,
-                    ..bm
-                };
-                let at = Mat {
-                    trans: !trans_a,
-                    ..am
-                };
+                let bt = Mat { trans: !trans_b, ..bm };
+                let at = Mat { trans: !trans_a, ..am };
                 self.gemm_into(OP, n, m, k, bt, at, Mat::rows(&ct, m4), false)?;
                 self.pack_into(OP, Mat::transposed(&ct, m4), m, n, &c, 0, n, m, n)?;
                 return Ok(c);
@@ -333,12 +254,7 @@ impl Gpu {
     }
 
     /// Linear layer `x @ w^T + bias`: `x` `[batch, in]`, `w` `[out, in]` (PyTorch layout).
-    pub fn linear(
-        &mut self,
-        x: &GpuTensor,
-        w: &GpuTensor,
-        bias: Option<&GpuTensor>,
-    ) -> Result<GpuTensor> {
+    pub fn linear(&mut self, x: &GpuTensor, w: &GpuTensor, bias: Option<&GpuTensor>) -> Result<GpuTensor> {
         geometry::linear(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
         let y = self.matmul(x, w, false, true)?;
         match bias {

@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use strata_tensor::cpu::{AdamParams, SgdParams};
 use strata_tensor::{DType, TensorError, geometry};
 
-use super::{expect_dtype, groups_for, u};
+use super::{expect_dtype, u};
 use crate::{Gpu, GpuTensor, Result};
 
 const FILE: &str = "optim.wgsl";
@@ -33,11 +33,7 @@ impl Gpu {
         }
         let first = ts[0].1;
         if ts[1..].iter().any(|(_, t)| t.same_storage(first)) {
-            return Err(TensorError::argument(
-                op,
-                "parameter and optimiser state must be distinct tensors",
-            )
-            .into());
+            return Err(TensorError::argument(op, "parameter and optimiser state must be distinct tensors").into());
         }
         Ok(())
     }
@@ -76,20 +72,9 @@ impl Gpu {
         for off in (0..param.numel()).step_by(step_elems) {
             let len = step_elems.min(param.numel() - off);
             let p = Params { n: u(len), ..base };
-            let args = [
-                param.arg_range(off, len),
-                grad.arg_range(off, len),
-                m.arg_range(off, len),
-                v.arg_range(off, len),
-            ];
-            self.dispatch(
-                OP,
-                (FILE, "adam"),
-                &[],
-                &p,
-                &args,
-                [groups_for(len / 4 + 1, 64 * 4), 1, 1],
-            )?;
+            let args =
+                [param.arg_range(off, len), grad.arg_range(off, len), m.arg_range(off, len), v.arg_range(off, len)];
+            self.dispatch(OP, (FILE, "adam"), &[], &p, &args, [self.grid(len, 16), 1, 1])?;
         }
         Ok(())
     }
@@ -104,10 +89,7 @@ impl Gpu {
         step: u32,
     ) -> Result<()> {
         const OP: &str = "sgd_step";
-        self.check_state(
-            OP,
-            &[("param", param), ("grad", grad), ("momentum buffer", buf)],
-        )?;
+        self.check_state(OP, &[("param", param), ("grad", grad), ("momentum buffer", buf)])?;
         let base = Params {
             n: 0,
             lr: h.lr,
@@ -125,19 +107,8 @@ impl Gpu {
         for off in (0..param.numel()).step_by(step_elems) {
             let len = step_elems.min(param.numel() - off);
             let p = Params { n: u(len), ..base };
-            let args = [
-                param.arg_range(off, len),
-                grad.arg_range(off, len),
-                buf.arg_range(off, len),
-            ];
-            self.dispatch(
-                OP,
-                (FILE, "sgd"),
-                &[],
-                &p,
-                &args,
-                [groups_for(len / 4 + 1, 64 * 4), 1, 1],
-            )?;
+            let args = [param.arg_range(off, len), grad.arg_range(off, len), buf.arg_range(off, len)];
+            self.dispatch(OP, (FILE, "sgd"), &[], &p, &args, [self.grid(len, 16), 1, 1])?;
         }
         Ok(())
     }

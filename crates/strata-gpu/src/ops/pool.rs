@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use strata_tensor::geometry::{self, Conv2dParams, PoolGeometry};
 use strata_tensor::{DType, Shape, TensorError};
 
-use super::{expect_binding, expect_dtype, groups_for, u};
+use super::{expect_binding, expect_dtype, u};
 use crate::{Gpu, GpuTensor, Result};
 
 const FILE: &str = "pool.wgsl";
@@ -65,7 +65,7 @@ impl Gpu {
             &[],
             &params_of(&g),
             &[x.arg(), y.arg(), idx.arg()],
-            [groups_for(items, 256), 1, 1],
+            [self.grid(items, 4), 1, 1],
         )?;
         Ok((y, idx))
     }
@@ -86,22 +86,12 @@ impl Gpu {
         if *dy.shape() != g.output_shape() || indices.shape() != dy.shape() {
             return Err(TensorError::shape(
                 OP,
-                format!(
-                    "gradient {} and indices {} must be {}",
-                    dy.shape(),
-                    indices.shape(),
-                    g.output_shape()
-                ),
+                format!("gradient {} and indices {} must be {}", dy.shape(), indices.shape(), g.output_shape()),
             )
             .into());
         }
         let dx = self.empty(input_shape.clone(), DType::F32)?;
-        expect_binding(
-            OP,
-            "input gradient",
-            &dx,
-            self.info().max_storage_binding_bytes,
-        )?;
+        expect_binding(OP, "input gradient", &dx, self.info().max_storage_binding_bytes)?;
         let items = dx.numel();
         self.dispatch(
             OP,
@@ -109,7 +99,7 @@ impl Gpu {
             &[],
             &params_of(&g),
             &[dy.arg(), indices.arg(), dx.arg()],
-            [groups_for(items, 256), 1, 1],
+            [self.grid(items, 4), 1, 1],
         )?;
         Ok(dx)
     }

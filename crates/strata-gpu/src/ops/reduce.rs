@@ -9,7 +9,6 @@ use super::{expect_binding, expect_dtype, u};
 use crate::{Gpu, GpuTensor, Result};
 
 const FILE: &str = "reduce.wgsl";
-const WG: usize = 64;
 /// vec4 loads per lane below which adding workgroups stops paying.
 const VEC4_PER_LANE_MIN: usize = 32;
 const GROUPS_MAX: usize = 1024;
@@ -40,12 +39,7 @@ fn op_code(op: ReduceOp) -> f64 {
 impl Gpu {
     /// Reduces `x` with `op`, over all elements (`axis: None`, result shape `[]`) or along
     /// `axis` (that dimension removed). Arg-reductions return `u32` indices.
-    pub fn reduce(
-        &mut self,
-        x: &GpuTensor,
-        op: ReduceOp,
-        axis: Option<usize>,
-    ) -> Result<GpuTensor> {
+    pub fn reduce(&mut self, x: &GpuTensor, op: ReduceOp, axis: Option<usize>) -> Result<GpuTensor> {
         expect_dtype(op.name(), "x", x, DType::F32)?;
         match axis {
             None => self.reduce_all(x, op),
@@ -56,21 +50,14 @@ impl Gpu {
     fn reduce_all(&mut self, x: &GpuTensor, op: ReduceOp) -> Result<GpuTensor> {
         let n = x.numel();
         if n == 0 {
-            return Err(
-                TensorError::shape(op.name(), format!("tensor {} is empty", x.shape())).into(),
-            );
+            return Err(TensorError::shape(op.name(), format!("tensor {} is empty", x.shape())).into());
         }
         let consts = [("OP", op_code(op))];
         let step = self.chunk_elems(4);
-        let chunks: Vec<(usize, usize)> =
-            (0..n).step_by(step).map(|o| (o, step.min(n - o))).collect();
+        let chunks: Vec<(usize, usize)> = (0..n).step_by(step).map(|o| (o, step.min(n - o))).collect();
         let groups: Vec<usize> = chunks
             .iter()
-            .map(|&(_, len)| {
-                (len / 4)
-                    .div_ceil(WG * VEC4_PER_LANE_MIN)
-                    .clamp(1, GROUPS_MAX)
-            })
+            .map(|&(_, len)| (len / 4).div_ceil(self.wg as usize * VEC4_PER_LANE_MIN).clamp(1, GROUPS_MAX))
             .collect();
         let total: usize = groups.iter().sum();
         let pv = self.empty([total], DType::F32)?;
@@ -88,33 +75,13 @@ impl Gpu {
                 _pad: 0,
             };
             let args = [x.arg_range(off, len), pv.arg(), pi.arg()];
-            self.dispatch(
-                op.name(),
-                (FILE, "partials"),
-                &consts,
-                &p,
-                &args,
-                [u(g), 1, 1],
-            )?;
+            self.dispatch(op.name(), (FILE, "partials"), &consts, &p, &args, [u(g), 1, 1])?;
             part_off += g;
         }
         let outv = self.empty(Shape::scalar(), DType::F32)?;
         let outi = self.empty(Shape::scalar(), DType::U32)?;
-        let scale = if op == ReduceOp::Mean {
-            (1.0 / n as f64) as f32
-        } else {
-            1.0
-        };
-        let p = Params {
-            n: u(total),
-            base: 0,
-            part_off: 0,
-            scale,
-            outer: 0,
-            len: 0,
-            inner: 0,
-            _pad: 0,
-        };
+        let scale = if op == ReduceOp::Mean { (1.0 / n as f64) as f32 } else { 1.0 };
+        let p = Params { n: u(total), base: 0, part_off: 0, scale, outer: 0, len: 0, inner: 0, _pad: 0 };
         let args = [pv.arg(), pi.arg(), outv.arg(), outi.arg()];
         self.dispatch(op.name(), (FILE, "finish"), &consts, &p, &args, [1, 1, 1])?;
         Ok(if op.is_arg() { outi } else { outv })
@@ -128,43 +95,16 @@ impl Gpu {
         let outputs = outer * inner;
         let outv = self.empty(out_shape.clone(), DType::F32)?;
         let outi = self.empty(out_shape, DType::U32)?;
-        let scale = if op == ReduceOp::Mean {
-            (1.0 / len as f64) as f32
-        } else {
-            1.0
-        };
-        let p = Params {
-            n: 0,
-            base: 0,
-            part_off: 0,
-            scale,
-            outer: u(outer),
-            len: u(len),
-            inner: u(inner),
-            _pad: 0,
-        };
+        let scale = if op == ReduceOp::Mean { (1.0 / len as f64) as f32 } else { 1.0 };
+        let p = Params { n: 0, base: 0, part_off: 0, scale, outer: u(outer), len: u(len), inner: u(inner), _pad: 0 };
         let consts = [("OP", op_code(op))];
         let args = [x.arg(), outv.arg(), outi.arg()];
         if outputs >= 1024 || len < 256 {
-            self.dispatch(
-                op.name(),
-                (FILE, "axis_lane"),
-                &consts,
-                &p,
-                &args,
-                [super::groups_for(outputs, WG), 1, 1],
-            )?;
+            self.dispatch(op.name(), (FILE, "axis_lane"), &consts, &p, &args, [self.grid(outputs, 1), 1, 1])?;
         } else {
             let gx = outputs.min(65535);
             let gy = outputs.div_ceil(65535);
-            self.dispatch(
-                op.name(),
-                (FILE, "axis_group"),
-                &consts,
-                &p,
-                &args,
-                [u(gx), u(gy), 1],
-            )?;
+            self.dispatch(op.name(), (FILE, "axis_group"), &consts, &p, &args, [u(gx), u(gy), 1])?;
         }
         Ok(if op.is_arg() { outi } else { outv })
     }

@@ -1,0 +1,177 @@
+//! `strata bench kernels`: convolution, matrix multiply and reductions on the GPU, each
+//! against a CPU reference measured in the same run.
+
+use strata_gpu::{Gpu, GpuError};
+use strata_tensor::cpu::ReduceOp;
+use strata_tensor::geometry::{self, Conv2dParams};
+use strata_tensor::{HostTensor, Shape};
+
+use super::cpu::{CpuConv, memcpy_bandwidth, sgemm};
+use super::{Figure, median_seconds};
+
+/// How long to measure.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Untimed iterations before timing.
+    pub warmup: usize,
+    /// Timed iterations (the median is reported).
+    pub iters: usize,
+    /// Run only cases whose name contains this text.
+    pub filter: Option<String>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self { warmup: 2, iters: 7, filter: None }
+    }
+}
+
+/// Target for convolution forward+backward on the 64->128 layer (GFLOP/s).
+pub const CONV_FWD_BWD_TARGET_GFLOPS: f64 = 20.0;
+/// Target for the reduction's bandwidth as a fraction of memory-copy bandwidth.
+pub const SUM_TARGET_COPY_FRACTION: f64 = 0.5;
+
+const CPU_REF: &str = "cpu im2col+sgemm";
+
+/// The reference CNN's two convolution layers at batch 64: (name, input, weight).
+pub fn conv_cases() -> Vec<(&'static str, [usize; 4], [usize; 4])> {
+    vec![("1->64@28x28 b64", [64, 1, 28, 28], [64, 1, 3, 3]), ("64->128@14x14 b64", [64, 64, 14, 14], [128, 64, 3, 3])]
+}
+
+/// Runs every kernel case and returns its figures; `on_figure` sees each as it is made.
+pub fn run(gpu: &mut Gpu, opts: BenchOptions, mut on_figure: impl FnMut(&Figure)) -> Result<Vec<Figure>, GpuError> {
+    let mut out = Vec::new();
+    let wanted = |case: &str| opts.filter.as_deref().is_none_or(|f| case.contains(f));
+    for (name, xs, ws) in conv_cases() {
+        if wanted(&format!("conv2d_fwd_bwd {name}")) {
+            for f in conv_figures(gpu, &opts, name, xs, ws)? {
+                on_figure(&f);
+                out.push(f);
+            }
+        }
+    }
+    if wanted("matmul 1024x1024x1024") {
+        let f = matmul_figure(gpu, &opts, 1024)?;
+        on_figure(&f);
+        out.push(f);
+    }
+    if wanted("sum") {
+        let copy_bps = memcpy_bandwidth(256 << 20, opts.iters);
+        for m in [16usize, 64] {
+            let f = sum_figure(gpu, &opts, m << 20, copy_bps)?;
+            on_figure(&f);
+            out.push(f);
+        }
+    }
+    Ok(out)
+}
+
+fn conv_figures(
+    gpu: &mut Gpu,
+    opts: &BenchOptions,
+    name: &str,
+    xs: [usize; 4],
+    ws: [usize; 4],
+) -> Result<Vec<Figure>, GpuError> {
+    let params = Conv2dParams::new(1, 1);
+    let x = HostTensor::random(xs, 1);
+    let w = HostTensor::random(ws, 2);
+    let g = geometry::conv2d(x.shape(), w.shape(), None, params)?;
+    let flops = g.forward_flops();
+    let (gx, gw) = (gpu.upload(&x)?, gpu.upload(&w)?);
+    let dy = HostTensor::random(g.output_shape(), 3);
+    let gdy = gpu.upload(&dy)?;
+
+    let gpu_fwd = median_seconds(opts.warmup, opts.iters, || {
+        let y = gpu.conv2d(&gx, &gw, None, params)?;
+        gpu.sync()?;
+        drop(y);
+        Ok::<(), GpuError>(())
+    })?;
+    let gpu_all = median_seconds(opts.warmup, opts.iters, || {
+        let y = gpu.conv2d(&gx, &gw, None, params)?;
+        let grads = gpu.conv2d_backward(&gx, &gw, &gdy, params, true)?;
+        gpu.sync()?;
+        drop((y, grads));
+        Ok::<(), GpuError>(())
+    })?;
+
+    let mut conv = CpuConv::new(g);
+    let mut y = vec![0.0; g.output_shape().numel()];
+    let (mut dw, mut dx) = (vec![0.0; w.data().len()], vec![0.0; x.data().len()]);
+    let cpu_fwd = median_seconds::<()>(1, opts.iters, || {
+        conv.forward(x.data(), w.data(), &mut y);
+        Ok(())
+    })
+    .expect("infallible");
+    let cpu_all = median_seconds::<()>(1, opts.iters, || {
+        conv.forward(x.data(), w.data(), &mut y);
+        conv.backward(x.data(), w.data(), dy.data(), &mut dw, &mut dx);
+        Ok(())
+    })
+    .expect("infallible");
+    let target = (ws[1] == 64).then_some(CONV_FWD_BWD_TARGET_GFLOPS);
+    Ok(vec![
+        gflops_figure(format!("conv2d_fwd {name}"), flops, gpu_fwd, cpu_fwd, None),
+        gflops_figure(format!("conv2d_fwd_bwd {name}"), 3.0 * flops, gpu_all, cpu_all, target),
+    ])
+}
+
+fn matmul_figure(gpu: &mut Gpu, opts: &BenchOptions, n: usize) -> Result<Figure, GpuError> {
+    let a = HostTensor::random([n, n], 4);
+    let b = HostTensor::random([n, n], 5);
+    let (ga, gb) = (gpu.upload(&a)?, gpu.upload(&b)?);
+    let gpu_mm = median_seconds(opts.warmup, opts.iters, || {
+        let c = gpu.matmul(&ga, &gb, false, false)?;
+        gpu.sync()?;
+        drop(c);
+        Ok::<(), GpuError>(())
+    })?;
+    let mut c = vec![0.0; n * n];
+    let cpu_mm = median_seconds::<()>(1, opts.iters, || {
+        sgemm(n, n, n, a.data(), n, 1, b.data(), n, 1, &mut c, n, false);
+        Ok(())
+    })
+    .expect("infallible");
+    let flops = 2.0 * (n * n * n) as f64;
+    Ok(Figure {
+        reference: "cpu sgemm".into(),
+        ..gflops_figure(format!("matmul {n}x{n}x{n}"), flops, gpu_mm, cpu_mm, None)
+    })
+}
+
+fn sum_figure(gpu: &mut Gpu, opts: &BenchOptions, len: usize, copy_bps: f64) -> Result<Figure, GpuError> {
+    let host = HostTensor::new(Shape::from([len]), (0..len).map(|i| (i % 7) as f32).collect())?;
+    let gx = gpu.upload(&host)?;
+    drop(host);
+    let s = median_seconds(opts.warmup, opts.iters, || {
+        let r = gpu.reduce(&gx, ReduceOp::Sum, None)?;
+        gpu.sync()?;
+        drop(r);
+        Ok::<(), GpuError>(())
+    })?;
+    let bps = (len * 4) as f64 / s;
+    Ok(Figure {
+        case: format!("sum {}M f32", len >> 20),
+        unit: "GB/s",
+        value: bps / 1e9,
+        seconds: s,
+        reference: "memcpy".into(),
+        reference_value: copy_bps / 1e9,
+        ratio: bps / copy_bps,
+        target: Some(SUM_TARGET_COPY_FRACTION * copy_bps / 1e9),
+    })
+}
+
+fn gflops_figure(case: String, flops: f64, gpu_s: f64, cpu_s: f64, target: Option<f64>) -> Figure {
+    Figure {
+        case,
+        unit: "GFLOP/s",
+        value: flops / gpu_s / 1e9,
+        seconds: gpu_s,
+        reference: CPU_REF.into(),
+        reference_value: flops / cpu_s / 1e9,
+        ratio: cpu_s / gpu_s,
+        target,
+    }
+}
