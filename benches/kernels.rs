@@ -6,9 +6,9 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use strata::bench::cpu::{CpuConv, sgemm};
 use strata_gpu::Gpu;
+use strata_tensor::HostTensor;
 use strata_tensor::cpu::ReduceOp;
 use strata_tensor::geometry::{self, Conv2dParams};
-use strata_tensor::HostTensor;
 
 fn gpu() -> Option<Gpu> {
     match Gpu::from_env() {
@@ -70,7 +70,9 @@ fn matmul(c: &mut Criterion) {
         });
     }
     let mut out = vec![0.0; n * n];
-    group.bench_function("cpu sgemm", |bch| bch.iter(|| sgemm(n, n, n, a.data(), n, 1, b.data(), n, 1, &mut out, n, false)));
+    group.bench_function("cpu sgemm", |bch| {
+        bch.iter(|| sgemm(n, n, n, a.data(), n, 1, b.data(), n, 1, &mut out, n, false))
+    });
     group.finish();
 }
 

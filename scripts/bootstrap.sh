@@ -45,7 +45,15 @@ fi
 
 # A Vulkan driver. Without a GPU driver, Mesa's lavapipe runs Vulkan on the CPU.
 vulkan_icd_present() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json 2>/dev/null | grep -q . && ldconfig -p 2>/dev/null | grep -q libvulkan.so.1
+    local icd found=0
+    for icd in /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json; do
+        [ -e "$icd" ] && found=1
+    done
+    [ "$found" -eq 1 ] || return 1
+    # No pipe into grep -q here: under pipefail its early exit would fail the pipeline.
+    local libs
+    libs="$(ldconfig -p 2>/dev/null || true)"
+    [[ "$libs" == *libvulkan.so.1* ]]
 }
 if ! vulkan_icd_present; then
     say "installing mesa-vulkan-drivers (no Vulkan driver found; it provides lavapipe, a software Vulkan adapter)"
