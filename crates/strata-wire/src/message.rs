@@ -175,6 +175,13 @@ pub enum Body {
         /// Element count.
         len: u32,
     },
+    /// The sender gives up on a collective operation; the others fail it too.
+    Abort {
+        /// Collective operation id.
+        op: u64,
+        /// Why.
+        message: String,
+    },
     /// The sender leaves the cluster.
     Leave,
 }
@@ -191,6 +198,7 @@ impl Body {
             Body::Ack => "ack",
             Body::Error { .. } => "error",
             Body::Chunk { .. } => "chunk",
+            Body::Abort { .. } => "abort",
             Body::Leave => "leave",
         }
     }

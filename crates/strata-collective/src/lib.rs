@@ -1,0 +1,26 @@
+//! Collective operations as sans-IO state machines.
+//!
+//! A machine owns its rank's buffer and answers two questions: what to send next
+//! ([`Machine::poll_send`]) and what to do with data that arrived
+//! ([`Machine::on_receive`]). It never touches a socket or a clock; the driver in
+//! `strata-net` moves the bytes, and the tests here move them through in-memory queues
+//! in shuffled orders.
+//!
+//! Every algorithm fixes its summation order, so all ranks end with bitwise identical
+//! results: the ring reduces each chunk in ring order and then copies the finished chunk
+//! around; the tree reduces at the root and broadcasts.
+
+mod error;
+mod machines;
+
+pub use error::CollectiveError;
+pub use machines::{
+    Algorithm, AllGather, AllReduce, Broadcast, Machine, Recv, ReduceOp, ReduceScatter, Send, SendAction,
+    TREE_BYTES_MAX_DEFAULT,
+};
+
+/// A participant's index in a group, `0..world`.
+pub type Rank = usize;
+
+#[cfg(test)]
+mod tests;
