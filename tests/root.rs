@@ -6,3 +6,4 @@
 
 mod common;
 mod gpu;
+mod net;

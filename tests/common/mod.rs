@@ -62,3 +62,16 @@ pub fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, rtol: f32, 
 pub fn max_abs(t: &HostTensor) -> f32 {
     t.data().iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}

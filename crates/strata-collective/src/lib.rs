@@ -6,13 +6,17 @@
 //! `strata-net` moves the bytes, and the tests here move them through in-memory queues
 //! in shuffled orders.
 //!
+//! [`Group`] runs the machines over a node's QUIC links.
+//!
 //! Every algorithm fixes its summation order, so all ranks end with bitwise identical
 //! results: the ring reduces each chunk in ring order and then copies the finished chunk
 //! around; the tree reduces at the root and broadcasts.
 
+mod driver;
 mod error;
 mod machines;
 
+pub use driver::{Group, GroupOptions};
 pub use error::CollectiveError;
 pub use machines::{
     Algorithm, AllGather, AllReduce, Broadcast, Machine, Recv, ReduceOp, ReduceScatter, Send, SendAction,

@@ -1,0 +1,24 @@
+//! The node runtime of Strata: QUIC endpoints (quinn) with mutual TLS, one peer actor per
+//! connection, a node actor that keeps the member list and detects failures, and the
+//! routing of tensors and collective chunks to whoever waits for them.
+//!
+//! Protocol logic stays sans-IO: framing is `strata-wire`, membership is
+//! [`membership::Membership`] (time passed in, unit-tested without sockets). The actors
+//! only move bytes and call those types.
+
+pub mod config;
+mod error;
+pub mod membership;
+mod node;
+mod peer;
+mod router;
+pub mod tls;
+mod transport;
+
+pub use config::NodeConfig;
+pub use error::NetError;
+pub use membership::MembershipEvent;
+pub use node::{Node, NodeExtras, NodeHandle, query_status};
+pub use peer::PeerLink;
+pub use router::{ChunkMessage, TensorMessage};
+pub use strata_wire::{MemberRecord, MemberState, NodeInfo};

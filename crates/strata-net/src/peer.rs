@@ -1,0 +1,360 @@
+//! Peer links and peer actors: one per QUIC connection.
+//!
+//! Every frame travels on a stream of its own: one-way messages (heartbeats, collective
+//! chunks) on unidirectional streams, requests and their answers on bidirectional ones.
+//! A refused frame resets only its stream; the connection and its other streams go on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use strata_tensor::HostTensor;
+use strata_wire::{Body, ChunkTag, Event, FrameDecoder, Header, Limits, TensorMeta, WireError, frame_header_bytes};
+
+use crate::NetError;
+use crate::node::{Heard, NodeActor, PeerClosed, PeerLeft, StatusQuery};
+use crate::router::{ChunkMessage, Router, TensorMessage};
+
+/// Stream reset code: the frame was refused.
+pub(crate) const CODE_REFUSED: u32 = 1;
+/// Connection close code: this node leaves.
+pub(crate) const CODE_LEAVING: u32 = 2;
+/// Connection close code: a second connection to the same peer.
+pub(crate) const CODE_DUPLICATE: u32 = 3;
+/// Connection close code: the peer was refused (cluster, name or protocol).
+pub(crate) const CODE_REFUSED_PEER: u32 = 4;
+
+/// Why reading a frame failed.
+#[derive(Debug)]
+pub(crate) enum ReadFrameError {
+    /// The frame was refused.
+    Wire(WireError),
+    /// The stream or connection failed.
+    Stream(String),
+}
+
+impl std::fmt::Display for ReadFrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadFrameError::Wire(e) => write!(f, "{e}"),
+            ReadFrameError::Stream(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads exactly one frame from `recv` (which must end after it); `None` if the stream
+/// ended before any byte. The payload is read straight into its final buffer.
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    limits: &Limits,
+) -> Result<Option<(Header, Vec<f32>)>, ReadFrameError> {
+    let mut dec = FrameDecoder::new(*limits);
+    let mut header: Option<Header> = None;
+    let mut payload: Vec<f32> = Vec::new();
+    let mut filled = 0usize;
+    let mut done = false;
+    loop {
+        let chunk = recv.read_chunk(1 << 20, true).await.map_err(|e| ReadFrameError::Stream(e.to_string()))?;
+        let Some(chunk) = chunk else {
+            dec.finish().map_err(ReadFrameError::Wire)?;
+            return match (header, done) {
+                (Some(h), true) => Ok(Some((h, payload))),
+                (None, _) => Ok(None),
+                (Some(_), false) => Err(ReadFrameError::Wire(WireError::Truncated { missing: 0 })),
+            };
+        };
+        let mut rest: &[u8] = &chunk.bytes;
+        while !rest.is_empty() || !done {
+            if done {
+                return Err(ReadFrameError::Wire(WireError::Malformed("bytes after the frame".into())));
+            }
+            let (used, ev) = dec.feed(rest).map_err(ReadFrameError::Wire)?;
+            rest = &rest[used..];
+            match ev {
+                Some(Event::Header(h)) => {
+                    if h.payload_bytes % 4 != 0 {
+                        return Err(ReadFrameError::Wire(WireError::Malformed(format!(
+                            "payload of {} bytes is not whole 4-byte elements",
+                            h.payload_bytes
+                        ))));
+                    }
+                    payload = vec![0.0; (h.payload_bytes / 4) as usize];
+                    header = Some(h);
+                }
+                Some(Event::Payload(p)) => {
+                    bytemuck::cast_slice_mut::<f32, u8>(&mut payload)[filled..filled + p.len()].copy_from_slice(p);
+                    filled += p.len();
+                }
+                Some(Event::End) => done = true,
+                None if used == 0 => break,
+                None => {}
+            }
+        }
+    }
+}
+
+/// Writes one frame to `send` and finishes the stream.
+pub(crate) async fn write_frame(send: &mut quinn::SendStream, header: &Header, payload: &[u8]) -> Result<(), String> {
+    let head = frame_header_bytes(header).map_err(|e| e.to_string())?;
+    send.write_all(&head).await.map_err(|e| e.to_string())?;
+    if !payload.is_empty() {
+        send.write_all(payload).await.map_err(|e| e.to_string())?;
+    }
+    send.finish().map_err(|e| e.to_string())
+}
+
+/// A handle for sending to one connected peer. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerLink {
+    name: Arc<str>,
+    pub(crate) conn: quinn::Connection,
+    limits: Limits,
+    request_timeout: Duration,
+}
+
+impl PeerLink {
+    pub(crate) fn new(name: &str, conn: quinn::Connection, limits: Limits, request_timeout: Duration) -> Self {
+        Self { name: name.into(), conn, limits, request_timeout }
+    }
+
+    /// The peer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The peer's address.
+    pub fn remote_addr(&self) -> std::net::SocketAddr {
+        self.conn.remote_address()
+    }
+
+    fn lost(&self, reason: impl std::fmt::Display) -> NetError {
+        NetError::ConnectionLost { peer: self.name.to_string(), reason: reason.to_string() }
+    }
+
+    /// Sends one message on a stream of its own.
+    pub async fn send(&self, body: Body, payload: &[u8]) -> Result<(), NetError> {
+        let header = Header::new(body, payload.len() as u64);
+        let mut s = self.conn.open_uni().await.map_err(|e| self.lost(e))?;
+        write_frame(&mut s, &header, payload).await.map_err(|e| self.lost(e))
+    }
+
+    /// Sends a segment of collective operation `op`.
+    pub async fn send_chunk(&self, op: u64, tag: ChunkTag, data: &[f32]) -> Result<(), NetError> {
+        let body = Body::Chunk { op, tag, dtype: strata_tensor::DType::F32, len: data.len() as u32 };
+        self.send(body, bytemuck::cast_slice(data)).await
+    }
+
+    /// Sends a request and waits (up to the request timeout) for the answer.
+    pub async fn request(&self, body: Body, payload: &[u8]) -> Result<(Header, Vec<f32>), NetError> {
+        let header = Header::new(body, payload.len() as u64);
+        let what = format!("request {} to {}", header.body.name(), self.name);
+        let fut = async {
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
+            write_frame(&mut send, &header, payload).await.map_err(|e| self.lost(e))?;
+            match read_frame(&mut recv, &self.limits).await {
+                Ok(Some(answer)) => Ok(answer),
+                Ok(None) => Err(self.lost("the answer stream ended empty")),
+                Err(ReadFrameError::Wire(error)) => Err(NetError::Wire { peer: self.name.to_string(), error }),
+                Err(ReadFrameError::Stream(e)) => Err(self.lost(e)),
+            }
+        };
+        tokio::time::timeout(self.request_timeout, fut)
+            .await
+            .map_err(|_| NetError::Timeout { what, millis: self.request_timeout.as_millis() as u64 })?
+    }
+
+    /// Sends a tensor to mailbox `mailbox` on the peer and waits for its acknowledgement.
+    pub async fn send_tensor(&self, mailbox: &str, tag: u64, tensor: &HostTensor<f32>) -> Result<(), NetError> {
+        let meta = TensorMeta { dtype: strata_tensor::DType::F32, shape: tensor.shape().clone() };
+        let body = Body::Tensor { mailbox: mailbox.to_string(), tag, meta };
+        let (answer, _) = self.request(body, bytemuck::cast_slice(tensor.data())).await?;
+        match answer.body {
+            Body::Ack => Ok(()),
+            Body::Error { message } => Err(NetError::Refused { peer: self.name.to_string(), message }),
+            other => Err(NetError::Refused {
+                peer: self.name.to_string(),
+                message: format!("unexpected answer {}", other.name()),
+            }),
+        }
+    }
+}
+
+/// The actor owning one connection: it starts the stream loops and reports the
+/// connection's end to the node.
+pub(crate) struct PeerActor {
+    pub(crate) link: PeerLink,
+    pub(crate) node: Addr<NodeActor>,
+    pub(crate) router: Arc<Router>,
+    pub(crate) io: ArbiterHandle,
+}
+
+impl Actor for PeerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let me = ctx.address();
+        let (link, node, router) = (self.link.clone(), self.node.clone(), self.router.clone());
+        self.io.spawn(accept_uni(link.clone(), node.clone(), router.clone()));
+        self.io.spawn(accept_bi(link.clone(), node.clone(), router));
+        actix::spawn(async move {
+            let reason = link.conn.closed().await;
+            node.do_send(PeerClosed {
+                name: link.name.to_string(),
+                conn_id: link.conn.stable_id(),
+                reason: reason.to_string(),
+            });
+            me.do_send(Stop);
+        });
+    }
+}
+
+/// Sends a frame to the peer (fire and forget; failures surface as a closed connection).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct SendBody(pub(crate) Body);
+
+impl Handler<SendBody> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, msg: SendBody, _: &mut Context<Self>) {
+        let link = self.link.clone();
+        actix::spawn(async move {
+            if let Err(e) = link.send(msg.0, &[]).await {
+                tracing::debug!("sending to {}: {e}", link.name);
+            }
+        });
+    }
+}
+
+/// Closes the connection.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Close(pub(crate) u32, pub(crate) &'static str);
+
+impl Handler<Close> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, msg: Close, ctx: &mut Context<Self>) {
+        self.link.conn.close(msg.0.into(), msg.1.as_bytes());
+        ctx.stop();
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Stop;
+
+impl Handler<Stop> for PeerActor {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+async fn accept_uni(link: PeerLink, node: Addr<NodeActor>, router: Arc<Router>) {
+    while let Ok(mut recv) = link.conn.accept_uni().await {
+        let (link, node, router) = (link.clone(), node.clone(), router.clone());
+        actix::spawn(async move {
+            match read_frame(&mut recv, &link.limits).await {
+                Ok(Some((header, payload))) => {
+                    if let Err(e) = handle_one_way(&link, &node, &router, header, payload) {
+                        tracing::warn!("refusing a frame from {}: {e}", link.name);
+                        let _ = recv.stop(CODE_REFUSED.into());
+                    }
+                }
+                Ok(None) => {}
+                Err(ReadFrameError::Wire(e)) => {
+                    tracing::warn!("refusing a malformed frame from {}: {e}", link.name);
+                    let _ = recv.stop(CODE_REFUSED.into());
+                }
+                Err(ReadFrameError::Stream(e)) => tracing::debug!("stream from {} failed: {e}", link.name),
+            }
+        });
+    }
+}
+
+fn handle_one_way(
+    link: &PeerLink,
+    node: &Addr<NodeActor>,
+    router: &Router,
+    header: Header,
+    payload: Vec<f32>,
+) -> Result<(), String> {
+    match header.body {
+        Body::Heartbeat { info, members, .. } => {
+            if info.name != *link.name {
+                return Err(format!("heartbeat names {:?}, but the connection belongs to {:?}", info.name, link.name));
+            }
+            node.do_send(Heard { info, members });
+            Ok(())
+        }
+        Body::Chunk { op, tag, dtype, .. } => {
+            if dtype != strata_tensor::DType::F32 {
+                return Err(format!("chunks of dtype {dtype} are not supported"));
+            }
+            router.deliver_chunk(op, ChunkMessage::Data { from: link.name.to_string(), tag, data: payload });
+            Ok(())
+        }
+        Body::Abort { op, message } => {
+            router.deliver_chunk(op, ChunkMessage::Abort { from: link.name.to_string(), message });
+            Ok(())
+        }
+        Body::Leave => {
+            node.do_send(PeerLeft(link.name.to_string()));
+            Ok(())
+        }
+        other => Err(format!("{} is not a one-way message", other.name())),
+    }
+}
+
+async fn accept_bi(link: PeerLink, node: Addr<NodeActor>, router: Arc<Router>) {
+    while let Ok((mut send, mut recv)) = link.conn.accept_bi().await {
+        let (link, node, router) = (link.clone(), node.clone(), router.clone());
+        actix::spawn(async move {
+            let answer = match read_frame(&mut recv, &link.limits).await {
+                Ok(Some((header, payload))) => answer_request(&link, &node, &router, header, payload).await,
+                Ok(None) => return,
+                Err(ReadFrameError::Wire(e)) => {
+                    tracing::warn!("refusing a malformed request from {}: {e}", link.name);
+                    let _ = recv.stop(CODE_REFUSED.into());
+                    Body::Error { message: e.to_string() }
+                }
+                Err(ReadFrameError::Stream(e)) => {
+                    tracing::debug!("request stream from {} failed: {e}", link.name);
+                    return;
+                }
+            };
+            if let Err(e) = write_frame(&mut send, &Header::new(answer, 0), &[]).await {
+                tracing::debug!("answering {}: {e}", link.name);
+            }
+        });
+    }
+}
+
+pub(crate) async fn answer_request(
+    link: &PeerLink,
+    node: &Addr<NodeActor>,
+    router: &Router,
+    header: Header,
+    payload: Vec<f32>,
+) -> Body {
+    match header.body {
+        Body::StatusRequest => match node.send(StatusQuery).await {
+            Ok(records) => Body::Members(records),
+            Err(_) => Body::Error { message: "the node is shutting down".into() },
+        },
+        Body::Tensor { mailbox, tag, meta } => {
+            if meta.dtype != strata_tensor::DType::F32 {
+                return Body::Error { message: format!("tensors of dtype {} are not supported", meta.dtype) };
+            }
+            match HostTensor::new(meta.shape, payload) {
+                Ok(tensor) => {
+                    match router.deliver_tensor(&mailbox, TensorMessage { from: link.name.to_string(), tag, tensor }) {
+                        Ok(()) => Body::Ack,
+                        Err(message) => Body::Error { message },
+                    }
+                }
+                Err(e) => Body::Error { message: e.to_string() },
+            }
+        }
+        other => Body::Error { message: format!("{} is not a request", other.name()) },
+    }
+}

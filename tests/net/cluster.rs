@@ -1,0 +1,164 @@
+//! Clusters of nodes in one process, collectives over QUIC.
+
+use std::time::Duration;
+
+use strata_collective::{Algorithm, GroupOptions, ReduceOp};
+use strata_net::MembershipEvent;
+use strata_tensor::shard::even_ranges;
+use strata_tensor::{HostTensor, SplitMix64};
+
+use super::helpers::{cluster, groups};
+
+fn inputs(world: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = SplitMix64(seed);
+    (0..world).map(|_| (0..len).map(|_| rng.next_f32() - 0.5).collect()).collect()
+}
+
+#[actix_rt::test]
+async fn clusters_of_two_three_and_four_nodes_run_every_collective() {
+    for n in [2usize, 3, 4] {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = cluster(dir.path(), n).await;
+        for node in &nodes {
+            assert_eq!(node.alive().await.unwrap().len(), n);
+        }
+        for algorithm in [Algorithm::Ring, Algorithm::Tree] {
+            let gs = groups(
+                &nodes,
+                GroupOptions { algorithm, seg_len: 1000, timeout: Duration::from_secs(5), ..Default::default() },
+            )
+            .await;
+            for len in [0usize, 1, 7, 2_501, 100_003] {
+                let xs = inputs(n, len, len as u64);
+                let futs = gs.iter().zip(&xs).map(|(g, x)| g.all_reduce(x.clone(), ReduceOp::Sum));
+                let outs: Vec<Vec<f32>> = futures_join(futs)
+                    .await
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|e| panic!("{algorithm:?} n={n} len={len}: {e}")))
+                    .collect();
+                for (r, o) in outs.iter().enumerate() {
+                    assert_eq!(o.len(), len);
+                    assert!(
+                        o.iter().zip(&outs[0]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{algorithm:?} n={n} len={len}: rank {r} differs"
+                    );
+                    for i in 0..len {
+                        let exact: f64 = xs.iter().map(|x| f64::from(x[i])).sum();
+                        assert!((f64::from(o[i]) - exact).abs() < 1e-5, "{algorithm:?} n={n} len={len} [{i}]");
+                    }
+                }
+            }
+        }
+        let gs = groups(&nodes, GroupOptions { seg_len: 333, ..Default::default() }).await;
+        // Mean, reduce-scatter, all-gather, broadcast, send/recv.
+        let xs = inputs(n, 1001, 9);
+        let outs = futures_join(gs.iter().zip(&xs).map(|(g, x)| g.all_reduce(x.clone(), ReduceOp::Mean))).await;
+        for o in outs {
+            let o = o.unwrap();
+            let exact: f64 = xs.iter().map(|x| f64::from(x[5])).sum::<f64>() / n as f64;
+            assert!((f64::from(o[5]) - exact).abs() < 1e-6);
+        }
+        let outs = futures_join(gs.iter().zip(&xs).map(|(g, x)| g.reduce_scatter(x.clone(), ReduceOp::Sum))).await;
+        let chunks = even_ranges(1001, n);
+        for (r, o) in outs.into_iter().enumerate() {
+            let o = o.unwrap();
+            assert_eq!(o.len(), chunks[r].len());
+            let i = chunks[r].start;
+            let exact: f64 = xs.iter().map(|x| f64::from(x[i])).sum();
+            assert!((f64::from(o[0]) - exact).abs() < 1e-5);
+        }
+        let outs = futures_join(gs.iter().zip(&xs).map(|(g, x)| g.all_gather(&x[..10]))).await;
+        let want: Vec<f32> = xs.iter().flat_map(|x| x[..10].to_vec()).collect();
+        for o in outs {
+            assert_eq!(o.unwrap(), want);
+        }
+        let root = n - 1;
+        let outs = futures_join(
+            gs.iter()
+                .enumerate()
+                .map(|(r, g)| g.broadcast(root, if r == root { xs[root].clone() } else { vec![0.0; 1001] })),
+        )
+        .await;
+        for o in outs {
+            assert_eq!(o.unwrap(), xs[root]);
+        }
+        let (a, b) = (&gs[0], &gs[n - 1]);
+        let (sent, got) = tokio::join!(a.send(n - 1, xs[0].clone()), b.recv(0, 1001));
+        sent.unwrap();
+        assert_eq!(got.unwrap(), xs[0]);
+        for node in &nodes {
+            node.shutdown().await;
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn world_of_one_and_tensors_to_named_mailboxes() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 2).await;
+    let solo = strata_collective::Group::new(nodes[0].clone(), vec!["node-0".into()], GroupOptions::default()).unwrap();
+    assert_eq!(solo.all_reduce(vec![1.0, 2.0], ReduceOp::Sum).await.unwrap(), vec![1.0, 2.0]);
+
+    let mut inbox = nodes[1].mailbox("weights");
+    let t = HostTensor::random([3, 4], 1);
+    nodes[0].send_tensor("node-1", "weights", 7, &t).await.unwrap();
+    let got = inbox.recv().await.unwrap();
+    assert_eq!((got.from.as_str(), got.tag, &got.tensor), ("node-0", 7, &t));
+    let e = nodes[0].send_tensor("node-1", "nobody", 1, &t).await.unwrap_err();
+    assert_eq!(e.to_string(), "node-1 refused: no mailbox named \"nobody\"");
+    let e = nodes[0].send_tensor("node-9", "weights", 1, &t).await.unwrap_err();
+    assert_eq!(e.to_string(), "peer node-9 is not connected");
+}
+
+#[actix_rt::test]
+async fn a_vanished_node_is_detected_and_fails_collectives_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 3).await;
+    let mut events = nodes[0].subscribe().await.unwrap();
+    let gs = groups(&nodes, GroupOptions::default()).await;
+    // node-2 stops answering without saying goodbye: its endpoint goes away.
+    let victim = nodes[2].clone();
+    let started = std::time::Instant::now();
+    victim.abort().await;
+    let xs = inputs(3, 1 << 20, 1);
+    let (r0, r1) =
+        tokio::join!(gs[0].all_reduce(xs[0].clone(), ReduceOp::Sum), gs[1].all_reduce(xs[1].clone(), ReduceOp::Sum));
+    for r in [r0, r1] {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("node-2"), "error does not name the dead peer: {e}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    let failed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(MembershipEvent::Failed { name, .. }) = events.recv().await {
+                return name;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(failed, "node-2");
+}
+
+/// Joins futures concurrently, preserving order.
+async fn futures_join<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let futs: Vec<_> = futs.into_iter().collect();
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut outs: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..set.len()).collect();
+    std::future::poll_fn(|cx| {
+        pending.retain(|&i| match set[i].as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => {
+                outs[i] = Some(v);
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        if pending.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    outs.into_iter().map(|o| o.expect("all polled to completion")).collect()
+}

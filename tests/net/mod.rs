@@ -1,0 +1,5 @@
+//! The node runtime: clusters in one process, certificate refusal, malformed frames,
+//! collectives over QUIC, and clusters of `strata node` processes.
+
+mod cluster;
+mod helpers;
