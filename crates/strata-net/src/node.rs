@@ -565,6 +565,9 @@ async fn accept_loop(ep: quinn::Endpoint, node: Addr<NodeActor>) {
                 let router = Router::default();
                 let answer = answer_request(&tool, &node, &router, request.0, request.1).await;
                 let _ = write_frame(&mut send, &Header::new(answer, 0), &[]).await;
+                // Dropping the last handle would close the connection before the answer
+                // is delivered: let the tool hang up.
+                let _ = tokio::time::timeout(hs.request_timeout, conn.closed()).await;
                 return;
             }
             match check_hello(&hs, &conn, request.0.body, None) {

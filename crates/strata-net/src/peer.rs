@@ -42,8 +42,9 @@ impl std::fmt::Display for ReadFrameError {
     }
 }
 
-/// Reads exactly one frame from `recv` (which must end after it); `None` if the stream
-/// ended before any byte. The payload is read straight into its final buffer.
+/// Reads one frame from `recv`; `None` if the stream ended before any byte. The payload
+/// is read straight into its final buffer. Streams carry one frame each: the caller
+/// drops the stream afterwards, which stops the peer from sending more on it.
 pub(crate) async fn read_frame(
     recv: &mut quinn::RecvStream,
     limits: &Limits,
@@ -52,22 +53,17 @@ pub(crate) async fn read_frame(
     let mut header: Option<Header> = None;
     let mut payload: Vec<f32> = Vec::new();
     let mut filled = 0usize;
-    let mut done = false;
     loop {
         let chunk = recv.read_chunk(1 << 20, true).await.map_err(|e| ReadFrameError::Stream(e.to_string()))?;
         let Some(chunk) = chunk else {
             dec.finish().map_err(ReadFrameError::Wire)?;
-            return match (header, done) {
-                (Some(h), true) => Ok(Some((h, payload))),
-                (None, _) => Ok(None),
-                (Some(_), false) => Err(ReadFrameError::Wire(WireError::Truncated { missing: 0 })),
+            return match header {
+                None => Ok(None),
+                Some(_) => Err(ReadFrameError::Wire(WireError::Truncated { missing: 0 })),
             };
         };
         let mut rest: &[u8] = &chunk.bytes;
-        while !rest.is_empty() || !done {
-            if done {
-                return Err(ReadFrameError::Wire(WireError::Malformed("bytes after the frame".into())));
-            }
+        loop {
             let (used, ev) = dec.feed(rest).map_err(ReadFrameError::Wire)?;
             rest = &rest[used..];
             match ev {
@@ -85,7 +81,13 @@ pub(crate) async fn read_frame(
                     bytemuck::cast_slice_mut::<f32, u8>(&mut payload)[filled..filled + p.len()].copy_from_slice(p);
                     filled += p.len();
                 }
-                Some(Event::End) => done = true,
+                Some(Event::End) => {
+                    let h = header.take().expect("a frame ends after its header");
+                    if !rest.is_empty() {
+                        return Err(ReadFrameError::Wire(WireError::Malformed("bytes after the frame".into())));
+                    }
+                    return Ok(Some((h, payload)));
+                }
                 None if used == 0 => break,
                 None => {}
             }
