@@ -5,6 +5,10 @@
 
 pub mod bench;
 pub mod check;
+pub mod cluster;
 
+pub use strata_collective as collective;
 pub use strata_gpu as gpu;
+pub use strata_net as net;
 pub use strata_tensor as tensor;
+pub use strata_wire as wire;

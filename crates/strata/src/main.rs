@@ -1,9 +1,14 @@
 //! The `strata` node binary.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use strata::bench;
+use strata::cluster::NodeArgs;
 use strata_gpu::{AdapterRequest, Gpu, GpuOptions};
+use strata_net::MemberState;
 
 /// Strata: a cross-vendor distributed GPU compute runtime.
 #[derive(Parser)]
@@ -49,10 +54,71 @@ enum Command {
     },
     /// The main demo (for now: the kernel check).
     Demo,
+    /// Run a cluster node until SIGINT/SIGTERM.
+    Node {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Do not open a GPU adapter on this node.
+        #[arg(long)]
+        no_gpu: bool,
+    },
+    /// Create a cluster CA (if missing) and certificates for the named nodes (and "admin").
+    Cert {
+        /// Certificate directory.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Cluster name recorded in the CA certificate.
+        #[arg(long, default_value = "strata")]
+        cluster: String,
+        /// Extra names or IP addresses to put in every new node certificate.
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
+        /// Node names.
+        names: Vec<String>,
+    },
+    /// Show the members of a running cluster, as one node sees them.
+    Status {
+        /// Address of any node.
+        #[arg(long)]
+        node: String,
+        /// Certificate directory (omit for --insecure-dev clusters).
+        #[arg(long)]
+        cert_dir: Option<PathBuf>,
+        /// Certificate to authenticate with.
+        #[arg(long = "as", default_value = "admin")]
+        as_name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: benchmark worker processes.
+    #[command(hide = true)]
+    Worker {
+        #[command(subcommand)]
+        what: WorkerCommand,
+    },
     /// Benchmarks that print figures and ratios against references measured in the same run.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkerCommand {
+    /// Time all-reduces in a cluster formed from RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+    Allreduce {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Buffer sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        sizes: Vec<usize>,
+        /// Timed iterations per size.
+        #[arg(long, default_value_t = 7)]
+        iters: usize,
+        /// All-reduce the largest size until stopped.
+        #[arg(long)]
+        forever: bool,
     },
 }
 
@@ -70,6 +136,21 @@ enum BenchCommand {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// All-reduce across node processes on loopback (mutual TLS), against gloo and TCP.
+    Allreduce {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Node counts.
+        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        worlds: Vec<usize>,
+        /// Buffer sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        sizes: Vec<usize>,
+        /// Timed iterations per size (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        iters: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -81,6 +162,23 @@ fn main() -> Result<()> {
         Command::Demo => check(&cli.device, false),
         Command::Bench { what: BenchCommand::Kernels { json, iters, filter } } => {
             bench_kernels(&cli.device, *json, *iters, filter.clone())
+        }
+        Command::Bench { what: BenchCommand::Allreduce { json, worlds, sizes, iters } } => {
+            let opts =
+                bench::allreduce::AllReduceBench { worlds: worlds.clone(), sizes_mib: sizes.clone(), iters: *iters };
+            print_figures(*json, |on| bench::allreduce::run(&opts, on).map(|_| ()))
+        }
+        Command::Node { node, no_gpu } => {
+            let config = node.config()?;
+            let gpu = (!no_gpu).then(|| cli.device.options());
+            actix::System::new().block_on(strata::cluster::run_node(config, gpu))
+        }
+        Command::Cert { dir, cluster, san, names } => cert(dir, cluster, san, names),
+        Command::Status { node, cert_dir, as_name, json } => status(node, cert_dir.as_deref(), as_name, *json),
+        Command::Worker { what: WorkerCommand::Allreduce { node, sizes, iters, forever } } => {
+            let config = node.config()?;
+            let plan = bench::allreduce::WorkerPlan { sizes_mib: sizes.clone(), iters: *iters, forever: *forever };
+            actix::System::new().block_on(bench::allreduce::worker(config, plan))
         }
     }
 }
@@ -168,6 +266,76 @@ fn bench_kernels(device: &DeviceArgs, json: bool, iters: usize, filter: Option<S
         for (kernel, calls, secs) in profile {
             println!("  {kernel:<36} {calls:>6} calls {:>10.1} ms", secs * 1e3);
         }
+    }
+    Ok(())
+}
+
+fn print_figures(json: bool, run: impl FnOnce(&mut dyn FnMut(&bench::Figure)) -> Result<()>) -> Result<()> {
+    let mut on = |f: &bench::Figure| {
+        if json {
+            println!("{}", serde_json::to_string(f).expect("figures serialise"));
+        } else {
+            println!("{}", f.line());
+        }
+    };
+    run(&mut on)
+}
+
+fn cert(dir: &std::path::Path, cluster: &str, san: &[String], names: &[String]) -> Result<()> {
+    use strata_net::tls;
+    if !dir.join(tls::CA_CERT_FILE).exists() {
+        tls::create_ca(dir, cluster)?;
+        println!(
+            "created cluster CA {} (keep {} off the nodes)",
+            dir.join(tls::CA_CERT_FILE).display(),
+            dir.join(tls::CA_KEY_FILE).display()
+        );
+    }
+    for name in names.iter().map(String::as_str).chain(["admin"]) {
+        if tls::node_files(dir, name).0.exists() {
+            continue;
+        }
+        tls::issue_node(dir, name, san)?;
+        println!("issued {}", tls::node_files(dir, name).0.display());
+    }
+    Ok(())
+}
+
+fn status(node: &str, cert_dir: Option<&std::path::Path>, as_name: &str, json: bool) -> Result<()> {
+    let records =
+        actix::System::new().block_on(strata_net::query_status(node, cert_dir, as_name, Duration::from_secs(10)))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<7} {:<22} {:<5} {:<36} {:<8} {:<10} {:>10} {:>10}",
+        "NAME", "STATE", "ADDRESS", "RANK", "ADAPTER", "BACKEND", "TYPE", "GPU FREE", "GPU USED"
+    );
+    let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{} MiB", b >> 20));
+    for r in &records {
+        let i = &r.info;
+        let (adapter, backend, ty) = i
+            .adapter
+            .as_ref()
+            .map_or(("-", "-", "-"), |a| (a.name.as_str(), a.backend.as_str(), a.device_type.as_str()));
+        let state = match r.state {
+            MemberState::Alive => "alive",
+            MemberState::Failed => "failed",
+            MemberState::Left => "left",
+        };
+        println!(
+            "{:<12} {:<7} {:<22} {:<5} {:<36} {:<8} {:<10} {:>10} {:>10}",
+            i.name,
+            state,
+            i.addr,
+            i.rank.map_or("-".to_string(), |r| r.to_string()),
+            adapter,
+            backend,
+            ty,
+            mib(i.gpu_free_bytes),
+            mib(i.gpu_used_bytes)
+        );
     }
     Ok(())
 }

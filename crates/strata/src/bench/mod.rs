@@ -1,6 +1,7 @@
 //! Benchmarks behind `strata bench`: every figure comes with a reference measured in the
 //! same run on the same machine, and the ratio between the two.
 
+pub mod allreduce;
 pub mod cpu;
 pub mod kernels;
 
