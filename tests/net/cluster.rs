@@ -84,7 +84,7 @@ async fn clusters_of_two_three_and_four_nodes_run_every_collective() {
         }
         let (a, b) = (&gs[0], &gs[n - 1]);
         let (sent, got) = tokio::join!(a.send(n - 1, xs[0].clone()), b.recv(0, 1001));
-        sent.unwrap();
+        assert_eq!(sent.unwrap(), xs[0], "send hands the buffer back");
         assert_eq!(got.unwrap(), xs[0]);
         for node in &nodes {
             node.shutdown().await;

@@ -173,18 +173,24 @@ impl Group {
         self.run(self.next_op(), m).await
     }
 
-    /// Sends `buf` to rank `to`, which must call [`Group::recv`] with the same length.
-    pub async fn send(&self, to: Rank, buf: Vec<f32>) -> Result<(), CollectiveError> {
+    /// Sends `buf` to rank `to`, which must call [`Group::recv`] with the same length;
+    /// returns the buffer for reuse.
+    pub async fn send(&self, to: Rank, buf: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
         self.check_peer("send", to)?;
         let op = self.p2p_op(self.rank, to);
-        self.run(op, Send::new(to, buf, self.options.seg_len)).await.map(|_| ())
+        self.run(op, Send::new(to, buf, self.options.seg_len)).await
     }
 
     /// Receives `len` elements from rank `from`.
     pub async fn recv(&self, from: Rank, len: usize) -> Result<Vec<f32>, CollectiveError> {
+        self.recv_into(from, vec![0.0; len]).await
+    }
+
+    /// Receives `buf.len()` elements from rank `from` into `buf`.
+    pub async fn recv_into(&self, from: Rank, buf: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
         self.check_peer("recv", from)?;
         let op = self.p2p_op(from, self.rank);
-        self.run(op, Recv::new(from, len, self.options.seg_len)).await
+        self.run(op, Recv::into_buffer(from, buf, self.options.seg_len)).await
     }
 
     fn check_peer(&self, op: &'static str, r: Rank) -> Result<(), CollectiveError> {
@@ -254,10 +260,10 @@ impl Group {
         loop {
             while sends.len() < self.options.sends_in_flight_max {
                 let Some(a) = m.poll_send() else { break };
-                let data = m.buffer()[a.range.clone()].to_vec();
+                let data = strata_net::buffers::bytes_of_f32(&m.buffer()[a.range.clone()]);
                 let link = self.link(a.to).await?;
                 let to = a.to;
-                sends.spawn(async move { link.send_chunk(op, a.tag, &data).await.map_err(|e| (to, e)) });
+                sends.spawn(async move { link.send_chunk_owned(op, a.tag, data).await.map_err(|e| (to, e)) });
             }
             if m.is_done() && sends.is_empty() {
                 return Ok(m.take_result());
@@ -280,6 +286,7 @@ impl Group {
                             continue;
                         };
                         m.on_receive(r, tag, &data)?;
+                        strata_net::buffers::recycle(data);
                     }
                     Some(ChunkMessage::Abort { from, message }) => {
                         if rank_of.contains_key(from.as_str()) {

@@ -660,7 +660,7 @@ impl Machine for Send {
         Vec::new()
     }
     fn take_result(&mut self) -> Vec<f32> {
-        Vec::new()
+        std::mem::take(&mut self.buf)
     }
 }
 
@@ -676,8 +676,14 @@ pub struct Recv {
 impl Recv {
     /// Receives `len` elements from `from`.
     pub fn new(from: Rank, len: usize, seg_len: usize) -> Self {
+        Self::into_buffer(from, vec![0.0; len], seg_len)
+    }
+
+    /// Receives `buf.len()` elements from `from` into `buf` (reusing its memory).
+    pub fn into_buffer(from: Rank, buf: Vec<f32>, seg_len: usize) -> Self {
         let seg_len = seg_len.max(1);
-        Self { buf: vec![0.0; len], from, seg_len, got: vec![false; len.div_ceil(seg_len)], received: 0 }
+        let segs = buf.len().div_ceil(seg_len);
+        Self { buf, from, seg_len, got: vec![false; segs], received: 0 }
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`membership::Membership`] (time passed in, unit-tested without sockets). The actors
 //! only move bytes and call those types.
 
+pub mod buffers;
 pub mod config;
 mod error;
 pub mod membership;

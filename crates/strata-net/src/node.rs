@@ -389,7 +389,7 @@ impl NodeActor {
             let (ep, client, hs, node) = (self.endpoint.clone(), self.client.clone(), self.handshake(), ctx.address());
             actix::spawn(async move {
                 let result = dial(&ep, client, &addr, name.as_deref(), &hs).await;
-                node.do_send(Dialed { addr, result });
+                node.do_send(Dialed { addr, name, result });
             });
         }
     }
@@ -603,6 +603,7 @@ impl Handler<GetHandshake> for NodeActor {
 #[rtype(result = "()")]
 struct Dialed {
     addr: String,
+    name: Option<String>,
     result: Result<Connected, NetError>,
 }
 
@@ -619,7 +620,9 @@ impl Handler<Dialed> for NodeActor {
                 }
             }
             Err(e) => {
-                if self.warned.insert(msg.addr.clone()) {
+                // Both ends dialing at once is normal: one connection wins, the other closes.
+                let raced = msg.name.as_ref().is_some_and(|n| self.peers.contains_key(n));
+                if !raced && self.warned.insert(msg.addr.clone()) {
                     tracing::warn!("{e} (retrying every {} ms)", self.config.heartbeat_ms);
                 } else {
                     tracing::debug!("{e}");

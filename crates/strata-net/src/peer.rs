@@ -74,15 +74,31 @@ pub(crate) async fn read_frame(
                             h.payload_bytes
                         ))));
                     }
-                    payload = vec![0.0; (h.payload_bytes / 4) as usize];
+                    // Capacity only: zero-filling a buffer that is about to be overwritten
+                    // costs as much as the copy itself.
+                    payload = crate::buffers::take_f32((h.payload_bytes / 4) as usize);
                     header = Some(h);
                 }
                 Some(Event::Payload(p)) => {
-                    bytemuck::cast_slice_mut::<f32, u8>(&mut payload)[filled..filled + p.len()].copy_from_slice(p);
+                    let room = payload.capacity() * 4 - filled;
+                    assert!(p.len() <= room, "the decoder never yields more payload than the header declared");
+                    // SAFETY: the destination range lies within the vector's capacity (checked
+                    // above), source and destination do not overlap, and every f32 bit
+                    // pattern is valid.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            p.as_ptr(),
+                            payload.as_mut_ptr().cast::<u8>().add(filled),
+                            p.len(),
+                        )
+                    };
                     filled += p.len();
                 }
                 Some(Event::End) => {
                     let h = header.take().expect("a frame ends after its header");
+                    // SAFETY: the decoder delivered exactly `payload_bytes` bytes, all copied
+                    // into the capacity above.
+                    unsafe { payload.set_len(filled / 4) };
                     if !rest.is_empty() {
                         return Err(ReadFrameError::Wire(WireError::Malformed("bytes after the frame".into())));
                     }
@@ -129,21 +145,42 @@ impl PeerLink {
         self.conn.remote_address()
     }
 
+    /// Transport statistics of the connection (path MTU, congestion window, losses).
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
     fn lost(&self, reason: impl std::fmt::Display) -> NetError {
         NetError::ConnectionLost { peer: self.name.to_string(), reason: reason.to_string() }
     }
 
     /// Sends one message on a stream of its own.
     pub async fn send(&self, body: Body, payload: &[u8]) -> Result<(), NetError> {
+        self.send_owned(body, bytes::Bytes::copy_from_slice(payload)).await
+    }
+
+    /// Sends one message whose payload the caller already owns: quinn takes the buffer
+    /// as it is, without another copy.
+    pub async fn send_owned(&self, body: Body, payload: bytes::Bytes) -> Result<(), NetError> {
         let header = Header::new(body, payload.len() as u64);
+        let head = frame_header_bytes(&header).map_err(|e| self.lost(e))?;
         let mut s = self.conn.open_uni().await.map_err(|e| self.lost(e))?;
-        write_frame(&mut s, &header, payload).await.map_err(|e| self.lost(e))
+        s.write_all(&head).await.map_err(|e| self.lost(e))?;
+        if !payload.is_empty() {
+            s.write_chunk(payload).await.map_err(|e| self.lost(e))?;
+        }
+        s.finish().map_err(|e| self.lost(e))
     }
 
     /// Sends a segment of collective operation `op`.
     pub async fn send_chunk(&self, op: u64, tag: ChunkTag, data: &[f32]) -> Result<(), NetError> {
-        let body = Body::Chunk { op, tag, dtype: strata_tensor::DType::F32, len: data.len() as u32 };
-        self.send(body, bytemuck::cast_slice(data)).await
+        self.send_chunk_owned(op, tag, crate::buffers::bytes_of_f32(data)).await
+    }
+
+    /// Sends a segment of collective operation `op` from little-endian f32 bytes.
+    pub async fn send_chunk_owned(&self, op: u64, tag: ChunkTag, data: bytes::Bytes) -> Result<(), NetError> {
+        let body = Body::Chunk { op, tag, dtype: strata_tensor::DType::F32, len: (data.len() / 4) as u32 };
+        self.send_owned(body, data).await
     }
 
     /// Sends a request and waits (up to the request timeout) for the answer.

@@ -141,7 +141,14 @@ pub fn verify_name(cert: &CertificateDer<'_>, name: &str) -> Result<(), String> 
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut p = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first: as secure for this purpose and about a third cheaper per byte
+    // than AES-256, and on a 2-core machine every encrypted byte costs CPU.
+    p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
+    Arc::new(p)
 }
 
 /// TLS for the accepting side: require a client certificate signed by the cluster CA.

@@ -24,6 +24,14 @@ fn transport(config: &NodeConfig, large_datagrams: bool) -> quinn::TransportConf
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
+    if std::env::var("STRATA_QUIC_CC").as_deref() == Ok("bbr") {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
+    if let Some(us) = std::env::var("STRATA_ACK_DELAY_US").ok().and_then(|v| v.parse::<u64>().ok()) {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.max_ack_delay(Some(Duration::from_micros(us)));
+        t.ack_frequency_config(Some(ack));
+    }
     if large_datagrams {
         // On loopback a large segment size makes quinn's batched sendmsg exceed the UDP
         // payload limit when segmentation offload is on; with it off, MTU discovery
@@ -91,9 +99,27 @@ pub(crate) fn client_endpoint(
 fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Larger socket buffers remove packet loss at high rates; the kernel may cap them.
+    // Larger socket buffers remove packet loss at high rates. The kernel caps SO_RCVBUF at
+    // net.core.rmem_max; with CAP_NET_ADMIN the FORCE variants lift the cap.
     let _ = socket.set_recv_buffer_size(buffer_bytes);
     let _ = socket.set_send_buffer_size(buffer_bytes);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let size = libc::c_int::try_from(buffer_bytes).unwrap_or(libc::c_int::MAX);
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            // SAFETY: a valid socket descriptor and a correctly sized option value.
+            let _ = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }

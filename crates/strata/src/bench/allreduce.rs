@@ -52,7 +52,15 @@ pub struct WorkerPlan {
 pub async fn worker(config: NodeConfig, plan: WorkerPlan) -> Result<()> {
     let world = config.world_size.context("the worker needs WORLD_SIZE")? as usize;
     let (node, _) = crate::cluster::start(config, None).await?;
-    let group = Group::form(node.clone(), world, Duration::from_secs(30), GroupOptions::default()).await?;
+    let mut options = GroupOptions::default();
+    // Tuning knobs for experiments: segment length (elements) and sends in flight.
+    if let Some(v) = std::env::var("STRATA_SEG_LEN").ok().and_then(|v| v.parse().ok()) {
+        options.seg_len = v;
+    }
+    if let Some(v) = std::env::var("STRATA_SENDS_IN_FLIGHT").ok().and_then(|v| v.parse().ok()) {
+        options.sends_in_flight_max = v;
+    }
+    let group = Group::form(node.clone(), world, Duration::from_secs(30), options).await?;
     let barrier = || async { group.all_reduce(vec![0.0], ReduceOp::Sum).await.map(|_| ()) };
     if plan.forever {
         let mut buf = vec![1.0f32; plan.sizes_mib.iter().max().copied().unwrap_or(16) << 18];
@@ -91,16 +99,16 @@ pub async fn worker(config: NodeConfig, plan: WorkerPlan) -> Result<()> {
     }
     if group.world() >= 2 && group.rank() <= 1 {
         let len = 64usize << 18;
-        let data = vec![1.0f32; len];
+        let mut data = vec![1.0f32; len];
         let mut times = Vec::new();
         for _ in 0..plan.iters.max(3) + 1 {
             if group.rank() == 0 {
                 let start = Instant::now();
-                group.send(1, data.clone()).await?;
+                data = group.send(1, data).await?;
                 group.recv(1, 1).await?;
                 times.push(start.elapsed().as_secs_f64());
             } else {
-                group.recv(0, len).await?;
+                data = group.recv_into(0, data).await?;
                 group.send(0, vec![0.0]).await?;
             }
         }
@@ -114,6 +122,22 @@ pub async fn worker(config: NodeConfig, plan: WorkerPlan) -> Result<()> {
         }
     }
     barrier().await?;
+    if std::env::var_os("STRATA_NET_STATS").is_some() {
+        for m in group.members().iter().filter(|m| *m != node.name()) {
+            if let Ok(l) = node.peer(m).await {
+                let s = l.stats();
+                eprintln!(
+                    "{} -> {m}: mtu {} cwnd {} lost {} sent {} datagrams {}",
+                    node.name(),
+                    s.path.current_mtu,
+                    s.path.cwnd,
+                    s.path.lost_packets,
+                    s.udp_tx.bytes,
+                    s.udp_tx.datagrams
+                );
+            }
+        }
+    }
     node.shutdown().await;
     Ok(())
 }

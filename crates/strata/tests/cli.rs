@@ -1,0 +1,175 @@
+//! The `strata` binary as users run it: node processes forming a cluster, `strata
+//! status`, torchrun-style workers, and a worker killed in the middle of an all-reduce.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+fn strata(dir: &Path) -> Command {
+    let mut c = Command::new(STRATA);
+    c.current_dir(dir).env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    c
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    let out = strata(dir).args(args).output().expect("strata runs");
+    assert!(out.status.success(), "strata {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the children when the test ends, however it ends.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sigterm(c: &Child) {
+    // SAFETY: sending a signal to a child process we own.
+    unsafe { libc_kill(c.id() as i32, 15) };
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn three_node_processes_form_a_cluster_that_status_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(d, &["cert", "--dir", "certs", "node-1", "node-2", "node-3"]);
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let seed = format!("127.0.0.1:{}", ports[0]);
+    let mut procs = Procs(Vec::new());
+    for (i, port) in ports.iter().enumerate() {
+        let name = format!("node-{}", i + 1);
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["node", "--name", &name, "--listen", &listen, "--cert-dir", "certs", "--no-gpu"];
+        if i > 0 {
+            args.extend(["--seed", &seed]);
+        }
+        procs.0.push(strata(d).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let out = strata(d).args(["status", "--node", &seed, "--cert-dir", "certs", "--json"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.matches("\"Alive\"").count() == 3 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the cluster did not form: {text} {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for n in ["node-1", "node-2", "node-3"] {
+        assert!(status.contains(&format!("\"name\": \"{n}\"")), "{n} missing from {status}");
+    }
+    // The table form names every member too, as seen from another node.
+    let other = format!("127.0.0.1:{}", ports[2]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = String::from_utf8(run(d, &["status", "--node", &other, "--cert-dir", "certs"]).stdout).unwrap();
+        if table.lines().filter(|l| l.contains(" alive ")).count() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-3 never saw all members: {table}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SIGTERM makes a node leave; the others see it go.
+    sigterm(&procs.0[2]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = String::from_utf8(run(d, &["status", "--node", &seed, "--cert-dir", "certs"]).stdout).unwrap();
+        if table.lines().any(|l| l.starts_with("node-3") && l.contains(" left ")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-3 never left: {table}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn workers(d: &Path, world: usize, extra: &[&str]) -> Procs {
+    run(d, &["cert", "--dir", "certs"]);
+    let names: Vec<String> = (0..world).map(|r| format!("rank-{r}")).collect();
+    let mut args = vec!["cert", "--dir", "certs"];
+    args.extend(names.iter().map(String::as_str));
+    run(d, &args);
+    let port = free_port().to_string();
+    let mut procs = Procs(Vec::new());
+    for r in 0..world {
+        let child = strata(d)
+            .args(["worker", "allreduce", "--cert-dir", "certs", "--failure-timeout-ms", "2000"])
+            .args(extra)
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        procs.0.push(child);
+    }
+    procs
+}
+
+#[test]
+fn torchrun_style_workers_all_reduce() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = workers(dir.path(), 3, &["--sizes", "1", "--iters", "2"]);
+    let outs: Vec<Output> = procs.0.drain(..).map(|c| c.wait_with_output().unwrap()).collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let report = String::from_utf8_lossy(&outs[0].stdout);
+    assert!(report.contains("\"kind\":\"all_reduce\",\"bytes\":1048576"), "{report}");
+    assert!(report.contains("\"kind\":\"point_to_point\""), "{report}");
+}
+
+#[test]
+fn a_worker_killed_mid_all_reduce_fails_the_others_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = workers(dir.path(), 3, &["--sizes", "16", "--forever"]);
+    // Wait until rank 0 reports that all-reduces are running.
+    let stdout = procs.0[0].stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines.next().expect("rank 0 reports").unwrap();
+    assert!(line.contains("running"), "{line}");
+    let killed = Instant::now();
+    procs.0[2].kill().unwrap();
+    procs.0[2].wait().unwrap();
+    for r in [0usize, 1] {
+        let out = wait_timeout(&mut procs.0[r], Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "rank {r} should fail");
+        assert!(stderr.contains("rank-2"), "rank {r} should name the dead peer: {stderr}");
+    }
+    // Failure timeout (2 s) plus process exit, well under the 5 s default.
+    assert!(killed.elapsed() < Duration::from_secs(8), "took {:?}", killed.elapsed());
+}
+
+fn wait_timeout(c: &mut Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while c.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "process {} did not exit within {limit:?}", c.id());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = c.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    Output { status: c.wait().unwrap(), stdout: Vec::new(), stderr: stderr.into_bytes() }
+}
