@@ -12,6 +12,10 @@ use tokio::task::JoinSet;
 use crate::machines::{Algorithm, AllGather, AllReduce, Broadcast, Machine, Recv, ReduceOp, ReduceScatter, Send};
 use crate::{CollectiveError, Rank};
 
+/// How long a rank keeps receiving from a peer reported down before failing the
+/// operation: its last data can trail the news of its departure.
+const DOWN_GRACE: Duration = Duration::from_millis(500);
+
 /// Tuning of a group's operations.
 #[derive(Clone, Debug)]
 pub struct GroupOptions {
@@ -257,7 +261,21 @@ impl Group {
         }
         let rank_of: HashMap<&str, Rank> = self.members.iter().enumerate().map(|(r, n)| (n.as_str(), r)).collect();
         let mut sends: JoinSet<Result<(), (Rank, NetError)>> = JoinSet::new();
+        // A peer reported down that this rank still needs: data it sent before going may
+        // still be on its way (streams are not ordered among themselves), so wait briefly.
+        let mut doomed: Option<(Rank, String, tokio::time::Instant)> = None;
         loop {
+            if let Some((r, reason, deadline)) = &doomed {
+                if !m.waiting_on().contains(r) {
+                    doomed = None;
+                } else if tokio::time::Instant::now() >= *deadline {
+                    return Err(CollectiveError::PeerFailed {
+                        op: name,
+                        peer: self.members[*r].clone(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
             while sends.len() < self.options.sends_in_flight_max {
                 let Some(a) = m.poll_send() else { break };
                 let data = strata_net::buffers::bytes_of_f32(&m.buffer()[a.range.clone()]);
@@ -290,15 +308,25 @@ impl Group {
                     }
                     Some(ChunkMessage::Abort { from, message }) => {
                         if rank_of.contains_key(from.as_str()) {
-                            if message.starts_with("peer ") {
-                                return Err(CollectiveError::PeerFailed { op: name, peer: from, reason: message });
-                            }
                             return Err(CollectiveError::Aborted { op: name, peer: from, message });
+                        }
+                    }
+                    Some(ChunkMessage::PeerDown { name: peer, message }) => {
+                        // Only a peer this rank still needs matters: one that finished its
+                        // part and left is no failure.
+                        if let Some(&r) = rank_of.get(peer.as_str())
+                            && m.waiting_on().contains(&r)
+                            && doomed.is_none()
+                        {
+                            doomed = Some((r, message, tokio::time::Instant::now() + DOWN_GRACE));
                         }
                     }
                     None => return Err(CollectiveError::Net(NetError::NodeGone)),
                 },
-                _ = tokio::time::sleep(self.options.timeout) => {
+                _ = tokio::time::sleep(doomed.as_ref().map_or(self.options.timeout, |d| d.2.saturating_duration_since(tokio::time::Instant::now()))) => {
+                    if doomed.is_some() {
+                        continue;
+                    }
                     let waiting_on = m.waiting_on().into_iter().map(|r| self.members[r].clone()).collect();
                     return Err(CollectiveError::Timeout { op: name, waiting_on, millis: self.options.timeout.as_millis() as u64 });
                 }

@@ -358,14 +358,14 @@ impl NodeActor {
                 MembershipEvent::Joined(i) => tracing::info!("member {} joined ({})", i.name, i.addr),
                 MembershipEvent::Failed { name, silent_ms } => {
                     tracing::warn!("member {name} failed: silent for {silent_ms} ms");
-                    self.router.abort_all(name, &format!("peer {name} failed (silent for {silent_ms} ms)"));
+                    self.router.peer_down(name, &format!("silent for {silent_ms} ms"));
                     if let Some(p) = self.peers.remove(name) {
                         p.actor.do_send(Close(CODE_REFUSED_PEER, "declared failed"));
                     }
                 }
                 MembershipEvent::Left(name) => {
                     tracing::info!("member {name} left");
-                    self.router.abort_all(name, &format!("peer {name} left the cluster"));
+                    self.router.peer_down(name, "left the cluster");
                 }
             }
             self.subscribers.retain(|s| s.send(ev.clone()).is_ok());
@@ -674,6 +674,8 @@ pub(crate) struct PeerClosed {
     pub(crate) name: String,
     pub(crate) conn_id: usize,
     pub(crate) reason: String,
+    /// The peer closed the connection because it leaves the cluster.
+    pub(crate) leaving: bool,
 }
 
 impl Handler<PeerClosed> for NodeActor {
@@ -682,6 +684,10 @@ impl Handler<PeerClosed> for NodeActor {
         if self.peers.get(&msg.name).is_some_and(|p| p.link.conn.stable_id() == msg.conn_id) {
             self.peers.remove(&msg.name);
             tracing::info!("connection to {} closed: {}", msg.name, msg.reason);
+            if msg.leaving {
+                self.membership.left(&msg.name);
+                self.process_events();
+            }
         }
     }
 }

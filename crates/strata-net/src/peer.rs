@@ -128,11 +128,22 @@ pub struct PeerLink {
     pub(crate) conn: quinn::Connection,
     limits: Limits,
     request_timeout: Duration,
+    /// Streams written but not yet acknowledged by the peer; closing the connection
+    /// before they drain would drop their data.
+    unacked: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl PeerLink {
     pub(crate) fn new(name: &str, conn: quinn::Connection, limits: Limits, request_timeout: Duration) -> Self {
-        Self { name: name.into(), conn, limits, request_timeout }
+        Self { name: name.into(), conn, limits, request_timeout, unacked: Arc::default() }
+    }
+
+    /// Waits (up to `limit`) until every stream written so far was acknowledged.
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.unacked.load(std::sync::atomic::Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// The peer's name.
@@ -169,7 +180,26 @@ impl PeerLink {
         if !payload.is_empty() {
             s.write_chunk(payload).await.map_err(|e| self.lost(e))?;
         }
-        s.finish().map_err(|e| self.lost(e))
+        s.finish().map_err(|e| self.lost(e))?;
+        // Count the stream until the peer acknowledges it, so a leaving node can drain.
+        let unacked = self.unacked.clone();
+        unacked.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tokio::spawn(async move {
+            let _ = s.stopped().await;
+            unacked.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        });
+        Ok(())
+    }
+
+    /// Sends a message and waits until the peer acknowledged receiving it (for messages
+    /// that must arrive before the connection closes, such as `Leave`).
+    pub async fn send_acknowledged(&self, body: Body) -> Result<(), NetError> {
+        let head = frame_header_bytes(&Header::new(body, 0)).map_err(|e| self.lost(e))?;
+        let mut s = self.conn.open_uni().await.map_err(|e| self.lost(e))?;
+        s.write_all(&head).await.map_err(|e| self.lost(e))?;
+        s.finish().map_err(|e| self.lost(e))?;
+        s.stopped().await.map_err(|e| self.lost(e))?;
+        Ok(())
     }
 
     /// Sends a segment of collective operation `op`.
@@ -237,10 +267,13 @@ impl Actor for PeerActor {
         self.io.spawn(accept_bi(link.clone(), node.clone(), router));
         actix::spawn(async move {
             let reason = link.conn.closed().await;
+            let leaving =
+                matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == CODE_LEAVING.into());
             node.do_send(PeerClosed {
                 name: link.name.to_string(),
                 conn_id: link.conn.stable_id(),
                 reason: reason.to_string(),
+                leaving,
             });
             me.do_send(Stop);
         });

@@ -38,6 +38,13 @@ pub enum ChunkMessage {
         /// Why.
         message: String,
     },
+    /// This node's membership saw a peer fail or leave.
+    PeerDown {
+        /// The peer.
+        name: String,
+        /// What happened.
+        message: String,
+    },
 }
 
 /// Mailbox queue depth: a sender finds a full mailbox refused rather than the node's
@@ -156,12 +163,12 @@ impl Router {
         }
     }
 
-    /// Fails every open operation with a message (e.g. a peer failed).
-    pub(crate) fn abort_all(&self, from: &str, message: &str) {
+    /// Tells every open operation that a peer failed or left.
+    pub(crate) fn peer_down(&self, name: &str, message: &str) {
         let ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         for slot in ops.slots.values() {
             if let OpSlot::Open(tx) = slot {
-                let _ = tx.send(ChunkMessage::Abort { from: from.to_string(), message: message.to_string() });
+                let _ = tx.send(ChunkMessage::PeerDown { name: name.to_string(), message: message.to_string() });
             }
         }
     }

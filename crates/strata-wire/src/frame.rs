@@ -36,6 +36,7 @@ pub fn frame_header_bytes(header: &Header) -> Result<Vec<u8>, WireError> {
 
 /// What the decoder found in the bytes fed to it.
 #[derive(Debug, PartialEq)]
+#[allow(clippy::large_enum_variant, reason = "one header per frame; boxing it would allocate on every frame")]
 pub enum Event<'a> {
     /// A complete, validated header; its payload follows.
     Header(Header),

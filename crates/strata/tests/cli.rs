@@ -145,7 +145,10 @@ fn a_worker_killed_mid_all_reduce_fails_the_others_naming_it() {
     // Wait until rank 0 reports that all-reduces are running.
     let stdout = procs.0[0].stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let line = lines.next().expect("rank 0 reports").unwrap();
+    let Some(Ok(line)) = lines.next() else {
+        let out = wait_timeout(&mut procs.0[0], Duration::from_secs(5));
+        panic!("rank 0 stopped before reporting: {}", String::from_utf8_lossy(&out.stderr));
+    };
     assert!(line.contains("running"), "{line}");
     let killed = Instant::now();
     procs.0[2].kill().unwrap();
