@@ -2,5 +2,5 @@
 //! collectives over QUIC, and clusters of `strata node` processes.
 
 mod cluster;
-mod helpers;
+pub mod helpers;
 mod security;

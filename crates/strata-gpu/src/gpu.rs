@@ -155,6 +155,8 @@ pub struct Gpu {
     pub(crate) wg: u32,
     /// Per-kernel wall time when profiling: (calls, seconds) by `file:entry`.
     profile: Option<std::collections::BTreeMap<String, (u64, f64)>>,
+    /// Extra label for the next profiled dispatch (e.g. GEMM sizes).
+    pub(crate) profile_tag: Option<String>,
 }
 
 impl Gpu {
@@ -206,6 +208,7 @@ impl Gpu {
             // so one batch per workgroup keeps every batch's accesses contiguous.
             wg: if info.is_cpu() { 8 } else { 64 },
             profile: std::env::var_os("STRATA_PROFILE").map(|_| Default::default()),
+            profile_tag: None,
             info,
         })
     }
@@ -246,6 +249,11 @@ impl Gpu {
     /// the whole runs slower.
     pub fn set_profiling(&mut self, on: bool) {
         self.profile = on.then(Default::default);
+    }
+
+    /// Whether per-kernel profiling is on.
+    pub(crate) fn profiling(&self) -> bool {
+        self.profile.is_some()
     }
 
     /// Calls and seconds per kernel (`file:entry`) since profiling was turned on.
@@ -473,7 +481,11 @@ impl Gpu {
             let start = std::time::Instant::now();
             self.sync()?;
             let secs = start.elapsed().as_secs_f64();
-            let e = self.profile.as_mut().expect("checked").entry(format!("{}:{}", kernel.0, kernel.1)).or_default();
+            let label = match self.profile_tag.take() {
+                Some(t) => format!("{}:{} {t}", kernel.0, kernel.1),
+                None => format!("{}:{}", kernel.0, kernel.1),
+            };
+            let e = self.profile.as_mut().expect("checked").entry(label).or_default();
             e.0 += 1;
             e.1 += secs;
         }

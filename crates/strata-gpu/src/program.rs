@@ -186,6 +186,16 @@ pub enum Op {
         dtype: DType,
         out: TensorId,
     },
+    /// Flat concatenation of `srcs` (e.g. a gradient bucket).
+    Concat {
+        srcs: Vec<TensorId>,
+        out: TensorId,
+    },
+    /// Inverse of `Concat`: `src` cut into tensors of the given shapes.
+    Split {
+        src: TensorId,
+        outs: Vec<(TensorId, Shape)>,
+    },
     Free {
         t: TensorId,
     },
@@ -411,6 +421,18 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
         Zeros { shape, dtype, out } => {
             let r = gpu.zeros(shape.clone(), *dtype)?;
             s.put(*out, r);
+        }
+        Concat { srcs, out } => {
+            let parts = srcs.iter().map(|i| s.get("concat", *i)).collect::<Result<Vec<_>>>()?;
+            let r = gpu.concat(&parts.iter().collect::<Vec<_>>())?;
+            s.put(*out, r);
+        }
+        Split { src, outs } => {
+            let shapes: Vec<Shape> = outs.iter().map(|(_, sh)| sh.clone()).collect();
+            let parts = gpu.split(&s.get("split", *src)?, &shapes)?;
+            for ((id, _), t) in outs.iter().zip(parts) {
+                s.put(*id, t);
+            }
         }
         Free { t } => {
             s.get("free", *t)?;

@@ -6,6 +6,9 @@
 pub mod bench;
 pub mod check;
 pub mod cluster;
+pub mod demo;
+pub mod plot;
+pub mod train;
 
 pub use strata_collective as collective;
 pub use strata_gpu as gpu;

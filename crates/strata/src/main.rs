@@ -52,8 +52,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The main demo (for now: the kernel check).
-    Demo,
+    /// A 2-node cluster on loopback training the reference CNN on Fashion-MNIST.
+    Demo {
+        #[command(flatten)]
+        args: strata::demo::DemoArgs,
+    },
+    /// Train a model, on one node or data-parallel across nodes.
+    Train {
+        #[command(flatten)]
+        args: Box<strata::train::TrainArgs>,
+    },
     /// Run a cluster node until SIGINT/SIGTERM.
     Node {
         #[command(flatten)]
@@ -136,6 +144,18 @@ enum BenchCommand {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Training throughput of the reference CNN on 1 and 2 node processes.
+    Train {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Timed steps per configuration (after 2 warm-up steps).
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        /// Data directory.
+        #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
+        data: PathBuf,
+    },
     /// All-reduce across node processes on loopback (mutual TLS), against gloo and TCP.
     Allreduce {
         /// One JSON object per line instead of text.
@@ -159,7 +179,14 @@ fn main() -> Result<()> {
     match &cli.command {
         Command::Info => info(&cli.device),
         Command::Check { json } => check(&cli.device, *json),
-        Command::Demo => check(&cli.device, false),
+        Command::Demo { args } => strata::demo::run(args),
+        Command::Train { args } => {
+            let started = std::time::Instant::now();
+            actix::System::new().block_on(strata::train::run((**args).clone(), cli.device.options(), started))
+        }
+        Command::Bench { what: BenchCommand::Train { json, steps, data } } => {
+            print_figures(*json, |on| strata::demo::bench(data, *steps, on).map(|_| ()))
+        }
         Command::Bench { what: BenchCommand::Kernels { json, iters, filter } } => {
             bench_kernels(&cli.device, *json, *iters, filter.clone())
         }

@@ -168,6 +168,49 @@ impl Gpu {
         Ok(y)
     }
 
+    /// Concatenates tensors of one dtype into a new flat tensor (gradient buckets).
+    pub fn concat(&mut self, parts: &[&GpuTensor]) -> Result<GpuTensor> {
+        let Some(first) = parts.first() else {
+            return Err(TensorError::argument("concat", "needs at least one tensor").into());
+        };
+        if let Some(p) = parts.iter().find(|p| p.dtype() != first.dtype()) {
+            return Err(
+                TensorError::argument("concat", format!("mixes dtypes {} and {}", first.dtype(), p.dtype())).into()
+            );
+        }
+        let total: usize = parts.iter().map(|p| p.numel()).sum();
+        let out = self.empty([total], first.dtype())?;
+        let mut off = 0u64;
+        for p in parts {
+            self.copy_bytes(p, 0, &out, off, p.size_bytes());
+            off += p.size_bytes();
+        }
+        Ok(out)
+    }
+
+    /// Splits a flat tensor into new tensors of the given shapes (inverse of [`Gpu::concat`]).
+    pub fn split(&mut self, src: &GpuTensor, shapes: &[strata_tensor::Shape]) -> Result<Vec<GpuTensor>> {
+        let total: usize = shapes.iter().map(|s| s.numel()).sum();
+        if total != src.numel() {
+            return Err(TensorError::shape(
+                "split",
+                format!("tensor {} holds {} elements, the shapes need {total}", src.shape(), src.numel()),
+            )
+            .into());
+        }
+        let es = src.dtype().size_bytes() as u64;
+        let mut off = 0u64;
+        let mut out = Vec::with_capacity(shapes.len());
+        for s in shapes {
+            let t = self.empty(s.clone(), src.dtype())?;
+            let bytes = s.numel() as u64 * es;
+            self.copy_bytes(src, off, &t, 0, bytes);
+            off += bytes;
+            out.push(t);
+        }
+        Ok(out)
+    }
+
     /// Copies `src` into `dst` (same shape and dtype).
     pub fn copy_into(&mut self, src: &GpuTensor, dst: &GpuTensor) -> Result<()> {
         if src.dtype() != dst.dtype() || src.shape() != dst.shape() {

@@ -207,6 +207,9 @@ impl Gpu {
                     _pad: [0; 2],
                 };
                 let groups = [u((n4 / 4).div_ceil(SG_TILE_VEC4)), u(m.div_ceil(SG_TILE_ROWS)), 1];
+                if self.profiling() {
+                    self.profile_tag = Some(format!("{op} {m}x{n}x{k}"));
+                }
                 self.dispatch(op, ("gemm_subgroup.wgsl", "gemm"), &[], &p, &[a.t.arg(), b.t.arg(), c.t.arg()], groups)
             }
         }

@@ -1,0 +1,458 @@
+//! The data-parallel trainer.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata_collective::{Group, ReduceOp};
+use strata_gpu::{GpuHandle, TensorId};
+use strata_nn::checkpoint::{self, Checkpoint, TrainState};
+use strata_nn::data::{Batch, Dataset, DistributedSampler, Loader};
+use strata_nn::{Model, ModelSpec, Optimizer};
+use strata_tensor::{HostTensor, Shape};
+
+use crate::TrainError;
+
+type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+/// Settings of a training run.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Samples per step on each rank.
+    pub batch: usize,
+    /// The optimiser.
+    pub optimizer: Optimizer,
+    /// Seed of parameter initialisation and shuffling.
+    pub seed: u64,
+    /// Where checkpoints go (one per epoch), if anywhere.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Start from the latest checkpoint in `checkpoint_dir`.
+    pub resume: bool,
+    /// Compare the replicas' parameter checksums every this many steps (0: never).
+    pub checksum_every: u64,
+    /// Batch size of evaluation.
+    pub eval_batch: usize,
+    /// Gradient bucket size in bytes.
+    pub bucket_bytes: usize,
+    /// Batches the loader prepares ahead.
+    pub prefetch: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch: 64,
+            optimizer: Optimizer::Adam(Default::default()),
+            seed: 0,
+            checkpoint_dir: None,
+            resume: false,
+            checksum_every: 50,
+            eval_batch: 250,
+            bucket_bytes: strata_nn::BUCKET_BYTES_DEFAULT,
+            prefetch: 4,
+        }
+    }
+}
+
+/// Where a step's time went.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTimes {
+    /// GPU work and host transfers not overlapped by anything else.
+    pub compute: Duration,
+    /// All-reduce time not hidden behind the backward pass.
+    pub comm_exposed: Duration,
+    /// Waiting for the loader.
+    pub data: Duration,
+}
+
+impl std::ops::AddAssign for StepTimes {
+    fn add_assign(&mut self, o: Self) {
+        self.compute += o.compute;
+        self.comm_exposed += o.comm_exposed;
+        self.data += o.data;
+    }
+}
+
+/// One step's outcome on this rank.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    /// Mean loss of this rank's batch.
+    pub loss: f32,
+    /// Correct predictions in this rank's batch.
+    pub correct: u32,
+    /// Samples in this rank's batch.
+    pub samples: usize,
+    /// Where the time went.
+    pub times: StepTimes,
+}
+
+/// One epoch's outcome, over all ranks.
+#[derive(Clone, Debug)]
+pub struct EpochStats {
+    /// Epoch number (1-based).
+    pub epoch: u64,
+    /// Mean training loss over this rank's steps.
+    pub train_loss: f64,
+    /// Training accuracy on this rank's samples.
+    pub train_accuracy: f64,
+    /// Test loss over the whole test set.
+    pub test_loss: f64,
+    /// Test accuracy over the whole test set.
+    pub test_accuracy: f64,
+    /// Training samples processed by all ranks.
+    pub samples: usize,
+    /// Wall time of the training part of the epoch.
+    pub train_time: Duration,
+    /// Wall time of the evaluation.
+    pub eval_time: Duration,
+    /// Summed step times of this rank.
+    pub times: StepTimes,
+}
+
+/// A data-parallel trainer on one rank.
+pub struct Trainer {
+    gpu: GpuHandle,
+    model: Model,
+    group: Option<Group>,
+    config: TrainConfig,
+    step: u64,
+    epoch: u64,
+    segments_cache: Option<(usize, Vec<Vec<strata_gpu::Op>>)>,
+}
+
+fn fnv64(data: &[f32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in data {
+        for b in v.to_bits().to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Packs a `u64` into four exactly representable `f32`s (16 bits each).
+fn u64_to_f32s(v: u64) -> [f32; 4] {
+    [0, 16, 32, 48].map(|s| ((v >> s) & 0xffff) as f32)
+}
+
+fn f32s_to_u64(v: &[f32]) -> u64 {
+    v.iter().take(4).enumerate().fold(0u64, |acc, (i, x)| acc | ((*x as u64) << (16 * i)))
+}
+
+fn flatten(ts: &[HostTensor]) -> Vec<f32> {
+    ts.iter().flat_map(|t| t.data().iter().copied()).collect()
+}
+
+fn unflatten(flat: &[f32], shapes: &[Shape]) -> Vec<HostTensor> {
+    let mut off = 0;
+    shapes
+        .iter()
+        .map(|s| {
+            let n = s.numel();
+            let t = HostTensor::new(s.clone(), flat[off..off + n].to_vec()).expect("sizes agree");
+            off += n;
+            t
+        })
+        .collect()
+}
+
+impl Trainer {
+    /// Sets up training on this rank: binds the model, then initialises it from rank 0
+    /// (a fresh seeded initialisation, or the latest checkpoint with `resume`), broadcast
+    /// to every rank.
+    pub async fn new(gpu: GpuHandle, group: Option<Group>, spec: ModelSpec, config: TrainConfig) -> Result<Self> {
+        if config.batch == 0 || config.eval_batch == 0 {
+            return Err(TrainError::Config("batch sizes must be at least 1".into()));
+        }
+        let model = Model::new(spec, &gpu, config.bucket_bytes)?;
+        let mut t = Self { gpu, model, group, config, step: 0, epoch: 0, segments_cache: None };
+        t.initialise().await?;
+        Ok(t)
+    }
+
+    /// This rank and the world size.
+    pub fn rank_world(&self) -> (usize, usize) {
+        self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()))
+    }
+
+    /// The GPU actor.
+    pub fn gpu(&self) -> &GpuHandle {
+        &self.gpu
+    }
+
+    /// Samples per step on this rank.
+    pub fn batch_size(&self) -> usize {
+        self.config.batch
+    }
+
+    /// Epochs completed (also after resuming).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Optimiser steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The bound model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    async fn initialise(&mut self) -> Result<()> {
+        let spec = self.model.spec().clone();
+        let shapes: Vec<Shape> = spec.params().into_iter().map(|(_, s)| s).collect();
+        let (rank, _) = self.rank_world();
+        // Rank 0 decides: a checkpoint or a fresh initialisation.
+        let mut resumed: Option<Checkpoint> = None;
+        if rank == 0 && self.config.resume {
+            let dir = self
+                .config
+                .checkpoint_dir
+                .as_ref()
+                .ok_or_else(|| TrainError::Config("--resume needs a checkpoint directory".into()))?;
+            resumed = checkpoint::load_latest(dir)?;
+            if resumed.is_none() {
+                tracing::warn!("no checkpoint in {}; starting fresh", dir.display());
+            }
+        }
+        let (params, meta) = match &resumed {
+            Some(ck) => {
+                let dir = self.config.checkpoint_dir.as_ref().expect("checked above");
+                (ck.params_for(&spec, dir)?, [u64_to_f32s(ck.state.epoch), u64_to_f32s(ck.state.step)].concat())
+            }
+            None if rank == 0 => (spec.init(self.config.seed), vec![0.0; 8]),
+            None => (shapes.iter().map(|s| HostTensor::zeros(s.clone())).collect(), vec![0.0; 8]),
+        };
+        let (params, meta) = match &self.group {
+            Some(g) if g.world() > 1 => {
+                let flat = g.broadcast(0, flatten(&params)).await?;
+                let meta = g.broadcast(0, meta).await?;
+                (unflatten(&flat, &shapes), meta)
+            }
+            _ => (params, meta),
+        };
+        self.model.upload_params(&self.gpu, &params).await?;
+        self.epoch = f32s_to_u64(&meta[0..4]);
+        self.step = f32s_to_u64(&meta[4..8]);
+        if self.epoch > 0 || self.step > 0 {
+            // Optimiser state follows the parameters.
+            let names: Vec<(String, Shape)> = self
+                .model
+                .params
+                .iter()
+                .flat_map(|p| {
+                    self.config
+                        .optimizer
+                        .state_names()
+                        .iter()
+                        .map(move |s| (format!("{}.{s}", p.name), p.shape.clone()))
+                })
+                .collect();
+            let state: Vec<HostTensor> = match &resumed {
+                Some(ck) => names
+                    .iter()
+                    .map(|(n, s)| {
+                        ck.optimizer
+                            .iter()
+                            .find(|(m, _)| m == n)
+                            .map(|(_, t)| t.clone())
+                            .unwrap_or_else(|| HostTensor::zeros(s.clone()))
+                    })
+                    .collect(),
+                None => names.iter().map(|(_, s)| HostTensor::zeros(s.clone())).collect(),
+            };
+            let shapes: Vec<Shape> = names.iter().map(|(_, s)| s.clone()).collect();
+            let state = match &self.group {
+                Some(g) if g.world() > 1 => unflatten(&g.broadcast(0, flatten(&state)).await?, &shapes),
+                _ => state,
+            };
+            let named: Vec<(String, HostTensor)> = names.into_iter().map(|(n, _)| n).zip(state).collect();
+            self.model.upload_state(&self.gpu, &self.config.optimizer, &named).await?;
+            tracing::info!("resumed at epoch {} step {}", self.epoch, self.step);
+        }
+        Ok(())
+    }
+
+    fn distributed(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.world() > 1)
+    }
+
+    async fn download_many(&self, ids: Vec<TensorId>) -> Result<Vec<HostTensor>> {
+        let r = self
+            .gpu
+            .with(move |ex| ids.iter().map(|&id| ex.download::<f32>(id)).collect::<strata_gpu::Result<Vec<_>>>())
+            .await??;
+        Ok(r)
+    }
+
+    /// One optimiser step on `batch`: forward, backward with bucketed all-reduce, update.
+    pub async fn step(&mut self, batch: Batch) -> Result<StepStats> {
+        let start = Instant::now();
+        let n = batch.y.data().len();
+        let (model, gpu) = (&self.model, &self.gpu);
+        gpu.upload_as(model.input, batch.x).await?;
+        gpu.upload_as(model.targets, batch.y).await?;
+        let distributed = self.distributed();
+        let segments = match &self.segments_cache {
+            Some((b, s)) if *b == n => s.clone(),
+            _ => {
+                let s = model.backward(n, distributed)?;
+                self.segments_cache = Some((n, s.clone()));
+                s
+            }
+        };
+        let mut first = model.forward(n, true)?;
+        first.extend(segments[0].clone());
+        let model = &self.model;
+        let mut exposed = Duration::ZERO;
+        if distributed {
+            let group = self.group.as_ref().expect("distributed");
+            gpu.run(first).await?;
+            let mut flat = self.download_many(vec![model.buckets[0].flat]).await?.remove(0).into_data();
+            for k in 0..model.buckets.len() {
+                let next = segments.get(k + 1).cloned();
+                let next_bucket = model.buckets.get(k + 1).map(|b| b.flat);
+                // The GPU works on the next segment while this bucket crosses the network.
+                let gpu_part = async {
+                    match (next, next_bucket) {
+                        (Some(seg), Some(id)) => {
+                            gpu.run(seg).await?;
+                            let t = gpu.download::<f32>(id).await?;
+                            Ok::<_, TrainError>((Some(t.into_data()), Instant::now()))
+                        }
+                        _ => Ok((None, Instant::now())),
+                    }
+                };
+                let comm_part = async {
+                    let r = group.all_reduce(std::mem::take(&mut flat), ReduceOp::Mean).await;
+                    (r, Instant::now())
+                };
+                let (gpu_result, (reduced, comm_done)) = tokio::join!(gpu_part, comm_part);
+                let (next_flat, gpu_done) = gpu_result?;
+                let reduced = reduced?;
+                exposed += comm_done.saturating_duration_since(gpu_done);
+                gpu.upload_as(
+                    model.buckets[k].reduced,
+                    HostTensor::new([reduced.len()], reduced).map_err(strata_nn::NnError::from)?,
+                )
+                .await?;
+                if let Some(f) = next_flat {
+                    flat = f;
+                }
+            }
+        } else {
+            for seg in segments {
+                first.extend(seg);
+            }
+            gpu.run(first).await?;
+        }
+        self.step += 1;
+        gpu.run(model.apply(&self.config.optimizer, self.step as u32, distributed)).await?;
+        let out = self.download_many(vec![model.loss, model.correct]).await?;
+        let (loss, correct) = (out[0].data()[0], out[1].data()[0] as u32);
+        if self.config.checksum_every > 0 && self.step.is_multiple_of(self.config.checksum_every) {
+            self.verify_replicas().await?;
+        }
+        let total = start.elapsed();
+        Ok(StepStats {
+            loss,
+            correct,
+            samples: n,
+            times: StepTimes { compute: total.saturating_sub(exposed), comm_exposed: exposed, data: Duration::ZERO },
+        })
+    }
+
+    /// Compares a checksum of every rank's parameters with rank 0's.
+    pub async fn verify_replicas(&self) -> Result<()> {
+        let Some(group) = self.group.as_ref().filter(|g| g.world() > 1) else { return Ok(()) };
+        let params = self.model.download_params(&self.gpu).await?;
+        let mine = params.iter().fold(0u64, |h, t| h.rotate_left(7) ^ fnv64(t.data()));
+        let all = group.all_gather(&u64_to_f32s(mine)).await?;
+        let ours = f32s_to_u64(&all[0..4]);
+        for r in 1..group.world() {
+            let theirs = f32s_to_u64(&all[r * 4..r * 4 + 4]);
+            if theirs != ours {
+                return Err(TrainError::Diverged { step: self.step, rank: r, theirs, ours });
+            }
+        }
+        Ok(())
+    }
+
+    /// Trains one epoch on this rank's shard of `train`, calling `on_step` after every
+    /// step. Returns mean loss, accuracy, samples over all ranks, wall time and step times.
+    pub async fn train_epoch(
+        &mut self,
+        train: &Arc<Dataset>,
+        mut on_step: impl FnMut(&StepStats),
+    ) -> Result<(f64, f64, usize, Duration, StepTimes)> {
+        let (rank, world) = self.rank_world();
+        let sampler = DistributedSampler::new(train.len(), rank, world, self.config.seed, true);
+        let loader = Loader::new(train.clone(), sampler.indices(self.epoch), self.config.batch, self.config.prefetch);
+        let start = Instant::now();
+        let (mut loss_sum, mut correct, mut samples, mut steps) = (0f64, 0u64, 0usize, 0u64);
+        let mut times = StepTimes::default();
+        loop {
+            let t = Instant::now();
+            let Some(batch) = loader.next_batch() else { break };
+            let waited = t.elapsed();
+            let mut s = self.step(batch).await?;
+            s.times.data = waited;
+            times += s.times;
+            loss_sum += f64::from(s.loss);
+            correct += u64::from(s.correct);
+            samples += s.samples;
+            steps += 1;
+            on_step(&s);
+        }
+        self.epoch += 1;
+        Ok((
+            loss_sum / steps.max(1) as f64,
+            correct as f64 / samples.max(1) as f64,
+            samples * world,
+            start.elapsed(),
+            times,
+        ))
+    }
+
+    /// Loss and accuracy over all of `test`, each rank evaluating its share.
+    pub async fn evaluate(&self, test: &Arc<Dataset>) -> Result<(f64, f64)> {
+        let (rank, world) = self.rank_world();
+        let indices: Vec<usize> = (rank..test.len()).step_by(world).collect();
+        let (mut loss_sum, mut correct, mut count) = (0f64, 0f64, 0f64);
+        for chunk in indices.chunks(self.config.eval_batch) {
+            let b = test.batch(chunk);
+            let n = chunk.len();
+            self.gpu.upload_as(self.model.input, b.x).await?;
+            self.gpu.upload_as(self.model.targets, b.y).await?;
+            self.gpu.run(self.model.forward(n, true)?).await?;
+            let out = self.download_many(vec![self.model.loss, self.model.correct]).await?;
+            loss_sum += f64::from(out[0].data()[0]) * n as f64;
+            correct += f64::from(out[1].data()[0]);
+            count += n as f64;
+        }
+        let totals = match self.group.as_ref().filter(|g| g.world() > 1) {
+            Some(g) => g.all_reduce(vec![loss_sum as f32, correct as f32, count as f32], ReduceOp::Sum).await?,
+            None => vec![loss_sum as f32, correct as f32, count as f32],
+        };
+        let count = f64::from(totals[2]).max(1.0);
+        Ok((f64::from(totals[0]) / count, f64::from(totals[1]) / count))
+    }
+
+    /// Writes a checkpoint of the current state (rank 0 only; others return `None`).
+    pub async fn checkpoint(&self, info: std::collections::HashMap<String, String>) -> Result<Option<PathBuf>> {
+        let (Some(dir), (0, _)) = (&self.config.checkpoint_dir, self.rank_world()) else { return Ok(None) };
+        let names: Vec<String> = self.model.params.iter().map(|p| p.name.clone()).collect();
+        let params = names.into_iter().zip(self.model.download_params(&self.gpu).await?).collect();
+        let optimizer = self.model.download_state(&self.gpu, &self.config.optimizer).await?;
+        let state = TrainState { epoch: self.epoch, step: self.step, spec: self.model.spec().clone(), info };
+        Ok(Some(checkpoint::save(dir, &Checkpoint { params, optimizer, state })?))
+    }
+
+    /// Current parameters (for tests and export).
+    pub async fn params(&self) -> Result<Vec<HostTensor>> {
+        Ok(self.model.download_params(&self.gpu).await?)
+    }
+}
