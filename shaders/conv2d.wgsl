@@ -29,6 +29,10 @@ struct Params {
     p_ld: u32,   // row stride of col / dcol / Y' / dY'
     co: u32,
     co_ld: u32,  // row stride of dY^T
+    relu: u32,   // cp_to_nchw: apply ReLU to the output
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -170,7 +174,8 @@ fn cp_to_nchw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         let dst = (p.n0 * p.co + plane) * pix;
         let b = bias[c];
         for (var i = gid.x; i < pix; i += ng.x * WG) {
-            y[dst + i] = ycp[src + i] + b;
+            let v = ycp[src + i] + b;
+            y[dst + i] = select(v, max(v, 0.0), p.relu == 1u);
         }
     }
 }
@@ -185,7 +190,8 @@ fn cp_to_nchw_v4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         let dst = (p.n0 * p.co + plane) * pix4;
         let b = vec4<f32>(bias[c]);
         for (var i = gid.x; i < pix4; i += ng.x * WG) {
-            y4[dst + i] = ycp4[src + i] + b;
+            let v = ycp4[src + i] + b;
+            y4[dst + i] = select(v, max(v, vec4<f32>(0.0)), p.relu == 1u);
         }
     }
 }

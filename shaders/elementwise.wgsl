@@ -12,7 +12,7 @@ struct Params {
     bits: u32,     // fill pattern
     inner: u32,    // elements per channel (bias)
     channels: u32, // channel count (bias)
-    _pad0: u32,
+    relu: u32,     // bias: apply ReLU to the result
     _pad1: u32,
 }
 
@@ -91,14 +91,15 @@ fn relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> yb: array<vec4<f32>>;
 
-// y = x + bias[channel], for x laid out [n, channels, inner]
+// y = x + bias[channel] (then ReLU when p.relu == 1), for x laid out [n, channels, inner]
 @compute @workgroup_size(WG)
 fn add_channel_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
     let nv = vec_count();
     for (var i = gid.x; i < nv; i += ng.x * WG) {
         let e = p.base + i * 4u;
         let c = vec4<u32>(e, e + 1u, e + 2u, e + 3u) / p.inner % p.channels;
-        yb[i] = xb[i] + vec4<f32>(bias[c.x], bias[c.y], bias[c.z], bias[c.w]);
+        let v = xb[i] + vec4<f32>(bias[c.x], bias[c.y], bias[c.z], bias[c.w]);
+        yb[i] = select(v, max(v, vec4<f32>(0.0)), p.relu == 1u);
     }
 }
 

@@ -33,7 +33,15 @@ async fn errors_are_typed_and_the_actor_keeps_serving() {
 
     // Wrong dtype and a bad convolution.
     let e = gpu
-        .run(vec![Op::Conv2d { x: a, w: b, bias: None, params: Conv2dParams::new(1, 1), out: c }])
+        .run(vec![Op::Conv2d {
+            x: a,
+            w: b,
+            bias: None,
+            params: Conv2dParams::new(1, 1),
+            out: c,
+            relu: false,
+            col: None,
+        }])
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "conv2d: input [2,3] must have rank 4 (NCHW)");

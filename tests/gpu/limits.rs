@@ -90,11 +90,11 @@ fn step_program(step: u32) -> Vec<Op> {
     let pool = Conv2dParams::new(2, 0);
     let h = AdamParams::default();
     vec![
-        Op::Conv2d { x: t(1), w: t(2), bias: Some(t(3)), params: p, out: t(20) },
+        Op::Conv2d { x: t(1), w: t(2), bias: Some(t(3)), params: p, out: t(20), relu: false, col: Some(t(50)) },
         Op::Relu { x: t(20), out: t(21) },
         Op::MaxPool2d { x: t(21), kernel: (2, 2), params: pool, out: t(22), indices: t(23) },
         Op::Reshape { x: t(22), shape: [8, 4 * 7 * 7].into(), out: t(24) },
-        Op::Linear { x: t(24), w: t(4), bias: Some(t(5)), out: t(25) },
+        Op::Linear { x: t(24), w: t(4), bias: Some(t(5)), out: t(25), relu: false },
         Op::LogSoftmax { x: t(25), out: t(26) },
         Op::NllLoss { logp: t(26), targets: t(6), out: t(27) },
         Op::NllLossBackward { logp: t(26), targets: t(6), out: t(28) },
@@ -108,9 +108,10 @@ fn step_program(step: u32) -> Vec<Op> {
             kernel: (2, 2),
             params: pool,
             out: t(34),
+            relu_output: None,
         },
         Op::ReluBackward { x: t(20), dy: t(34), out: t(35) },
-        Op::Conv2dBackward { x: t(1), w: t(2), dy: t(35), params: p, dx: None, dw: t(36), db: t(37) },
+        Op::Conv2dBackward { x: t(1), w: t(2), dy: t(35), params: p, dx: None, dw: t(36), db: t(37), col: Some(t(50)) },
         Op::AdamStep { param: t(2), grad: t(36), m: t(40), v: t(41), hyper: h, step },
         Op::AdamStep { param: t(3), grad: t(37), m: t(42), v: t(43), hyper: h, step },
         Op::AdamStep { param: t(4), grad: t(31), m: t(44), v: t(45), hyper: h, step },

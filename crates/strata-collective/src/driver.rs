@@ -208,7 +208,9 @@ impl Group {
     }
 
     async fn link(&self, r: Rank) -> Result<PeerLink, CollectiveError> {
-        if let Some(l) = self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&r) {
+        if let Some(l) = self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&r)
+            && l.is_open()
+        {
             return Ok(l.clone());
         }
         let l = self.node.peer(&self.members[r]).await?;

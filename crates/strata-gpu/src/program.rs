@@ -77,11 +77,14 @@ pub enum Op {
         trans_b: bool,
         out: TensorId,
     },
+    /// `relu` fuses a ReLU into the bias pass.
     Linear {
         x: TensorId,
         w: TensorId,
         bias: Option<TensorId>,
         out: TensorId,
+        #[serde(default)]
+        relu: bool,
     },
     LinearBackward {
         x: TensorId,
@@ -91,14 +94,20 @@ pub enum Op {
         dw: TensorId,
         db: TensorId,
     },
+    /// `relu` fuses a ReLU into the output pass; `col` keeps the patch matrix for the
+    /// backward pass.
     Conv2d {
         x: TensorId,
         w: TensorId,
         bias: Option<TensorId>,
         params: Conv2dParams,
         out: TensorId,
+        #[serde(default)]
+        relu: bool,
+        #[serde(default)]
+        col: Option<TensorId>,
     },
-    /// `dx: None` skips the input gradient.
+    /// `dx: None` skips the input gradient; `col` reuses a patch matrix kept by `Conv2d`.
     Conv2dBackward {
         x: TensorId,
         w: TensorId,
@@ -107,6 +116,8 @@ pub enum Op {
         dx: Option<TensorId>,
         dw: TensorId,
         db: TensorId,
+        #[serde(default)]
+        col: Option<TensorId>,
     },
     MaxPool2d {
         x: TensorId,
@@ -115,6 +126,7 @@ pub enum Op {
         out: TensorId,
         indices: TensorId,
     },
+    /// `relu_output`: the pool input came from a ReLU; apply its gradient too.
     MaxPool2dBackward {
         dy: TensorId,
         indices: TensorId,
@@ -122,6 +134,8 @@ pub enum Op {
         kernel: (usize, usize),
         params: Conv2dParams,
         out: TensorId,
+        #[serde(default)]
+        relu_output: Option<TensorId>,
     },
     LogSoftmax {
         x: TensorId,
@@ -339,9 +353,9 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             let r = gpu.matmul(&s.get("matmul", *a)?, &s.get("matmul", *b)?, *trans_a, *trans_b)?;
             s.put(*out, r);
         }
-        Linear { x, w, bias, out } => {
+        Linear { x, w, bias, out, relu } => {
             let b = bias.map(|b| s.get("linear", b)).transpose()?;
-            let r = gpu.linear(&s.get("linear", *x)?, &s.get("linear", *w)?, b.as_ref())?;
+            let r = gpu.linear_act(&s.get("linear", *x)?, &s.get("linear", *w)?, b.as_ref(), *relu)?;
             s.put(*out, r);
         }
         LinearBackward { x, w, dy, dx, dw, db } => {
@@ -351,14 +365,35 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             s.put(*dw, gw);
             s.put(*db, gb);
         }
-        Conv2d { x, w, bias, params, out } => {
+        Conv2d { x, w, bias, params, out, relu, col } => {
             let b = bias.map(|b| s.get("conv2d", b)).transpose()?;
-            let r = gpu.conv2d(&s.get("conv2d", *x)?, &s.get("conv2d", *w)?, b.as_ref(), *params)?;
+            let opts = crate::ConvForward { relu: *relu, keep_col: col.is_some() };
+            let (r, kept) = gpu.conv2d_with(&s.get("conv2d", *x)?, &s.get("conv2d", *w)?, b.as_ref(), *params, opts)?;
             s.put(*out, r);
+            if let Some(id) = col {
+                // A batch too large for one chunk keeps no patch matrix: drop a stale one.
+                match kept {
+                    Some(c) => s.put(*id, c),
+                    None => {
+                        s.changes.insert(*id, None);
+                    }
+                }
+            }
         }
-        Conv2dBackward { x, w, dy, params, dx, dw, db } => {
+        Conv2dBackward { x, w, dy, params, dx, dw, db, col } => {
             const N: &str = "conv2d_backward";
-            let g = gpu.conv2d_backward(&s.get(N, *x)?, &s.get(N, *w)?, &s.get(N, *dy)?, *params, dx.is_some())?;
+            let saved = match col {
+                Some(id) => s.get(N, *id).ok(),
+                None => None,
+            };
+            let g = gpu.conv2d_backward_with(
+                &s.get(N, *x)?,
+                &s.get(N, *w)?,
+                &s.get(N, *dy)?,
+                *params,
+                dx.is_some(),
+                saved.as_ref(),
+            )?;
             if let (Some(id), Some(t)) = (dx, g.dx) {
                 s.put(*id, t);
             }
@@ -370,9 +405,17 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             s.put(*out, y);
             s.put(*indices, i);
         }
-        MaxPool2dBackward { dy, indices, input_shape, kernel, params, out } => {
+        MaxPool2dBackward { dy, indices, input_shape, kernel, params, out, relu_output } => {
             const N: &str = "max_pool2d_backward";
-            let r = gpu.max_pool2d_backward(&s.get(N, *dy)?, &s.get(N, *indices)?, input_shape, *kernel, *params)?;
+            let mask = relu_output.map(|id| s.get(N, id)).transpose()?;
+            let r = gpu.max_pool2d_relu_backward(
+                &s.get(N, *dy)?,
+                &s.get(N, *indices)?,
+                input_shape,
+                *kernel,
+                *params,
+                mask.as_ref(),
+            )?;
             s.put(*out, r);
         }
         LogSoftmax { x, out } => {

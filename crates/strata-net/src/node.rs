@@ -406,18 +406,21 @@ impl NodeActor {
                 preferred(c.dialed_by_me) && !preferred(old.dialed_by_me)
             }
         };
-        if !keep_new {
-            c.link.conn.close(CODE_DUPLICATE.into(), b"duplicate connection");
-            return;
-        }
+        // Every connection gets a reader: the peer may have sent on it before it learnt
+        // which of two simultaneous connections wins.
         let actor =
             PeerActor { link: c.link.clone(), node: ctx.address(), router: self.router.clone(), io: self.io.clone() }
                 .start();
-        if let Some(old) = self
-            .peers
-            .insert(name, PeerEntry { link: c.link, actor, dialed_by_me: c.dialed_by_me, incarnation: c.incarnation })
-        {
-            old.actor.do_send(Close(CODE_DUPLICATE, "duplicate connection"));
+        let entry = PeerEntry { link: c.link, actor, dialed_by_me: c.dialed_by_me, incarnation: c.incarnation };
+        let loser = if keep_new { self.peers.insert(name, entry) } else { Some(entry) };
+        if let Some(l) = loser {
+            // Both ends agree on the winner (the connection dialed by the smaller name) and
+            // stop sending on the loser; close it once what was sent on it has arrived.
+            actix::spawn(async move {
+                l.link.drain(Duration::from_secs(2)).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                l.actor.do_send(Close(CODE_DUPLICATE, "duplicate connection"));
+            });
         }
         self.membership.heard(Instant::now(), &c.info, c.incarnation);
         self.process_events();

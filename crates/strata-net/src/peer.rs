@@ -151,6 +151,11 @@ impl PeerLink {
         &self.name
     }
 
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
     /// The peer's address.
     pub fn remote_addr(&self) -> std::net::SocketAddr {
         self.conn.remote_address()

@@ -278,6 +278,9 @@ pub struct Model {
     acts: Vec<TensorId>,
     grads: Vec<TensorId>,
     aux: Vec<TensorId>,
+    cols: Vec<TensorId>,
+    /// `fused[i]`: layer `i` is a ReLU computed inside layer `i - 1` (convolution or linear).
+    fused: Vec<bool>,
     /// Input batch handle.
     pub input: TensorId,
     /// Targets handle (`u32`).
@@ -339,7 +342,16 @@ impl Model {
             buckets.push(Bucket { params: current, flat: id(), reduced: id(), len });
         }
         let n = spec.layers.len();
+        let fused = (0..n)
+            .map(|i| {
+                i > 0
+                    && spec.layers[i].1 == Layer::Relu
+                    && matches!(spec.layers[i - 1].1, Layer::Conv2d { .. } | Layer::Linear { .. })
+            })
+            .collect();
         Ok(Self {
+            cols: (0..n).map(|_| id()).collect(),
+            fused,
             acts: (0..=n).map(|_| id()).collect(),
             grads: (0..=n).map(|_| id()).collect(),
             aux: (0..n).map(|_| id()).collect(),
@@ -434,12 +446,19 @@ impl Model {
     }
 
     /// The forward pass over the batch at [`Model::input`]; with `loss`, also the mean
-    /// NLL loss and the correct-prediction count against [`Model::targets`].
+    /// NLL loss and the correct-prediction count against [`Model::targets`]. A ReLU after a
+    /// convolution or linear layer is fused into that layer's output pass.
     pub fn forward(&self, batch: usize, loss: bool) -> Result<Vec<Op>> {
         let shapes = self.spec.shapes(batch)?;
+        let n = self.spec.layers.len();
         let mut ops = Vec::new();
         for (i, (_, layer)) in self.spec.layers.iter().enumerate() {
-            let (x, out) = (self.acts[i], self.acts[i + 1]);
+            if self.fused[i] {
+                continue;
+            }
+            let relu = i + 1 < n && self.fused[i + 1];
+            let x = self.acts[i];
+            let out = if relu { self.acts[i + 2] } else { self.acts[i + 1] };
             let p = &self.layer_params[i];
             ops.push(match layer {
                 Layer::Conv2d { .. } => Op::Conv2d {
@@ -448,6 +467,8 @@ impl Model {
                     bias: Some(self.params[p[1]].value),
                     params: conv_params(layer),
                     out,
+                    relu,
+                    col: Some(self.cols[i]),
                 },
                 Layer::MaxPool2d { kernel, stride } => Op::MaxPool2d {
                     x,
@@ -459,7 +480,7 @@ impl Model {
                 Layer::Relu => Op::Relu { x, out },
                 Layer::Flatten => Op::Reshape { x, shape: shapes[i + 1].clone(), out },
                 Layer::Linear { .. } => {
-                    Op::Linear { x, w: self.params[p[0]].value, bias: Some(self.params[p[1]].value), out }
+                    Op::Linear { x, w: self.params[p[0]].value, bias: Some(self.params[p[1]].value), out, relu }
                 }
                 Layer::LogSoftmax => Op::LogSoftmax { x, out },
             });
@@ -473,7 +494,8 @@ impl Model {
     }
 
     /// The backward pass, cut into one segment per bucket: segment `k` ends when bucket
-    /// `k`'s gradients exist and (with `flatten`) copies them into `Bucket::flat`.
+    /// `k`'s gradients exist and (with `flatten`) copies them into `Bucket::flat`. A fused
+    /// ReLU's gradient joins the max-pool backward after it when there is one.
     pub fn backward(&self, batch: usize, flatten: bool) -> Result<Vec<Vec<Op>>> {
         let shapes = self.spec.shapes(batch)?;
         let n = self.spec.layers.len();
@@ -481,12 +503,13 @@ impl Model {
         let mut segments = Vec::new();
         let mut ops = vec![Op::NllLossBackward { logp, targets: self.targets, out: self.grads[n] }];
         let mut bucket = 0;
+        let mut relu_done = vec![false; n];
         for i in (self.first_param_layer..n).rev() {
             let (x, dy, dx) = (self.acts[i], self.grads[i + 1], self.grads[i]);
             let p = &self.layer_params[i];
             let layer = &self.spec.layers[i].1;
-            ops.push(match layer {
-                Layer::Conv2d { .. } => Op::Conv2dBackward {
+            match layer {
+                Layer::Conv2d { .. } => ops.push(Op::Conv2dBackward {
                     x,
                     w: self.params[p[0]].value,
                     dy,
@@ -494,27 +517,40 @@ impl Model {
                     dx: (i > self.first_param_layer).then_some(dx),
                     dw: self.params[p[0]].grad,
                     db: self.params[p[1]].grad,
-                },
-                Layer::MaxPool2d { kernel, stride } => Op::MaxPool2dBackward {
-                    dy,
-                    indices: self.aux[i],
-                    input_shape: shapes[i].clone(),
-                    kernel: (*kernel, *kernel),
-                    params: Conv2dParams::new(*stride, 0),
-                    out: dx,
-                },
-                Layer::Relu => Op::ReluBackward { x, dy, out: dx },
-                Layer::Flatten => Op::Reshape { x: dy, shape: shapes[i].clone(), out: dx },
-                Layer::Linear { .. } => Op::LinearBackward {
+                    col: Some(self.cols[i]),
+                }),
+                Layer::MaxPool2d { kernel, stride } => {
+                    // Pool after a fused ReLU: one pass for both gradients, into the
+                    // gradient of the ReLU's input.
+                    let fuse = i > 0 && self.fused[i - 1];
+                    if fuse {
+                        relu_done[i - 1] = true;
+                    }
+                    ops.push(Op::MaxPool2dBackward {
+                        dy,
+                        indices: self.aux[i],
+                        input_shape: shapes[i].clone(),
+                        kernel: (*kernel, *kernel),
+                        params: Conv2dParams::new(*stride, 0),
+                        out: if fuse { self.grads[i - 1] } else { dx },
+                        relu_output: fuse.then_some(x),
+                    });
+                }
+                Layer::Relu if relu_done[i] => {}
+                // A fused ReLU's input was never stored: its output gives the same mask.
+                Layer::Relu if self.fused[i] => ops.push(Op::ReluBackward { x: self.acts[i + 1], dy, out: dx }),
+                Layer::Relu => ops.push(Op::ReluBackward { x, dy, out: dx }),
+                Layer::Flatten => ops.push(Op::Reshape { x: dy, shape: shapes[i].clone(), out: dx }),
+                Layer::Linear { .. } => ops.push(Op::LinearBackward {
                     x,
                     w: self.params[p[0]].value,
                     dy,
                     dx,
                     dw: self.params[p[0]].grad,
                     db: self.params[p[1]].grad,
-                },
-                Layer::LogSoftmax => Op::LogSoftmaxBackward { y: self.acts[i + 1], dy, out: dx },
-            });
+                }),
+                Layer::LogSoftmax => ops.push(Op::LogSoftmaxBackward { y: self.acts[i + 1], dy, out: dx }),
+            }
             // Close every bucket whose last parameter now has its gradient.
             while bucket < self.buckets.len() && self.buckets[bucket].params.iter().all(|q| self.layer_of(*q) >= i) {
                 if flatten {

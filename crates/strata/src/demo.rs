@@ -87,10 +87,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!(
         "strata demo: 2 nodes on 127.0.0.1 (two processes, mutual TLS with certificates made for this run) train the reference CNN on Fashion-MNIST"
     );
-    println!(
-        "training on the first {} of the 60000 training images for {} epoch(s) to stay within a few minutes; pass --train-limit 60000 for the full set",
-        args.train_limit, args.epochs
-    );
+    if args.train_limit < 60000 {
+        println!(
+            "training on the first {} of the 60000 training images for {} epoch(s) to stay within a few minutes; pass --train-limit 60000 for the full set",
+            args.train_limit, args.epochs
+        );
+    }
     let ck = args.out.join("checkpoints");
     let plot = args.out.join("training.png");
     let a = vec![

@@ -176,3 +176,82 @@ fn wait_timeout(c: &mut Child, limit: Duration) -> Output {
     }
     Output { status: c.wait().unwrap(), stdout: Vec::new(), stderr: stderr.into_bytes() }
 }
+
+/// A tiny IDX dataset (12x12 images) in `dir`.
+fn tiny_idx(dir: &Path, train: usize, test: usize) {
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let mut img = 0x0000_0803u32.to_be_bytes().to_vec();
+        for v in [n as u32, 12, 12] {
+            img.extend_from_slice(&v.to_be_bytes());
+        }
+        img.extend((0..n * 144).map(|i| ((i * 37) % 256) as u8));
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).unwrap();
+        let mut lab = 0x0000_0801u32.to_be_bytes().to_vec();
+        lab.extend_from_slice(&(n as u32).to_be_bytes());
+        lab.extend((0..n).map(|i| (i % 10) as u8));
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_training_stops_the_other_and_the_checkpoint_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("data")).unwrap();
+    tiny_idx(&d.join("data"), 256, 32);
+    run(d, &["cert", "--dir", "certs", "rank-0", "rank-1"]);
+    let port = free_port().to_string();
+    let mut procs = Procs(Vec::new());
+    for r in 0..2 {
+        let child = strata(d)
+            .args([
+                "train",
+                "--data",
+                "data",
+                "--epochs",
+                "1000",
+                "--batch-size",
+                "16",
+                "--checkpoint-dir",
+                "ck",
+                "--cert-dir",
+                "certs",
+            ])
+            .args(["--failure-timeout-ms", "2000", "--json"])
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        procs.0.push(child);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !d.join("ck/latest").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    procs.0[1].kill().unwrap();
+    procs.0[1].wait().unwrap();
+    let out = wait_timeout(&mut procs.0[0], Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("rank-1"), "the survivor should name the dead worker: {stderr}");
+    assert!(killed.elapsed() < Duration::from_secs(10), "took {:?}", killed.elapsed());
+    // The last checkpoint is intact: one more epoch resumes from it on a single node.
+    let latest = std::fs::read_to_string(d.join("ck/latest")).unwrap();
+    let done: u64 = latest.trim().trim_start_matches("epoch-").parse().unwrap();
+    let target = (done + 1).to_string();
+    let out = run(
+        d,
+        &["train", "--data", "data", "--epochs", &target, "--batch-size", "16", "--checkpoint-dir", "ck", "--resume"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("resumed from a checkpoint after epoch {done}")), "{text}");
+    assert!(text.contains(&format!("epoch {target}:")), "{text}");
+    assert!(d.join(format!("ck/epoch-{target}/model.safetensors")).exists());
+}

@@ -32,6 +32,17 @@ struct Params {
     p_ld: u32,
     co: u32,
     co_ld: u32,
+    relu: u32,
+    _pad: [u32; 3],
+}
+
+/// Options of a convolution's forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConvForward {
+    /// Apply ReLU to the output (fused into the output pass).
+    pub relu: bool,
+    /// Keep the patch matrix for the backward pass.
+    pub keep_col: bool,
 }
 
 /// Gradients of a convolution on the device.
@@ -73,6 +84,8 @@ impl Plan {
             p_ld: u(self.p_ld),
             co: u(g.co),
             co_ld: u(g.co.next_multiple_of(4)),
+            relu: 0,
+            _pad: [0; 3],
         }
     }
 
@@ -134,6 +147,19 @@ impl Gpu {
         bias: Option<&GpuTensor>,
         params: Conv2dParams,
     ) -> Result<GpuTensor> {
+        Ok(self.conv2d_with(x, w, bias, params, ConvForward::default())?.0)
+    }
+
+    /// [`Gpu::conv2d`] with a fused ReLU and, with `keep_col`, the patch matrix returned
+    /// for [`Gpu::conv2d_backward_with`] (when the batch fitted one chunk; else `None`).
+    pub fn conv2d_with(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        params: Conv2dParams,
+        opts: ConvForward,
+    ) -> Result<(GpuTensor, Option<GpuTensor>)> {
         const OP: &str = "conv2d";
         let g = geometry::conv2d(x.shape(), w.shape(), bias.map(|b| b.shape()), params)?;
         self.check_conv_operands(OP, &[("input", x), ("weight", w)])?;
@@ -164,12 +190,13 @@ impl Gpu {
                 Mat::rows(&ycp, plan.p_ld),
                 false,
             )?;
-            let p = plan.params(n0, nb);
+            let p = Params { relu: u32::from(opts.relu), ..plan.params(n0, nb) };
             let (entry, items) = if pix % 4 == 0 { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
             let groups = self.plane_grid(items, 4, nb * g.co);
             self.dispatch(OP, (FILE, entry), &[], &p, &[ycp.arg(), bias.arg(), y.arg()], groups)?;
         }
-        Ok(y)
+        let single_chunk = plan.nb >= g.n;
+        Ok((y, (opts.keep_col && single_chunk).then_some(col)))
     }
 
     /// Gradients of [`Gpu::conv2d`] given the output gradient `dy`; `input_grad: false`
@@ -181,6 +208,20 @@ impl Gpu {
         dy: &GpuTensor,
         params: Conv2dParams,
         input_grad: bool,
+    ) -> Result<Conv2dGrads> {
+        self.conv2d_backward_with(x, w, dy, params, input_grad, None)
+    }
+
+    /// [`Gpu::conv2d_backward`] reusing the patch matrix the forward pass kept (see
+    /// [`Gpu::conv2d_with`]) instead of building it again.
+    pub fn conv2d_backward_with(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        dy: &GpuTensor,
+        params: Conv2dParams,
+        input_grad: bool,
+        saved_col: Option<&GpuTensor>,
     ) -> Result<Conv2dGrads> {
         const OP: &str = "conv2d_backward";
         let g = geometry::conv2d(x.shape(), w.shape(), None, params)?;
@@ -194,7 +235,15 @@ impl Gpu {
         let k = g.patch_len();
         let pix = g.ho * g.wo;
         let co_ld = g.co.next_multiple_of(4);
-        let col = self.empty([k, plan.p_ld], DType::F32)?;
+        let reuse = saved_col.filter(|c| plan.nb >= g.n && c.shape().dims() == [k, plan.p_ld]);
+        let fresh;
+        let col = match reuse {
+            Some(c) => c,
+            None => {
+                fresh = self.empty([k, plan.p_ld], DType::F32)?;
+                &fresh
+            }
+        };
         let dyt = self.empty([plan.p_ld, co_ld], DType::F32)?;
         let dwt = self.empty([k, co_ld], DType::F32)?;
         let dx = if input_grad { Some(self.empty(x.shape().clone(), DType::F32)?) } else { None };
@@ -211,7 +260,9 @@ impl Gpu {
         for (i, (n0, nb)) in plan.chunks().enumerate() {
             let p = plan.params(n0, nb);
             let np = nb * pix;
-            self.im2col(OP, &plan, x, &col, n0, nb)?;
+            if reuse.is_none() {
+                self.im2col(OP, &plan, x, col, n0, nb)?;
+            }
             self.dispatch(OP, (FILE, "nchw_to_pc"), &[], &p, &[dy.arg(), dyt.arg()], self.plane_grid(pix, 1, nb))?;
             // dW^T [k, co] (+)= col [k, np] @ dY^T [np, co]
             self.gemm_into(

@@ -19,12 +19,13 @@ struct Params {
     bits: u32,
     inner: u32,
     channels: u32,
-    _pad: [u32; 2],
+    relu: u32,
+    _pad: u32,
 }
 
 impl Params {
     fn new(n: usize, base: usize) -> Self {
-        Self { n: u(n), base: u(base), alpha: 1.0, bits: 0, inner: 1, channels: 1, _pad: [0; 2] }
+        Self { n: u(n), base: u(base), alpha: 1.0, bits: 0, inner: 1, channels: 1, relu: 0, _pad: 0 }
     }
 }
 
@@ -131,6 +132,11 @@ impl Gpu {
 
     /// `x + bias[c]` for `x` `[n, c, ...]` (convolution and linear biases).
     pub fn add_channel_bias(&mut self, x: &GpuTensor, bias: &GpuTensor) -> Result<GpuTensor> {
+        self.add_channel_bias_act(x, bias, false)
+    }
+
+    /// `x + bias[c]`, then ReLU when `relu`.
+    pub fn add_channel_bias_act(&mut self, x: &GpuTensor, bias: &GpuTensor, relu: bool) -> Result<GpuTensor> {
         const OP: &str = "add_channel_bias";
         expect_dtype(OP, "x", x, DType::F32)?;
         expect_dtype(OP, "bias", bias, DType::F32)?;
@@ -138,7 +144,7 @@ impl Gpu {
         let inner: usize = x.shape().dims()[2..].iter().product();
         let y = self.empty(x.shape().clone(), DType::F32)?;
         for (off, len) in self.chunk_ranges(x.numel()) {
-            let p = Params { inner: u(inner), channels: u(channels), ..Params::new(len, off) };
+            let p = Params { inner: u(inner), channels: u(channels), relu: u32::from(relu), ..Params::new(len, off) };
             let args = [x.arg_range(off, len), bias.arg(), y.arg_range(off, len)];
             self.dispatch(OP, (FILE, "add_channel_bias"), &[], &p, &args, [self.grid(len, 16), 1, 1])?;
         }

@@ -258,11 +258,23 @@ impl Gpu {
 
     /// Linear layer `x @ w^T + bias`: `x` `[batch, in]`, `w` `[out, in]` (PyTorch layout).
     pub fn linear(&mut self, x: &GpuTensor, w: &GpuTensor, bias: Option<&GpuTensor>) -> Result<GpuTensor> {
+        self.linear_act(x, w, bias, false)
+    }
+
+    /// [`Gpu::linear`] followed by a ReLU fused into the bias pass when `relu`.
+    pub fn linear_act(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        relu: bool,
+    ) -> Result<GpuTensor> {
         geometry::linear(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
         let y = self.matmul(x, w, false, true)?;
-        match bias {
-            Some(b) => self.add_channel_bias(&y, b),
-            None => Ok(y),
+        match (bias, relu) {
+            (Some(b), _) => self.add_channel_bias_act(&y, b, relu),
+            (None, true) => self.relu(&y),
+            (None, false) => Ok(y),
         }
     }
 

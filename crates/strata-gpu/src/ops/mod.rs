@@ -11,7 +11,7 @@ mod optim;
 mod pool;
 mod reduce;
 
-pub use conv::Conv2dGrads;
+pub use conv::{Conv2dGrads, ConvForward};
 
 use strata_tensor::DType;
 

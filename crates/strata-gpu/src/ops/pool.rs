@@ -23,7 +23,7 @@ struct Params {
     sw: u32,
     ph: u32,
     pw: u32,
-    _pad: u32,
+    relu_mask: u32,
 }
 
 fn params_of(g: &PoolGeometry) -> Params {
@@ -39,7 +39,7 @@ fn params_of(g: &PoolGeometry) -> Params {
         sw: u(g.params.stride.1),
         ph: u(g.params.padding.0),
         pw: u(g.params.padding.1),
-        _pad: 0,
+        relu_mask: 0,
     }
 }
 
@@ -58,15 +58,8 @@ impl Gpu {
         let g = geometry::max_pool2d(x.shape(), kernel, params)?;
         let y = self.empty(g.output_shape(), DType::F32)?;
         let idx = self.empty(g.output_shape(), DType::U32)?;
-        let items = y.numel();
-        self.dispatch(
-            OP,
-            (FILE, "max_pool_forward"),
-            &[],
-            &params_of(&g),
-            &[x.arg(), y.arg(), idx.arg()],
-            [self.grid(items, 4), 1, 1],
-        )?;
+        let groups = self.plane_grid(g.ho, 1, g.planes);
+        self.dispatch(OP, (FILE, "max_pool_forward"), &[], &params_of(&g), &[x.arg(), y.arg(), idx.arg()], groups)?;
         Ok((y, idx))
     }
 
@@ -79,6 +72,21 @@ impl Gpu {
         kernel: (usize, usize),
         params: Conv2dParams,
     ) -> Result<GpuTensor> {
+        self.max_pool2d_relu_backward(dy, indices, input_shape, kernel, params, None)
+    }
+
+    /// As [`Gpu::max_pool2d_backward`], also applying the gradient of a ReLU that produced
+    /// the pool's input `relu_output` (no gradient where it is not positive): one pass
+    /// instead of two.
+    pub fn max_pool2d_relu_backward(
+        &mut self,
+        dy: &GpuTensor,
+        indices: &GpuTensor,
+        input_shape: &Shape,
+        kernel: (usize, usize),
+        params: Conv2dParams,
+        relu_output: Option<&GpuTensor>,
+    ) -> Result<GpuTensor> {
         const OP: &str = "max_pool2d_backward";
         expect_dtype(OP, "output gradient", dy, DType::F32)?;
         expect_dtype(OP, "indices", indices, DType::U32)?;
@@ -90,16 +98,28 @@ impl Gpu {
             )
             .into());
         }
+        if let Some(r) = relu_output {
+            expect_dtype(OP, "relu output", r, DType::F32)?;
+            if r.shape() != input_shape {
+                return Err(TensorError::shape(
+                    OP,
+                    format!("relu output {} must be the pool input {input_shape}", r.shape()),
+                )
+                .into());
+            }
+        }
         let dx = self.empty(input_shape.clone(), DType::F32)?;
         expect_binding(OP, "input gradient", &dx, self.info().max_storage_binding_bytes)?;
-        let items = dx.numel();
+        let p = Params { relu_mask: u32::from(relu_output.is_some()), ..params_of(&g) };
+        let mask = relu_output.unwrap_or(dy);
+        let groups = self.plane_grid(g.h, 1, g.planes);
         self.dispatch(
             OP,
             (FILE, "max_pool_backward"),
             &[],
-            &params_of(&g),
-            &[dy.arg(), indices.arg(), dx.arg()],
-            [self.grid(items, 4), 1, 1],
+            &p,
+            &[dy.arg(), indices.arg(), mask.arg(), dx.arg()],
+            groups,
         )?;
         Ok(dx)
     }
