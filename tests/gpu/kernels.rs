@@ -211,6 +211,19 @@ fn conv2d_matches_reference_with_both_kernels() {
             assert_close(&format!("{what} db"), &down(&mut g, &grads.db), &r.db, 1e-4, 1e-5 * pix.sqrt());
             let no_dx = g.conv2d_backward(&gx, &gw, &gdy, params, false).unwrap();
             assert!(no_dx.dx.is_none());
+            // Fused ReLU, and a kept patch matrix reused by the backward pass.
+            let opts = strata_gpu::ConvForward { relu: true, keep_col: true };
+            let (yr, col) = g.conv2d_with(&gx, &gw, Some(&gb), params, opts).unwrap();
+            assert_close(&format!("{what} relu"), &down(&mut g, &yr), &cpu::relu(&want), 1e-4, 1e-5 * k.sqrt());
+            let col = col.expect("small batches fit one chunk");
+            let again = g.conv2d_backward_with(&gx, &gw, &gdy, params, true, Some(&col)).unwrap();
+            assert_close(
+                &format!("{what} dw from kept patches"),
+                &down(&mut g, &again.dw),
+                &r.dw,
+                1e-4,
+                1e-5 * pix.sqrt(),
+            );
             assert_close(&format!("{what} dw without dx"), &down(&mut g, &no_dx.dw), &r.dw, 1e-4, 1e-5 * pix.sqrt());
         }
         let (p, q) =
