@@ -60,6 +60,16 @@ if ! vulkan_icd_present; then
     apt_install mesa-vulkan-drivers libvulkan1
 fi
 
+# The demo's data and the plot's font.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    say "installing dataset-fashion-mnist (the demo trains on Fashion-MNIST)"
+    apt_install dataset-fashion-mnist
+fi
+if [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+    say "installing fonts-dejavu-core (labels of the training plot)"
+    apt_install fonts-dejavu-core
+fi
+
 # Vulkan loaders complain on every start when XDG_RUNTIME_DIR is unset; harmless.
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
     export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/strata-runtime-$(id -u)"
