@@ -11,6 +11,12 @@
 // and offset in whole vec4s; B and C row-major with vec4 row strides; N rounded up to
 // n4 vec4 columns, the padding columns of C may be written. Rows past M and columns
 // past n4 clamp their loads and skip their stores.
+//
+// Batched columns: with b_cpb4 (c_cpb4) > 0, vec4 column j of B (C) lives at
+// (j / cpb4) * img4 + j % cpb4: the columns of several images, each image's block
+// img4 vec4s apart, as in an NCHW tensor viewed as [channels, images * pixels]. A
+// convolution thus reads its output gradient and writes its output in NCHW directly.
+// The epilogue optionally adds bias[row] (bit 0) and applies ReLU (bit 1).
 
 struct Params {
     m: u32,
@@ -23,14 +29,26 @@ struct Params {
     b_off4: u32,
     c_off4: u32,
     accumulate: u32,
+    b_cpb4: u32,
+    b_img4: u32,
+    c_cpb4: u32,
+    c_img4: u32,
+    epilogue: u32,
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+fn batched(j: u32, cpb4: u32, img4: u32) -> u32 {
+    if (cpb4 == 0u) {
+        return j;
+    }
+    return (j / cpb4) * img4 + j % cpb4;
+}
 
 @compute @workgroup_size(8)
 fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
@@ -38,8 +56,8 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
     let ra0 = p.a_off4 + min(row + 0u, p.m - 1u) * p.lda4;
     let ra1 = p.a_off4 + min(row + 1u, p.m - 1u) * p.lda4;
     let col = wg.x * 16u + lane * 2u;
-    let cb0 = p.b_off4 + min(col + 0u, p.n4 - 1u);
-    let cb1 = p.b_off4 + min(col + 1u, p.n4 - 1u);
+    let cb0 = p.b_off4 + batched(min(col + 0u, p.n4 - 1u), p.b_cpb4, p.b_img4);
+    let cb1 = p.b_off4 + batched(min(col + 1u, p.n4 - 1u), p.b_cpb4, p.b_img4);
     var acc0_0 = vec4<f32>(0.0);
     var acc0_1 = vec4<f32>(0.0);
     var acc0_2 = vec4<f32>(0.0);
@@ -343,136 +361,234 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
     }
     if (row + 0u < p.m) {
         let rc = p.c_off4 + (row + 0u) * p.ldc4;
+        let rb = select(0.0, bias[row + 0u], (p.epilogue & 1u) != 0u);
         if (wg.x * 16u + 0u < p.n4) {
-            let i = rc + wg.x * 16u + 0u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_0; } else { c[i] = acc0_0; }
+            let i = rc + batched(wg.x * 16u + 0u, p.c_cpb4, p.c_img4);
+            var val = acc0_0 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 1u < p.n4) {
-            let i = rc + wg.x * 16u + 1u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_1; } else { c[i] = acc0_1; }
+            let i = rc + batched(wg.x * 16u + 1u, p.c_cpb4, p.c_img4);
+            var val = acc0_1 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 2u < p.n4) {
-            let i = rc + wg.x * 16u + 2u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_2; } else { c[i] = acc0_2; }
+            let i = rc + batched(wg.x * 16u + 2u, p.c_cpb4, p.c_img4);
+            var val = acc0_2 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 3u < p.n4) {
-            let i = rc + wg.x * 16u + 3u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_3; } else { c[i] = acc0_3; }
+            let i = rc + batched(wg.x * 16u + 3u, p.c_cpb4, p.c_img4);
+            var val = acc0_3 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 4u < p.n4) {
-            let i = rc + wg.x * 16u + 4u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_4; } else { c[i] = acc0_4; }
+            let i = rc + batched(wg.x * 16u + 4u, p.c_cpb4, p.c_img4);
+            var val = acc0_4 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 5u < p.n4) {
-            let i = rc + wg.x * 16u + 5u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_5; } else { c[i] = acc0_5; }
+            let i = rc + batched(wg.x * 16u + 5u, p.c_cpb4, p.c_img4);
+            var val = acc0_5 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 6u < p.n4) {
-            let i = rc + wg.x * 16u + 6u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_6; } else { c[i] = acc0_6; }
+            let i = rc + batched(wg.x * 16u + 6u, p.c_cpb4, p.c_img4);
+            var val = acc0_6 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 7u < p.n4) {
-            let i = rc + wg.x * 16u + 7u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_7; } else { c[i] = acc0_7; }
+            let i = rc + batched(wg.x * 16u + 7u, p.c_cpb4, p.c_img4);
+            var val = acc0_7 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 8u < p.n4) {
-            let i = rc + wg.x * 16u + 8u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_8; } else { c[i] = acc0_8; }
+            let i = rc + batched(wg.x * 16u + 8u, p.c_cpb4, p.c_img4);
+            var val = acc0_8 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 9u < p.n4) {
-            let i = rc + wg.x * 16u + 9u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_9; } else { c[i] = acc0_9; }
+            let i = rc + batched(wg.x * 16u + 9u, p.c_cpb4, p.c_img4);
+            var val = acc0_9 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 10u < p.n4) {
-            let i = rc + wg.x * 16u + 10u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_10; } else { c[i] = acc0_10; }
+            let i = rc + batched(wg.x * 16u + 10u, p.c_cpb4, p.c_img4);
+            var val = acc0_10 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 11u < p.n4) {
-            let i = rc + wg.x * 16u + 11u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_11; } else { c[i] = acc0_11; }
+            let i = rc + batched(wg.x * 16u + 11u, p.c_cpb4, p.c_img4);
+            var val = acc0_11 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 12u < p.n4) {
-            let i = rc + wg.x * 16u + 12u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_12; } else { c[i] = acc0_12; }
+            let i = rc + batched(wg.x * 16u + 12u, p.c_cpb4, p.c_img4);
+            var val = acc0_12 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 13u < p.n4) {
-            let i = rc + wg.x * 16u + 13u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_13; } else { c[i] = acc0_13; }
+            let i = rc + batched(wg.x * 16u + 13u, p.c_cpb4, p.c_img4);
+            var val = acc0_13 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 14u < p.n4) {
-            let i = rc + wg.x * 16u + 14u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_14; } else { c[i] = acc0_14; }
+            let i = rc + batched(wg.x * 16u + 14u, p.c_cpb4, p.c_img4);
+            var val = acc0_14 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 15u < p.n4) {
-            let i = rc + wg.x * 16u + 15u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc0_15; } else { c[i] = acc0_15; }
+            let i = rc + batched(wg.x * 16u + 15u, p.c_cpb4, p.c_img4);
+            var val = acc0_15 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
     }
     if (row + 1u < p.m) {
         let rc = p.c_off4 + (row + 1u) * p.ldc4;
+        let rb = select(0.0, bias[row + 1u], (p.epilogue & 1u) != 0u);
         if (wg.x * 16u + 0u < p.n4) {
-            let i = rc + wg.x * 16u + 0u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_0; } else { c[i] = acc1_0; }
+            let i = rc + batched(wg.x * 16u + 0u, p.c_cpb4, p.c_img4);
+            var val = acc1_0 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 1u < p.n4) {
-            let i = rc + wg.x * 16u + 1u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_1; } else { c[i] = acc1_1; }
+            let i = rc + batched(wg.x * 16u + 1u, p.c_cpb4, p.c_img4);
+            var val = acc1_1 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 2u < p.n4) {
-            let i = rc + wg.x * 16u + 2u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_2; } else { c[i] = acc1_2; }
+            let i = rc + batched(wg.x * 16u + 2u, p.c_cpb4, p.c_img4);
+            var val = acc1_2 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 3u < p.n4) {
-            let i = rc + wg.x * 16u + 3u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_3; } else { c[i] = acc1_3; }
+            let i = rc + batched(wg.x * 16u + 3u, p.c_cpb4, p.c_img4);
+            var val = acc1_3 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 4u < p.n4) {
-            let i = rc + wg.x * 16u + 4u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_4; } else { c[i] = acc1_4; }
+            let i = rc + batched(wg.x * 16u + 4u, p.c_cpb4, p.c_img4);
+            var val = acc1_4 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 5u < p.n4) {
-            let i = rc + wg.x * 16u + 5u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_5; } else { c[i] = acc1_5; }
+            let i = rc + batched(wg.x * 16u + 5u, p.c_cpb4, p.c_img4);
+            var val = acc1_5 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 6u < p.n4) {
-            let i = rc + wg.x * 16u + 6u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_6; } else { c[i] = acc1_6; }
+            let i = rc + batched(wg.x * 16u + 6u, p.c_cpb4, p.c_img4);
+            var val = acc1_6 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 7u < p.n4) {
-            let i = rc + wg.x * 16u + 7u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_7; } else { c[i] = acc1_7; }
+            let i = rc + batched(wg.x * 16u + 7u, p.c_cpb4, p.c_img4);
+            var val = acc1_7 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 8u < p.n4) {
-            let i = rc + wg.x * 16u + 8u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_8; } else { c[i] = acc1_8; }
+            let i = rc + batched(wg.x * 16u + 8u, p.c_cpb4, p.c_img4);
+            var val = acc1_8 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 9u < p.n4) {
-            let i = rc + wg.x * 16u + 9u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_9; } else { c[i] = acc1_9; }
+            let i = rc + batched(wg.x * 16u + 9u, p.c_cpb4, p.c_img4);
+            var val = acc1_9 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 10u < p.n4) {
-            let i = rc + wg.x * 16u + 10u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_10; } else { c[i] = acc1_10; }
+            let i = rc + batched(wg.x * 16u + 10u, p.c_cpb4, p.c_img4);
+            var val = acc1_10 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 11u < p.n4) {
-            let i = rc + wg.x * 16u + 11u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_11; } else { c[i] = acc1_11; }
+            let i = rc + batched(wg.x * 16u + 11u, p.c_cpb4, p.c_img4);
+            var val = acc1_11 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 12u < p.n4) {
-            let i = rc + wg.x * 16u + 12u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_12; } else { c[i] = acc1_12; }
+            let i = rc + batched(wg.x * 16u + 12u, p.c_cpb4, p.c_img4);
+            var val = acc1_12 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 13u < p.n4) {
-            let i = rc + wg.x * 16u + 13u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_13; } else { c[i] = acc1_13; }
+            let i = rc + batched(wg.x * 16u + 13u, p.c_cpb4, p.c_img4);
+            var val = acc1_13 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 14u < p.n4) {
-            let i = rc + wg.x * 16u + 14u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_14; } else { c[i] = acc1_14; }
+            let i = rc + batched(wg.x * 16u + 14u, p.c_cpb4, p.c_img4);
+            var val = acc1_14 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
         if (wg.x * 16u + 15u < p.n4) {
-            let i = rc + wg.x * 16u + 15u;
-            if (p.accumulate == 1u) { c[i] = c[i] + acc1_15; } else { c[i] = acc1_15; }
+            let i = rc + batched(wg.x * 16u + 15u, p.c_cpb4, p.c_img4);
+            var val = acc1_15 + vec4<f32>(rb);
+            if (p.accumulate == 1u) { val += c[i]; }
+            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }
+            c[i] = val;
         }
     }
 }

@@ -61,4 +61,6 @@ async fn errors_are_typed_and_the_actor_keeps_serving() {
     common::assert_close("matmul via actor", &got, &want, 1e-5, 1e-6);
     let stats = gpu.stats().await.unwrap();
     assert!(stats.dispatches > 0 && stats.submits > 0);
+    gpu.shutdown().await;
+    assert_eq!(gpu.download::<f32>(c).await.unwrap_err(), GpuError::ActorGone);
 }

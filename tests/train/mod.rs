@@ -87,6 +87,9 @@ async fn two_ranks_of_32_reach_the_parameters_of_one_rank_of_64() {
     // Training moved the parameters: the comparison is not vacuous.
     let init = spec().init(7);
     assert!(want.iter().zip(&init).any(|(w, i)| w.max_abs_diff(i).unwrap() > 1e-3));
+    for t in [&*a, &*b, &solo] {
+        t.gpu().shutdown().await;
+    }
     for n in &nodes {
         n.shutdown().await;
     }
@@ -119,8 +122,10 @@ async fn checkpoints_resume_and_refuse_another_model() {
 
     // The same checkpoint for a model with other shapes is refused, naming the parameter.
     let other = ModelSpec::reference_cnn(3, 12, 12, 10);
-    let e = Trainer::new(gpu, None, other, TrainConfig { resume: true, ..cfg }).await.err().unwrap().to_string();
+    let e =
+        Trainer::new(gpu.clone(), None, other, TrainConfig { resume: true, ..cfg }).await.err().unwrap().to_string();
     assert!(e.contains("parameter conv1.weight has shape [64,1,3,3], model reference-cnn expects [64,3,3,3]"), "{e}");
+    gpu.shutdown().await;
 }
 
 #[test]

@@ -17,7 +17,14 @@ use crate::{DeviceInfo, Executor, Gpu, GpuError, GpuOptions, GpuStats, Op, Resul
 
 /// The actor owning one device.
 pub struct GpuActor {
-    exec: Executor,
+    /// `None` after [`Shutdown`].
+    exec: Option<Executor>,
+}
+
+impl GpuActor {
+    fn exec(&mut self) -> Result<&mut Executor> {
+        self.exec.as_mut().ok_or(GpuError::ActorGone)
+    }
 }
 
 impl Actor for GpuActor {
@@ -54,6 +61,12 @@ pub struct Run(pub Vec<Op>);
 #[rtype(result = "()")]
 pub struct Free(pub Vec<TensorId>);
 
+/// Releases the device and stops the actor, answering once the device is gone (so a
+/// process can exit without racing the driver's teardown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
 /// Asks what the device is.
 #[derive(Message)]
 #[rtype(result = "DeviceInfo")]
@@ -73,50 +86,60 @@ where
     F: FnOnce(&mut Executor) -> R,
     R: 'static,
 {
-    type Result = R;
+    type Result = Result<R>;
 }
 
 impl<T: Element> Handler<Upload<T>> for GpuActor {
     type Result = Result<()>;
     fn handle(&mut self, msg: Upload<T>, _: &mut SyncContext<Self>) -> Self::Result {
-        self.exec.upload(msg.id, &msg.tensor)
+        self.exec()?.upload(msg.id, &msg.tensor)
     }
 }
 
 impl<T: Element> Handler<Download<T>> for GpuActor {
     type Result = Result<HostTensor<T>>;
     fn handle(&mut self, msg: Download<T>, _: &mut SyncContext<Self>) -> Self::Result {
-        self.exec.download(msg.id)
+        self.exec()?.download(msg.id)
     }
 }
 
 impl Handler<Run> for GpuActor {
     type Result = Result<()>;
     fn handle(&mut self, msg: Run, _: &mut SyncContext<Self>) -> Self::Result {
-        self.exec.run(&msg.0)
+        self.exec()?.run(&msg.0)
     }
 }
 
 impl Handler<Free> for GpuActor {
     type Result = ();
     fn handle(&mut self, msg: Free, _: &mut SyncContext<Self>) {
-        for id in msg.0 {
-            self.exec.remove(id);
+        if let Some(ex) = self.exec.as_mut() {
+            for id in msg.0 {
+                ex.remove(id);
+            }
         }
+    }
+}
+
+impl Handler<Shutdown> for GpuActor {
+    type Result = ();
+    fn handle(&mut self, _: Shutdown, ctx: &mut SyncContext<Self>) {
+        drop(self.exec.take());
+        ctx.stop();
     }
 }
 
 impl Handler<Info> for GpuActor {
     type Result = MessageResult<Info>;
     fn handle(&mut self, _: Info, _: &mut SyncContext<Self>) -> Self::Result {
-        MessageResult(self.exec.gpu().info().clone())
+        MessageResult(self.exec.as_mut().map(|e| e.gpu().info().clone()).unwrap_or_default())
     }
 }
 
 impl Handler<Stats> for GpuActor {
     type Result = MessageResult<Stats>;
     fn handle(&mut self, _: Stats, _: &mut SyncContext<Self>) -> Self::Result {
-        MessageResult(self.exec.gpu().stats())
+        MessageResult(self.exec.as_mut().map(|e| e.gpu().stats()).unwrap_or_default())
     }
 }
 
@@ -127,7 +150,7 @@ where
 {
     type Result = MessageResult<With<F, R>>;
     fn handle(&mut self, msg: With<F, R>, _: &mut SyncContext<Self>) -> Self::Result {
-        MessageResult((msg.0)(&mut self.exec))
+        MessageResult(self.exec().map(|ex| (msg.0)(ex)))
     }
 }
 
@@ -153,7 +176,7 @@ impl GpuHandle {
         let slot = Mutex::new(Some(gpu));
         let addr = SyncArbiter::start(1, move || {
             let gpu = slot.lock().unwrap_or_else(|p| p.into_inner()).take().expect("the GPU actor is constructed once");
-            GpuActor { exec: Executor::new(gpu) }
+            GpuActor { exec: Some(Executor::new(gpu)) }
         });
         Self { addr, next_id: Arc::new(AtomicU64::new(1)), info }
     }
@@ -214,12 +237,17 @@ impl GpuHandle {
         self.ask(Stats).await
     }
 
+    /// Releases the device and stops the actor; later calls fail with `ActorGone`.
+    pub async fn shutdown(&self) {
+        let _ = self.addr.send(Shutdown).await;
+    }
+
     /// Runs `f` on the actor's executor.
     pub async fn with<F, R>(&self, f: F) -> Result<R>
     where
         F: FnOnce(&mut Executor) -> R + Send + 'static,
         R: Send + 'static,
     {
-        self.ask(With(f, PhantomData)).await
+        self.ask(With(f, PhantomData)).await?
     }
 }

@@ -57,7 +57,7 @@ impl fmt::Display for AdapterRequest {
 }
 
 /// What an opened device is and the limits that matter to Strata.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
     /// Adapter name, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`.
     pub name: String,

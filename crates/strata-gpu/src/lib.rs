@@ -19,7 +19,7 @@ mod pool;
 mod program;
 mod tensor;
 
-pub use actor::{Download, Free, GpuActor, GpuHandle, Info, Run, Stats, Upload, With};
+pub use actor::{Download, Free, GpuActor, GpuHandle, Info, Run, Shutdown, Stats, Upload, With};
 pub use device::{AdapterRequest, DeviceInfo, list_adapters};
 pub use error::{GpuError, Result};
 pub use gpu::{GemmKernel, Gpu, GpuOptions, GpuStats};

@@ -779,16 +779,24 @@ impl Handler<Shutdown> for NodeActor {
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
         self.leaving = true;
         let links: Vec<PeerLink> = self.peers.values().map(|p| p.link.clone()).collect();
+        let endpoint = self.endpoint.clone();
         Box::pin(
             async move {
-                let sends =
-                    links.iter().map(|l| tokio::time::timeout(Duration::from_secs(1), l.send(Body::Leave, &[])));
-                for s in sends {
-                    let _ = s.await;
+                // `Leave` must be acknowledged before the close: closing a connection
+                // abandons stream data not yet delivered.
+                let mut sends = tokio::task::JoinSet::new();
+                for l in links.clone() {
+                    sends.spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), l.send_acknowledged(Body::Leave)).await;
+                    });
                 }
+                sends.join_all().await;
                 for l in &links {
                     l.conn.close(CODE_LEAVING.into(), b"leaving");
                 }
+                // The close frames are sent by the endpoint driver; a process that exits
+                // right after shutdown would otherwise leave its peers to time out.
+                let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
             }
             .into_actor(self)
             .map(|_, act, ctx| {

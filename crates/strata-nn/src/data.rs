@@ -368,7 +368,7 @@ mod tests {
         assert!(e.contains("t10k-images-idx3-ubyte: magic number 0x00001234 is not an IDX image file"), "{e}");
         std::fs::write(
             d.path().join("t10k-images-idx3-ubyte"),
-            &[0, 0, 8, 3, 0, 0, 0, 9, 0, 0, 0, 4, 0, 0, 0, 5, 1, 2],
+            [0u8, 0, 8, 3, 0, 0, 0, 9, 0, 0, 0, 4, 0, 0, 0, 5, 1, 2],
         )
         .unwrap();
         let e = load_dir(d.path()).unwrap_err().to_string();

@@ -152,5 +152,8 @@ pub async fn run_node(config: NodeConfig, gpu_options: Option<GpuOptions>) -> Re
     }
     println!("node {} leaving", node.name());
     node.shutdown().await;
+    if let Some(g) = gpu {
+        g.shutdown().await;
+    }
     Ok(())
 }

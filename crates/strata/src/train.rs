@@ -137,6 +137,22 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
     // A model that does not fit the data fails here, before any step.
     spec.check_data(train.sample, train.classes)?;
     let gpu = GpuHandle::start(&gpu_options).context("opening the GPU")?;
+    let result = train_on(&args, &gpu, world, spec, train, test, started).await;
+    // Release the device before the process exits (also after an error), so exit does not
+    // race the driver's teardown.
+    gpu.shutdown().await;
+    result
+}
+
+async fn train_on(
+    args: &TrainArgs,
+    gpu: &GpuHandle,
+    world: usize,
+    spec: ModelSpec,
+    train: Dataset,
+    test: Dataset,
+    started: Instant,
+) -> Result<()> {
     let (group, node) = if world > 1 {
         let mut config = args.node.config()?;
         config.world_size = Some(world as u32);
@@ -149,7 +165,7 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
     let rank = group.as_ref().map_or(0, |g| g.rank());
     let config = TrainConfig {
         batch: args.batch_size,
-        optimizer: optimizer(&args)?,
+        optimizer: optimizer(args)?,
         seed: args.seed,
         checkpoint_dir: args.checkpoint_dir.clone(),
         resume: args.resume,
@@ -157,6 +173,24 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
         ..Default::default()
     };
     let mut trainer = Trainer::new(gpu.clone(), group, spec, config).await?;
+    let result = epochs(args, &mut trainer, gpu, world, rank, train, test, started).await;
+    if let Some(n) = node {
+        n.shutdown().await;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn epochs(
+    args: &TrainArgs,
+    trainer: &mut Trainer,
+    gpu: &GpuHandle,
+    world: usize,
+    rank: usize,
+    train: Dataset,
+    test: Dataset,
+    started: Instant,
+) -> Result<()> {
     let (train, test) = (Arc::new(train), Arc::new(test));
     if rank == 0 && !args.json && args.bench_steps.is_none() {
         println!(
@@ -175,7 +209,7 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
         }
     }
     if let Some(steps) = args.bench_steps {
-        return bench(&mut trainer, &train, steps, world, started).await;
+        return bench(trainer, &train, steps, world, started).await;
     }
     let mut history: Vec<(u64, f64, f64, f64)> = Vec::new();
     while trainer.epoch() < args.epochs {
@@ -247,9 +281,6 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
         if !args.json {
             println!("plot {}", path.display());
         }
-    }
-    if let Some(n) = node {
-        n.shutdown().await;
     }
     Ok(())
 }

@@ -61,8 +61,14 @@ fn three_node_processes_form_a_cluster_that_status_lists() {
         if i > 0 {
             args.extend(["--seed", &seed]);
         }
-        procs.0.push(strata(d).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        let log = std::fs::File::create(d.join(format!("{name}.log"))).unwrap();
+        let mut child = strata(d);
+        child.args(&args).env("RUST_LOG", "strata_net=debug");
+        procs.0.push(child.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap());
     }
+    let logs = || -> String {
+        (1..=3).map(|i| std::fs::read_to_string(d.join(format!("node-{i}.log"))).unwrap_or_default()).collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         let out = strata(d).args(["status", "--node", &seed, "--cert-dir", "certs", "--json"]).output().unwrap();
@@ -95,7 +101,7 @@ fn three_node_processes_form_a_cluster_that_status_lists() {
         if table.lines().any(|l| l.starts_with("node-3") && l.contains(" left ")) {
             break;
         }
-        assert!(Instant::now() < deadline, "node-3 never left: {table}");
+        assert!(Instant::now() < deadline, "node-3 never left: {table}\n{}", logs());
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -7,9 +7,9 @@ use bytemuck::{Pod, Zeroable};
 use strata_tensor::geometry::{self, Conv2dParams, ConvGeometry};
 use strata_tensor::{DType, TensorError};
 
-use super::gemm::Mat;
+use super::gemm::{Fused, Mat};
 use super::{expect_binding, expect_dtype, u};
-use crate::{Gpu, GpuError, GpuTensor, Result};
+use crate::{GemmKernel, Gpu, GpuError, GpuTensor, Result};
 
 const FILE: &str = "conv2d.wgsl";
 
@@ -177,6 +177,28 @@ impl Gpu {
         let k = g.patch_len();
         let pix = g.ho * g.wo;
         let col = self.empty([k, plan.p_ld], DType::F32)?;
+        if self.gemm == GemmKernel::Subgroup8 && pix % 4 == 0 {
+            // The GEMM writes NCHW directly, adding the bias and applying the ReLU.
+            let k4 = k.next_multiple_of(4);
+            let wp;
+            let a = if k % 4 == 0 {
+                Mat::rows(w, k)
+            } else {
+                wp = self.empty([g.co, k4], DType::F32)?;
+                self.pack_into(OP, Mat::rows(w, k), g.co, k, &wp, 0, k4, g.co, k4)?;
+                Mat::rows(&wp, k4)
+            };
+            let (pix4, img4) = (pix / 4, g.co * pix / 4);
+            for (n0, nb) in plan.chunks() {
+                self.im2col(OP, &plan, x, &col, n0, nb)?;
+                let c = Mat { t: &y, off: n0 * g.co * pix, ld: pix, trans: false };
+                let fused =
+                    Fused { c_batch: Some((pix4, img4)), bias: Some(bias), relu: opts.relu, ..Fused::default() };
+                self.gemm_subgroup(OP, g.co, nb * pix, k, a, Mat::rows(&col, plan.p_ld), c, false, fused)?;
+            }
+            let single_chunk = plan.nb >= g.n;
+            return Ok((y, (opts.keep_col && single_chunk).then_some(col)));
+        }
         let ycp = self.empty([g.co, plan.p_ld], DType::F32)?;
         for (n0, nb) in plan.chunks() {
             self.im2col(OP, &plan, x, &col, n0, nb)?;
@@ -251,7 +273,9 @@ impl Gpu {
         let wt_dcol = if input_grad {
             let wt = self.empty([k, co_ld], DType::F32)?;
             self.pack_into(OP, Mat::transposed(w, k), k, g.co, &wt, 0, co_ld, k, co_ld)?;
-            let dcp = self.empty([g.co, plan.p_ld], DType::F32)?;
+            // The subgroup GEMM reads dY' from dy in place; only the tiled path needs a copy.
+            let direct = self.gemm == GemmKernel::Subgroup8 && pix % 4 == 0;
+            let dcp = self.empty(if direct { [1, 1] } else { [g.co, plan.p_ld] }, DType::F32)?;
             let dcol = self.empty([k, plan.p_ld], DType::F32)?;
             Some((wt, dcp, dcol))
         } else {
@@ -270,26 +294,43 @@ impl Gpu {
                 k,
                 g.co,
                 np,
-                Mat::rows(&col, plan.p_ld),
+                Mat::rows(col, plan.p_ld),
                 Mat::rows(&dyt, co_ld),
                 Mat::rows(&dwt, co_ld),
                 i > 0,
             )?;
             if let (Some((wt, dcp, dcol)), Some(dx)) = (&wt_dcol, &dx) {
-                let (entry, items) = if pix % 4 == 0 { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
-                let groups = self.plane_grid(items, 4, nb * g.co);
-                self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dcp.arg()], groups)?;
-                // dcol [k, np] = W^T [k, co] @ dY' [co, np]
-                self.gemm_into(
-                    OP,
-                    k,
-                    np,
-                    g.co,
-                    Mat::rows(wt, co_ld),
-                    Mat::rows(dcp, plan.p_ld),
-                    Mat::rows(dcol, plan.p_ld),
-                    false,
-                )?;
+                if self.gemm == GemmKernel::Subgroup8 && pix % 4 == 0 {
+                    // dcol = W^T @ dY', reading dY' straight out of NCHW dy.
+                    let b = Mat { t: dy, off: n0 * g.co * pix, ld: pix, trans: false };
+                    let fused = Fused { b_batch: Some((pix / 4, g.co * pix / 4)), ..Fused::default() };
+                    self.gemm_subgroup(
+                        OP,
+                        k,
+                        np,
+                        g.co,
+                        Mat::rows(wt, co_ld),
+                        b,
+                        Mat::rows(dcol, plan.p_ld),
+                        false,
+                        fused,
+                    )?;
+                } else {
+                    let (entry, items) = if pix % 4 == 0 { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
+                    let groups = self.plane_grid(items, 4, nb * g.co);
+                    self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dcp.arg()], groups)?;
+                    // dcol [k, np] = W^T [k, co] @ dY' [co, np]
+                    self.gemm_into(
+                        OP,
+                        k,
+                        np,
+                        g.co,
+                        Mat::rows(wt, co_ld),
+                        Mat::rows(dcp, plan.p_ld),
+                        Mat::rows(dcol, plan.p_ld),
+                        false,
+                    )?;
+                }
                 self.dispatch(
                     OP,
                     (FILE, "col2im"),

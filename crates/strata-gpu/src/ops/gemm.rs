@@ -51,7 +51,26 @@ struct SubgroupParams {
     b_off4: u32,
     c_off4: u32,
     accumulate: u32,
-    _pad: [u32; 2],
+    b_cpb4: u32,
+    b_img4: u32,
+    c_cpb4: u32,
+    c_img4: u32,
+    epilogue: u32,
+    _pad: u32,
+}
+
+/// Extras of the subgroup GEMM: batched column layouts of B and C (an NCHW tensor seen
+/// as `[channels, images * pixels]`) and a bias-and-ReLU epilogue.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Fused<'a> {
+    /// `(columns per image, vec4 stride between images)` of B, in vec4.
+    pub(crate) b_batch: Option<(usize, usize)>,
+    /// The same for C.
+    pub(crate) c_batch: Option<(usize, usize)>,
+    /// Bias added per row of C.
+    pub(crate) bias: Option<&'a GpuTensor>,
+    /// ReLU after the bias.
+    pub(crate) relu: bool,
 }
 
 #[repr(C)]
@@ -193,26 +212,61 @@ impl Gpu {
                     self.gemm_into(op, m, n, k, a, b, Mat::rows(&scratch, n4), accumulate)?;
                     return self.pack_into(op, Mat::rows(&scratch, n4), m, n, c.t, c.off, c.ld, m, n);
                 }
-                let p = SubgroupParams {
-                    m: u(m),
-                    n4: u(n4 / 4),
-                    k: u(k),
-                    lda4: u(a.ld / 4),
-                    ldb4: u(b.ld / 4),
-                    ldc4: u(c.ld / 4),
-                    a_off4: u(a.off / 4),
-                    b_off4: u(b.off / 4),
-                    c_off4: u(c.off / 4),
-                    accumulate: u32::from(accumulate),
-                    _pad: [0; 2],
-                };
-                let groups = [u((n4 / 4).div_ceil(SG_TILE_VEC4)), u(m.div_ceil(SG_TILE_ROWS)), 1];
-                if self.profiling() {
-                    self.profile_tag = Some(format!("{op} {m}x{n}x{k}"));
-                }
-                self.dispatch(op, ("gemm_subgroup.wgsl", "gemm"), &[], &p, &[a.t.arg(), b.t.arg(), c.t.arg()], groups)
+                self.gemm_subgroup(op, m, n4, k, a, b, c, accumulate, Fused::default())
             }
         }
+    }
+
+    /// The subgroup GEMM on operands already in its layout (see [`Gpu::gemm_into`]), with
+    /// the extras of [`Fused`].
+    pub(crate) fn gemm_subgroup(
+        &mut self,
+        op: &'static str,
+        m: usize,
+        n4: usize,
+        k: usize,
+        a: Mat<'_>,
+        b: Mat<'_>,
+        c: Mat<'_>,
+        accumulate: bool,
+        fused: Fused<'_>,
+    ) -> Result<()> {
+        debug_assert!(a.vec4_rows() && b.vec4_rows() && c.vec4_rows() && n4.is_multiple_of(4));
+        let (b_cpb4, b_img4) = fused.b_batch.unwrap_or((0, 0));
+        let (c_cpb4, c_img4) = fused.c_batch.unwrap_or((0, 0));
+        let p = SubgroupParams {
+            m: u(m),
+            n4: u(n4 / 4),
+            k: u(k),
+            lda4: u(a.ld / 4),
+            ldb4: u(b.ld / 4),
+            ldc4: u(c.ld / 4),
+            a_off4: u(a.off / 4),
+            b_off4: u(b.off / 4),
+            c_off4: u(c.off / 4),
+            accumulate: u32::from(accumulate),
+            b_cpb4: u(b_cpb4),
+            b_img4: u(b_img4),
+            c_cpb4: u(c_cpb4),
+            c_img4: u(c_img4),
+            epilogue: u32::from(fused.bias.is_some()) | (u32::from(fused.relu) << 1),
+            _pad: 0,
+        };
+        let groups = [u((n4 / 4).div_ceil(SG_TILE_VEC4)), u(m.div_ceil(SG_TILE_ROWS)), 1];
+        if self.profiling() {
+            self.profile_tag = Some(format!("{op} {m}x{}x{k}", n4));
+        }
+        // Without a bias, A stands in for the binding (A has at least m elements; the
+        // values read are ignored).
+        let bias = fused.bias.unwrap_or(a.t);
+        self.dispatch(
+            op,
+            ("gemm_subgroup.wgsl", "gemm"),
+            &[],
+            &p,
+            &[a.t.arg(), b.t.arg(), c.t.arg(), bias.arg()],
+            groups,
+        )
     }
 
     /// `op(a) @ op(b)` where `op` transposes when the flag is set; both operands `[rows, cols]` f32.
