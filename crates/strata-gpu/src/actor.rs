@@ -61,8 +61,8 @@ pub struct Run(pub Vec<Op>);
 #[rtype(result = "()")]
 pub struct Free(pub Vec<TensorId>);
 
-/// Releases the device and stops the actor, answering once the device is gone (so a
-/// process can exit without racing the driver's teardown).
+/// Releases the device, answering once it is gone (so a process can exit without racing
+/// the driver's teardown); later messages fail with [`GpuError::ActorGone`].
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
@@ -123,9 +123,10 @@ impl Handler<Free> for GpuActor {
 
 impl Handler<Shutdown> for GpuActor {
     type Result = ();
-    fn handle(&mut self, _: Shutdown, ctx: &mut SyncContext<Self>) {
+    fn handle(&mut self, _: Shutdown, _: &mut SyncContext<Self>) {
+        // The actor stays (a stopped sync actor would be rebuilt by its arbiter); its
+        // thread ends when the last address is dropped.
         drop(self.exec.take());
-        ctx.stop();
     }
 }
 
@@ -237,7 +238,7 @@ impl GpuHandle {
         self.ask(Stats).await
     }
 
-    /// Releases the device and stops the actor; later calls fail with `ActorGone`.
+    /// Releases the device; later calls fail with [`GpuError::ActorGone`].
     pub async fn shutdown(&self) {
         let _ = self.addr.send(Shutdown).await;
     }
