@@ -344,7 +344,7 @@ impl Trainer {
                 }
             }
         } else {
-            for seg in segments {
+            for seg in segments.into_iter().skip(1) {
                 first.extend(seg);
             }
             gpu.run(first).await?;
