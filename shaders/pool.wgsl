@@ -122,3 +122,35 @@ fn max_pool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         }
     }
 }
+
+// The backward pass when the windows tile the input exactly (kernel = stride, no
+// padding, h = ho * kh, w = wo * kw), as in the usual 2x2/2 pooling: each window
+// scatters its gradient to its winner and zeros to the rest, so every input pixel is
+// written once and each window's gradient and index are read once (about a third of
+// the memory operations of the gather above). Each lane walks one row of windows.
+@compute @workgroup_size(WG)
+fn max_pool_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    for (var plane = wg.y; plane < p.planes; plane += ng.y) {
+        let in_base = plane * p.h * p.w;
+        for (var oh = gid.x; oh < p.ho; oh += ng.x * WG) {
+            let o_row = (plane * p.ho + oh) * p.wo;
+            let ih0 = oh * p.kh;
+            var iw0 = 0u;
+            for (var ow = 0u; ow < p.wo; ow++) {
+                let arg = widx[o_row + ow];
+                var g = dy[o_row + ow];
+                if (p.relu_mask == 1u && px[in_base + arg] <= 0.0) {
+                    g = 0.0;
+                }
+                for (var ki = 0u; ki < p.kh; ki++) {
+                    let row = (ih0 + ki) * p.w;
+                    for (var kj = 0u; kj < p.kw; kj++) {
+                        let local = row + iw0 + kj;
+                        dx[in_base + local] = select(0.0, g, local == arg);
+                    }
+                }
+                iw0 += p.kw;
+            }
+        }
+    }
+}

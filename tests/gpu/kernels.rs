@@ -286,6 +286,10 @@ fn max_pool_matches_reference() {
             1e-6,
             1e-6,
         );
+        // With a ReLU before the pool: no gradient where the pool input is not positive.
+        let dx = g.max_pool2d_relu_backward(&gdy, &idx, x.shape(), (k, k), params, Some(&gx)).unwrap();
+        let want = cpu::relu_backward(&x, &cpu::max_pool2d_backward(&dy, &ri, &geo).unwrap()).unwrap();
+        assert_close("max_pool2d_relu_backward", &down(&mut g, &dx), &want, 1e-6, 1e-6);
     }
 }
 
