@@ -133,12 +133,15 @@ fn source(i: u32, pad: u32, k: u32, stride: u32, limit: u32) -> u32 {
 @compute @workgroup_size(WG)
 fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let last = p.kh * p.kw * p.ci * p.p_ld - 1u;
+    // Images vary fastest across workgroups: consecutive workgroups then read the same
+    // kh * kw rows of the patch gradient at consecutive columns, which streams, instead
+    // of jumping kh * kw rows (a cache miss per short segment) from channel to channel.
     for (var plane = wg.y; plane < p.nb * p.ci; plane += ng.y) {
-        let c = plane % p.ci;
-        let nl = plane / p.ci;
+        let nl = plane % p.nb;
+        let c = plane / p.nb;
         let col_base = nl * p.ho * p.wo;
         for (var ih = gid.x; ih < p.h; ih += ng.x * WG) {
-            let out_base = ((p.n0 * p.ci + plane) * p.h + ih) * p.w;
+            let out_base = (((p.n0 + nl) * p.ci + c) * p.h + ih) * p.w;
             for (var iw = 0u; iw < p.w; iw++) {
                 var s = 0.0;
                 for (var ki = 0u; ki < p.kh; ki++) {

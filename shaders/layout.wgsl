@@ -27,20 +27,22 @@ override WG: u32 = 64u;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
+// Grid: y walks destination rows, x walks columns (no integer division per element,
+// which costs a scalar division per lane on CPU adapters).
 @compute @workgroup_size(WG)
-fn pack2d(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
-    let total = p.dst_rows * p.dst_cols;
-    for (var i = gid.x; i < total; i += ng.x * WG) {
-        let r = i / p.dst_cols;
-        let c = i % p.dst_cols;
-        var v = 0.0;
-        if (r < p.rows && c < p.cols) {
-            if (p.trans == 1u) {
-                v = src[p.src_off + c * p.src_ld + r];
-            } else {
-                v = src[p.src_off + r * p.src_ld + c];
+fn pack2d(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    for (var r = wg.y; r < p.dst_rows; r += ng.y) {
+        let dst_row = p.dst_off + r * p.dst_ld;
+        for (var c = gid.x; c < p.dst_cols; c += ng.x * WG) {
+            var v = 0.0;
+            if (r < p.rows && c < p.cols) {
+                if (p.trans == 1u) {
+                    v = src[p.src_off + c * p.src_ld + r];
+                } else {
+                    v = src[p.src_off + r * p.src_ld + c];
+                }
             }
+            dst[dst_row + c] = v;
         }
-        dst[p.dst_off + r * p.dst_ld + c] = v;
     }
 }

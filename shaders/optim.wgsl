@@ -28,10 +28,18 @@ override WG: u32 = 64u;
 @group(0) @binding(3) var<storage, read_write> m: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> v: array<vec4<f32>>;
 
+// Each workgroup updates a contiguous range, its lanes interleaved: on a CPU adapter a
+// workgroup runs on one thread, and seven streams read with a grid-wide stride defeat
+// the prefetcher (2.6x slower on lavapipe, 3.2M parameters).
+fn range_of(wg: u32, groups: u32, nv: u32) -> vec2<u32> {
+    let per = (nv + groups - 1u) / groups;
+    return vec2<u32>(min(wg * per, nv), min(wg * per + per, nv));
+}
+
 @compute @workgroup_size(WG)
-fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
-    let nv = (p.n + 3u) / 4u;
-    for (var i = gid.x; i < nv; i += ng.x * WG) {
+fn adam(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) ng: vec3<u32>) {
+    let r = range_of(wg.x, ng.x, (p.n + 3u) / 4u);
+    for (var i = r.x + lid; i < r.y; i += WG) {
         let w = param[i];
         let g = grad[i] + p.weight_decay * w;
         let mi = p.beta1 * m[i] + (1.0 - p.beta1) * g;
@@ -48,11 +56,11 @@ fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 @group(0) @binding(3) var<storage, read_write> buf: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
-fn sgd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
-    let nv = (p.n + 3u) / 4u;
+fn sgd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) ng: vec3<u32>) {
+    let r = range_of(wg.x, ng.x, (p.n + 3u) / 4u);
     let momentum = p.beta1;
     let dampening = p.beta2;
-    for (var i = gid.x; i < nv; i += ng.x * WG) {
+    for (var i = r.x + lid; i < r.y; i += WG) {
         let w = sparam[i];
         var g = sgrad[i] + p.weight_decay * w;
         if (momentum != 0.0) {

@@ -140,7 +140,11 @@ impl Gpu {
             _pad: [0; 3],
         };
         let args = [src.t.arg(), dst.arg()];
-        self.dispatch(op, ("layout.wgsl", "pack2d"), &[], &p, &args, [self.grid(dst_rows * dst_cols, 1), 1, 1])
+        if self.profiling() {
+            self.profile_tag = Some(format!("{op} {dst_rows}x{dst_cols}{}", if src.trans { " from T" } else { "" }));
+        }
+        let groups = self.plane_grid(dst_cols, 1, dst_rows);
+        self.dispatch(op, ("layout.wgsl", "pack2d"), &[], &p, &args, groups)
     }
 
     /// A new `[rows, cols4]` tensor holding `src` with rows padded to `cols4` columns.

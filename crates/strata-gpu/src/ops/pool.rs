@@ -112,19 +112,11 @@ impl Gpu {
         expect_binding(OP, "input gradient", &dx, self.info().max_storage_binding_bytes)?;
         let p = Params { relu_mask: u32::from(relu_output.is_some()), ..params_of(&g) };
         let mask = relu_output.unwrap_or(dy);
-        let tiles = g.params.stride == (g.kh, g.kw)
-            && g.params.padding == (0, 0)
-            && (g.h, g.w) == (g.ho * g.kh, g.wo * g.kw);
+        let tiles =
+            g.params.stride == (g.kh, g.kw) && g.params.padding == (0, 0) && (g.h, g.w) == (g.ho * g.kh, g.wo * g.kw);
         let (entry, rows) = if tiles { ("max_pool_backward_tiled", g.ho) } else { ("max_pool_backward", g.h) };
         let groups = self.plane_grid(rows, 1, g.planes);
-        self.dispatch(
-            OP,
-            (FILE, entry),
-            &[],
-            &p,
-            &[dy.arg(), indices.arg(), mask.arg(), dx.arg()],
-            groups,
-        )?;
+        self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), indices.arg(), mask.arg(), dx.arg()], groups)?;
         Ok(dx)
     }
 }

@@ -55,15 +55,47 @@ pub fn run(gpu: &mut Gpu, opts: BenchOptions, mut on_figure: impl FnMut(&Figure)
         on_figure(&f);
         out.push(f);
     }
-    if wanted("sum") {
-        let copy_bps = memcpy_bandwidth(256 << 20, opts.iters);
+    let copy_bps = (wanted("sum") || wanted("adam")).then(|| memcpy_bandwidth(256 << 20, opts.iters));
+    if let Some(copy_bps) = copy_bps.filter(|_| wanted("sum")) {
         for m in [16usize, 64] {
             let f = sum_figure(gpu, &opts, m << 20, copy_bps)?;
             on_figure(&f);
             out.push(f);
         }
     }
+    if let Some(copy_bps) = copy_bps.filter(|_| wanted("adam")) {
+        let f = adam_figure(gpu, &opts, 6272 * 512, copy_bps)?;
+        on_figure(&f);
+        out.push(f);
+    }
     Ok(out)
+}
+
+/// One Adam step over `len` parameters (the reference CNN's largest weight), in GB/s of
+/// the seven streams it reads or writes (parameter, gradient, both moments).
+fn adam_figure(gpu: &mut Gpu, opts: &BenchOptions, len: usize, copy_bps: f64) -> Result<Figure, GpuError> {
+    let h = strata_tensor::cpu::AdamParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let param = gpu.upload(&HostTensor::random([len], 1))?;
+    let grad = gpu.upload(&strata_tensor::cpu::scale(&HostTensor::random([len], 2), 1e-3))?;
+    let m = gpu.upload(&HostTensor::new([len], vec![0.0; len])?)?;
+    let v = gpu.upload(&HostTensor::new([len], vec![0.0; len])?)?;
+    let mut step = 0;
+    let s = median_seconds(opts.warmup, opts.iters, || {
+        step += 1;
+        gpu.adam_step(&param, &grad, &m, &v, &h, step)?;
+        gpu.sync()
+    })?;
+    let bps = (7 * 4 * len) as f64 / s;
+    Ok(Figure {
+        case: format!("adam {:.1}M params", len as f64 / 1e6),
+        unit: "GB/s",
+        value: bps / 1e9,
+        seconds: s,
+        reference: "memcpy".into(),
+        reference_value: copy_bps / 1e9,
+        ratio: bps / copy_bps,
+        target: None,
+    })
 }
 
 fn conv_figures(
