@@ -28,5 +28,7 @@ async fn main() -> Result<()> {
     // A mistake is an error value, and the actor keeps serving.
     let err = gpu.run(vec![Op::MatMul { a, b: a, trans_a: false, trans_b: false, out: c }]).await.unwrap_err();
     println!("a wrong shape is refused: {err}");
+    // Release the device before the process exits.
+    gpu.shutdown().await;
     Ok(())
 }
