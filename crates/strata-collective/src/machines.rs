@@ -305,6 +305,36 @@ impl Tree {
     }
 }
 
+/// The [`Machine`] methods of a machine that is a [`Ring`] in field `ring`.
+macro_rules! ring_machine {
+    () => {
+        fn poll_send(&mut self) -> Option<SendAction> {
+            self.ring.poll_send()
+        }
+        fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError> {
+            self.ring.on_receive(from, tag, data)
+        }
+        fn is_done(&self) -> bool {
+            self.ring.is_done()
+        }
+        fn buffer(&self) -> &[f32] {
+            &self.ring.buf
+        }
+        fn waiting_on(&self) -> Vec<Rank> {
+            self.ring.waiting_on()
+        }
+    };
+}
+
+/// Divides a sum by the world size when the operation is a mean.
+fn finish_mean(op: ReduceOp, world: usize, mut out: Vec<f32>) -> Vec<f32> {
+    if op == ReduceOp::Mean {
+        let s = 1.0 / world as f32;
+        out.iter_mut().for_each(|v| *v *= s);
+    }
+    out
+}
+
 /// All-reduce of one buffer across a group.
 pub struct AllReduce {
     inner: AllReduceInner,
@@ -425,15 +455,11 @@ impl Machine for AllReduce {
     }
 
     fn take_result(&mut self) -> Vec<f32> {
-        let mut out = match &mut self.inner {
+        let out = match &mut self.inner {
             AllReduceInner::Ring(r) => std::mem::take(&mut r.buf),
             AllReduceInner::Tree(t) => std::mem::take(&mut t.buf),
         };
-        if self.op == ReduceOp::Mean {
-            let s = 1.0 / self.world as f32;
-            out.iter_mut().for_each(|v| *v *= s);
-        }
-        out
+        finish_mean(self.op, self.world, out)
     }
 }
 
@@ -456,29 +482,10 @@ impl Machine for ReduceScatter {
     fn name(&self) -> &'static str {
         "reduce_scatter"
     }
-    fn poll_send(&mut self) -> Option<SendAction> {
-        self.ring.poll_send()
-    }
-    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError> {
-        self.ring.on_receive(from, tag, data)
-    }
-    fn is_done(&self) -> bool {
-        self.ring.is_done()
-    }
-    fn buffer(&self) -> &[f32] {
-        &self.ring.buf
-    }
-    fn waiting_on(&self) -> Vec<Rank> {
-        self.ring.waiting_on()
-    }
+    ring_machine!();
     fn take_result(&mut self) -> Vec<f32> {
         let mine = self.ring.chunks[self.ring.rank].clone();
-        let mut out = self.ring.buf[mine].to_vec();
-        if self.op == ReduceOp::Mean {
-            let s = 1.0 / self.ring.world as f32;
-            out.iter_mut().for_each(|v| *v *= s);
-        }
-        out
+        finish_mean(self.op, self.ring.world, self.ring.buf[mine].to_vec())
     }
 }
 
@@ -504,21 +511,7 @@ impl Machine for AllGather {
     fn name(&self) -> &'static str {
         "all_gather"
     }
-    fn poll_send(&mut self) -> Option<SendAction> {
-        self.ring.poll_send()
-    }
-    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError> {
-        self.ring.on_receive(from, tag, data)
-    }
-    fn is_done(&self) -> bool {
-        self.ring.is_done()
-    }
-    fn buffer(&self) -> &[f32] {
-        &self.ring.buf
-    }
-    fn waiting_on(&self) -> Vec<Rank> {
-        self.ring.waiting_on()
-    }
+    ring_machine!();
     fn take_result(&mut self) -> Vec<f32> {
         std::mem::take(&mut self.ring.buf)
     }

@@ -114,6 +114,15 @@ pub struct Identity {
     pub key: PrivateKeyDer<'static>,
 }
 
+impl Identity {
+    /// A root store holding only the cluster CA.
+    fn roots(&self) -> Result<rustls::RootCertStore, NetError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).map_err(cert_err)?;
+        Ok(roots)
+    }
+}
+
 /// Loads `ca.pem`, `<name>.pem` and `<name>.key` from `dir`.
 pub fn load_identity(dir: &Path, name: &str) -> Result<Identity, NetError> {
     let ca_path = dir.join(CA_CERT_FILE);
@@ -160,8 +169,7 @@ pub fn server_crypto(identity: Option<&Identity>) -> Result<rustls::ServerConfig
         .map_err(cert_err)?;
     let mut cfg = match identity {
         Some(id) => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(id.ca.clone()).map_err(cert_err)?;
+            let roots = id.roots()?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(cert_err)?;
@@ -188,8 +196,7 @@ pub fn client_crypto(identity: Option<&Identity>) -> Result<rustls::ClientConfig
         .map_err(cert_err)?;
     let mut cfg = match identity {
         Some(id) => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(id.ca.clone()).map_err(cert_err)?;
+            let roots = id.roots()?;
             builder
                 .with_root_certificates(roots)
                 .with_client_auth_cert(id.chain.clone(), id.key.clone_key())

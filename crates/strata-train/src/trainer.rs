@@ -304,8 +304,11 @@ impl Trainer {
                 s
             }
         };
+        // Each backward segment is consumed once, in order: the first runs with the forward
+        // pass, the rest one per bucket (or all at once on a single rank).
+        let mut segments = segments.into_iter();
         let mut first = model.forward(n, true)?;
-        first.extend(segments[0].clone());
+        first.extend(segments.next().expect("a model has at least one bucket"));
         let model = &self.model;
         let mut exposed = Duration::ZERO;
         if distributed {
@@ -313,7 +316,7 @@ impl Trainer {
             gpu.run(first).await?;
             let mut flat = self.download_many(vec![model.buckets[0].flat]).await?.remove(0).into_data();
             for k in 0..model.buckets.len() {
-                let next = segments.get(k + 1).cloned();
+                let next = segments.next();
                 let next_bucket = model.buckets.get(k + 1).map(|b| b.flat);
                 // The GPU works on the next segment while this bucket crosses the network.
                 let gpu_part = async {
@@ -344,9 +347,7 @@ impl Trainer {
                 }
             }
         } else {
-            for seg in segments.into_iter().skip(1) {
-                first.extend(seg);
-            }
+            first.extend(segments.flatten());
             gpu.run(first).await?;
         }
         self.step += 1;

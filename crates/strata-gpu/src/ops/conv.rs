@@ -96,6 +96,12 @@ impl Plan {
 }
 
 impl Gpu {
+    /// Whether the GEMM reads and writes the NCHW tensors in place (the subgroup kernel's
+    /// batched columns), which needs each image's pixels to be whole vec4s.
+    fn gemm_reads_nchw(&self, pixels: usize) -> bool {
+        self.gemm == GemmKernel::Subgroup8 && pixels.is_multiple_of(4)
+    }
+
     fn conv_plan(&self, op: &'static str, g: ConvGeometry) -> Result<Plan> {
         let limit = (self.info().max_storage_binding_bytes as usize).min(self.scratch_bytes_max);
         let pix = g.ho * g.wo;
@@ -177,7 +183,7 @@ impl Gpu {
         let k = g.patch_len();
         let pix = g.ho * g.wo;
         let col = self.empty([k, plan.p_ld], DType::F32)?;
-        if self.gemm == GemmKernel::Subgroup8 && pix % 4 == 0 {
+        if self.gemm_reads_nchw(pix) {
             // The GEMM writes NCHW directly, adding the bias and applying the ReLU.
             let k4 = k.next_multiple_of(4);
             let wp;
@@ -196,26 +202,26 @@ impl Gpu {
                     Fused { c_batch: Some((pix4, img4)), bias: Some(bias), relu: opts.relu, ..Fused::default() };
                 self.gemm_subgroup(OP, g.co, nb * pix, k, a, Mat::rows(&col, plan.p_ld), c, false, fused)?;
             }
-            let single_chunk = plan.nb >= g.n;
-            return Ok((y, (opts.keep_col && single_chunk).then_some(col)));
-        }
-        let ycp = self.empty([g.co, plan.p_ld], DType::F32)?;
-        for (n0, nb) in plan.chunks() {
-            self.im2col(OP, &plan, x, &col, n0, nb)?;
-            self.gemm_into(
-                OP,
-                g.co,
-                nb * pix,
-                k,
-                Mat::rows(w, k),
-                Mat::rows(&col, plan.p_ld),
-                Mat::rows(&ycp, plan.p_ld),
-                false,
-            )?;
-            let p = Params { relu: u32::from(opts.relu), ..plan.params(n0, nb) };
-            let (entry, items) = if pix % 4 == 0 { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
-            let groups = self.plane_grid(items, 4, nb * g.co);
-            self.dispatch(OP, (FILE, entry), &[], &p, &[ycp.arg(), bias.arg(), y.arg()], groups)?;
+        } else {
+            // The GEMM writes Y' [co, pixels]; a layout kernel makes it NCHW with the bias.
+            let ycp = self.empty([g.co, plan.p_ld], DType::F32)?;
+            for (n0, nb) in plan.chunks() {
+                self.im2col(OP, &plan, x, &col, n0, nb)?;
+                self.gemm_into(
+                    OP,
+                    g.co,
+                    nb * pix,
+                    k,
+                    Mat::rows(w, k),
+                    Mat::rows(&col, plan.p_ld),
+                    Mat::rows(&ycp, plan.p_ld),
+                    false,
+                )?;
+                let p = Params { relu: u32::from(opts.relu), ..plan.params(n0, nb) };
+                let (entry, items) = if pix % 4 == 0 { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
+                let groups = self.plane_grid(items, 4, nb * g.co);
+                self.dispatch(OP, (FILE, entry), &[], &p, &[ycp.arg(), bias.arg(), y.arg()], groups)?;
+            }
         }
         let single_chunk = plan.nb >= g.n;
         Ok((y, (opts.keep_col && single_chunk).then_some(col)))
@@ -257,6 +263,7 @@ impl Gpu {
         let k = g.patch_len();
         let pix = g.ho * g.wo;
         let co_ld = g.co.next_multiple_of(4);
+        let direct = self.gemm_reads_nchw(pix);
         let reuse = saved_col.filter(|c| plan.nb >= g.n && c.shape().dims() == [k, plan.p_ld]);
         let fresh;
         let col = match reuse {
@@ -274,7 +281,6 @@ impl Gpu {
             let wt = self.empty([k, co_ld], DType::F32)?;
             self.pack_into(OP, Mat::transposed(w, k), k, g.co, &wt, 0, co_ld, k, co_ld)?;
             // The subgroup GEMM reads dY' from dy in place; only the tiled path needs a copy.
-            let direct = self.gemm == GemmKernel::Subgroup8 && pix % 4 == 0;
             let dcp = self.empty(if direct { [1, 1] } else { [g.co, plan.p_ld] }, DType::F32)?;
             let dcol = self.empty([k, plan.p_ld], DType::F32)?;
             Some((wt, dcp, dcol))
@@ -300,7 +306,7 @@ impl Gpu {
                 i > 0,
             )?;
             if let (Some((wt, dcp, dcol)), Some(dx)) = (&wt_dcol, &dx) {
-                if self.gemm == GemmKernel::Subgroup8 && pix % 4 == 0 {
+                if direct {
                     // dcol = W^T @ dY', reading dY' straight out of NCHW dy.
                     let b = Mat { t: dy, off: n0 * g.co * pix, ld: pix, trans: false };
                     let fused = Fused { b_batch: Some((pix / 4, g.co * pix / 4)), ..Fused::default() };

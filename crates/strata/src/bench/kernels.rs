@@ -85,17 +85,7 @@ fn adam_figure(gpu: &mut Gpu, opts: &BenchOptions, len: usize, copy_bps: f64) ->
         gpu.adam_step(&param, &grad, &m, &v, &h, step)?;
         gpu.sync()
     })?;
-    let bps = (7 * 4 * len) as f64 / s;
-    Ok(Figure {
-        case: format!("adam {:.1}M params", len as f64 / 1e6),
-        unit: "GB/s",
-        value: bps / 1e9,
-        seconds: s,
-        reference: "memcpy".into(),
-        reference_value: copy_bps / 1e9,
-        ratio: bps / copy_bps,
-        target: None,
-    })
+    Ok(bandwidth_figure(format!("adam {:.1}M params", len as f64 / 1e6), 7 * 4 * len, s, copy_bps, None))
 }
 
 fn conv_figures(
@@ -182,17 +172,23 @@ fn sum_figure(gpu: &mut Gpu, opts: &BenchOptions, len: usize, copy_bps: f64) -> 
         drop(r);
         Ok::<(), GpuError>(())
     })?;
-    let bps = (len * 4) as f64 / s;
-    Ok(Figure {
-        case: format!("sum {}M f32", len >> 20),
+    let target = Some(SUM_TARGET_COPY_FRACTION * copy_bps / 1e9);
+    Ok(bandwidth_figure(format!("sum {}M f32", len >> 20), len * 4, s, copy_bps, target))
+}
+
+/// A figure in GB/s for `bytes` moved in `secs`, against memory-copy bandwidth.
+fn bandwidth_figure(case: String, bytes: usize, secs: f64, copy_bps: f64, target: Option<f64>) -> Figure {
+    let bps = bytes as f64 / secs;
+    Figure {
+        case,
         unit: "GB/s",
         value: bps / 1e9,
-        seconds: s,
+        seconds: secs,
         reference: "memcpy".into(),
         reference_value: copy_bps / 1e9,
         ratio: bps / copy_bps,
-        target: Some(SUM_TARGET_COPY_FRACTION * copy_bps / 1e9),
-    })
+        target,
+    }
 }
 
 fn gflops_figure(case: String, flops: f64, gpu_s: f64, cpu_s: f64, target: Option<f64>) -> Figure {
