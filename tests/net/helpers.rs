@@ -6,12 +6,14 @@ use std::time::Duration;
 use strata_collective::{Group, GroupOptions};
 use strata_net::{Node, NodeConfig, NodeHandle, tls};
 
-/// A certificate directory with a CA and certificates for `names` (and "admin").
+/// A certificate directory with a CA, node certificates for `names` and the operator
+/// certificate "admin".
 pub fn certs(dir: &Path, names: &[&str]) {
     tls::create_ca(dir, "test").unwrap();
-    for n in names.iter().chain(&["admin"]) {
+    for n in names {
         tls::issue_node(dir, n, &["127.0.0.1".into()]).unwrap();
     }
+    tls::issue_operator(dir, "admin").unwrap();
 }
 
 /// Fast failure detection for tests.
@@ -31,14 +33,19 @@ pub fn config(name: &str, dir: &Path) -> NodeConfig {
 /// Starts `n` nodes named `node-0..`, all joining through node-0, and waits until every
 /// node sees all of them.
 pub async fn cluster(dir: &Path, n: usize) -> Vec<NodeHandle> {
+    cluster_with(dir, n, |c| c).await
+}
+
+/// As [`cluster`], with every node's configuration passed through `adjust`.
+pub async fn cluster_with(dir: &Path, n: usize, adjust: impl Fn(NodeConfig) -> NodeConfig) -> Vec<NodeHandle> {
     crate::common::init_logging();
     let names: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
     certs(dir, &names.iter().map(String::as_str).collect::<Vec<_>>());
-    let first = Node::start(config(&names[0], dir)).await.unwrap();
+    let first = Node::start(adjust(config(&names[0], dir))).await.unwrap();
     let seed = first.local_addr().to_string();
     let mut nodes = vec![first];
     for name in &names[1..] {
-        let c = NodeConfig { seed: Some(seed.clone()), ..config(name, dir) };
+        let c = adjust(NodeConfig { seed: Some(seed.clone()), ..config(name, dir) });
         nodes.push(Node::start(c).await.unwrap());
     }
     for node in &nodes {

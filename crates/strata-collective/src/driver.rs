@@ -249,7 +249,7 @@ impl Group {
         &self,
         op: u64,
         mut m: impl Machine + 'static,
-        inbox: &mut tokio::sync::mpsc::UnboundedReceiver<ChunkMessage>,
+        inbox: &mut tokio::sync::mpsc::Receiver<ChunkMessage>,
     ) -> Result<Vec<f32>, CollectiveError> {
         let name = m.name();
         for (r, member) in self.members.iter().enumerate() {
@@ -300,7 +300,7 @@ impl Group {
                     }
                 }
                 msg = inbox.recv() => match msg {
-                    Some(ChunkMessage::Data { from, tag, data }) => {
+                    Some(ChunkMessage::Data { from, tag, data, .. }) => {
                         let Some(&r) = rank_of.get(from.as_str()) else {
                             tracing::warn!("{name}: ignoring data from {from}, not a member of the group");
                             continue;

@@ -50,6 +50,11 @@ pub struct NodeConfig {
     pub large_datagrams: Option<bool>,
     /// `SO_RCVBUF`/`SO_SNDBUF` of the UDP socket, bytes.
     pub socket_buffer_bytes: usize,
+    /// Bytes one peer may make this node hold at once (frames being read, chunks waiting
+    /// for their operation, tensors in mailboxes); a peer over it is disconnected.
+    pub peer_buffer_bytes_max: u64,
+    /// How long data for a collective operation that nobody here opened is kept, ms.
+    pub early_chunk_ttl_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -73,6 +78,8 @@ impl Default for NodeConfig {
             frame_bytes_max: Limits::default().frame_bytes_max,
             large_datagrams: None,
             socket_buffer_bytes: 8 << 20,
+            peer_buffer_bytes_max: (Limits::default().frame_bytes_max).saturating_mul(3) / 2,
+            early_chunk_ttl_ms: 60_000,
         }
     }
 }
@@ -132,6 +139,15 @@ impl NodeConfig {
                 self.failure_timeout_ms, self.heartbeat_ms
             )));
         }
+        if self.peer_buffer_bytes_max < self.frame_bytes_max {
+            return Err(cfg_err(format!(
+                "a peer's buffer budget ({} bytes) must hold one frame of the largest size ({} bytes)",
+                self.peer_buffer_bytes_max, self.frame_bytes_max
+            )));
+        }
+        if self.early_chunk_ttl_ms == 0 {
+            return Err(cfg_err("early_chunk_ttl_ms must be positive"));
+        }
         if let (Some(r), Some(w)) = (self.rank, self.world_size)
             && r >= w
         {
@@ -158,6 +174,11 @@ impl NodeConfig {
     /// Failure timeout.
     pub fn failure_timeout(&self) -> Duration {
         Duration::from_millis(self.failure_timeout_ms)
+    }
+
+    /// Request timeout: also the limit on every single wait of a send or a frame read.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`membership::Membership`] (time passed in, unit-tested without sockets). The actors
 //! only move bytes and call those types.
 
+mod budget;
 pub mod buffers;
 pub mod config;
 mod error;
@@ -16,10 +17,12 @@ mod router;
 pub mod tls;
 mod transport;
 
+pub use budget::Charge;
 pub use config::NodeConfig;
 pub use error::NetError;
 pub use membership::MembershipEvent;
-pub use node::{Node, NodeExtras, NodeHandle, query_status};
+pub use node::{Node, NodeExtras, NodeHandle, OperatorClient, SUBSCRIBER_DEPTH, query_status, query_status_in};
 pub use peer::PeerLink;
+pub use router::OP_INBOX_DEPTH;
 pub use router::{ChunkMessage, TensorMessage};
 pub use strata_wire::{MemberRecord, MemberState, NodeInfo};

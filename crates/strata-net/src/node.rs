@@ -17,14 +17,15 @@ use strata_tensor::HostTensor;
 use strata_wire::{AdapterSummary, Body, Header, MemberRecord, MemberState, NodeInfo};
 use tokio::sync::mpsc;
 
+use crate::budget::PeerBudget;
 use crate::config::NodeConfig;
 use crate::membership::{Membership, MembershipEvent};
 use crate::peer::{
-    CODE_DUPLICATE, CODE_LEAVING, CODE_REFUSED_PEER, Close, PeerActor, PeerLink, ReadFrameError, SendBody,
-    answer_request, read_frame, write_frame,
+    CODE_DUPLICATE, CODE_LEAVING, CODE_REFUSED_PEER, Close, Frame, PeerActor, PeerLink, ReadFrameError, SendHeartbeat,
+    read_frame, write_frame,
 };
 use crate::router::{ChunkMessage, Router, TensorMessage};
-use crate::tls::{self, Identity};
+use crate::tls::{self, Identity, Role};
 use crate::{NetError, transport};
 
 /// What a node reports about its GPU besides its configuration.
@@ -59,7 +60,7 @@ impl Node {
             None
         } else {
             let dir = config.cert_dir.as_ref().expect("validated: a certificate directory is set");
-            Some(Arc::new(tls::load_identity(dir, &config.name)?))
+            Some(Arc::new(tls::load_identity(dir, &config.name, Role::Node)?))
         };
         // The endpoint's IO runs on its own thread: QUIC crypto and packet handling then
         // overlap with the actors and the collective arithmetic.
@@ -93,7 +94,7 @@ impl Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let incarnation = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-        let router = Arc::new(Router::default());
+        let router = Arc::new(Router::new(Duration::from_millis(config.early_chunk_ttl_ms)));
         let config = Arc::new(config);
         let actor = NodeActor {
             membership: Membership::new(info.clone(), incarnation, config.failure_timeout()),
@@ -223,13 +224,14 @@ impl NodeHandle {
         self.router.mailbox(name)
     }
 
-    /// Membership events from now on.
-    pub async fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<MembershipEvent>, NetError> {
+    /// Membership events from now on. The queue holds [`SUBSCRIBER_DEPTH`] events: a
+    /// subscriber that falls that far behind is dropped (its receiver closes) with a warning.
+    pub async fn subscribe(&self) -> Result<mpsc::Receiver<MembershipEvent>, NetError> {
         self.ask(Subscribe).await
     }
 
-    /// Opens the inbox of collective operation `op`.
-    pub fn open_op(&self, op: u64) -> mpsc::UnboundedReceiver<ChunkMessage> {
+    /// Opens the inbox of collective operation `op` (bounded: [`crate::OP_INBOX_DEPTH`]).
+    pub fn open_op(&self, op: u64) -> mpsc::Receiver<ChunkMessage> {
         self.router.open_op(op)
     }
 
@@ -261,6 +263,9 @@ impl NodeHandle {
     }
 }
 
+/// Membership events a subscriber may have unread before it is dropped.
+pub const SUBSCRIBER_DEPTH: usize = 1024;
+
 struct PeerEntry {
     link: PeerLink,
     actor: Addr<PeerActor>,
@@ -283,7 +288,7 @@ pub(crate) struct NodeActor {
     dialing: HashSet<String>,
     static_addrs: Vec<String>,
     warned: HashSet<String>,
-    subscribers: Vec<mpsc::UnboundedSender<MembershipEvent>>,
+    subscribers: Vec<mpsc::Sender<MembershipEvent>>,
     seq: u64,
     incarnation: u64,
     leaving: bool,
@@ -323,7 +328,8 @@ impl NodeActor {
             hello: self.hello(),
             limits: self.config.limits(),
             timeout: Duration::from_millis(self.config.connect_timeout_ms),
-            request_timeout: Duration::from_millis(self.config.request_timeout_ms),
+            request_timeout: self.config.request_timeout(),
+            budget_bytes: self.config.peer_buffer_bytes_max,
         }
     }
 
@@ -340,6 +346,7 @@ impl NodeActor {
         }
         self.membership.handle_timeout(Instant::now());
         self.process_events();
+        self.router.expire_early(Instant::now());
         self.seq += 1;
         let hb = Body::Heartbeat {
             seq: self.seq,
@@ -347,7 +354,7 @@ impl NodeActor {
             members: self.membership.records(),
         };
         for p in self.peers.values() {
-            p.actor.do_send(SendBody(hb.clone()));
+            p.actor.do_send(SendHeartbeat(hb.clone()));
         }
         self.dial_missing(ctx);
     }
@@ -368,7 +375,14 @@ impl NodeActor {
                     self.router.peer_down(name, "left the cluster");
                 }
             }
-            self.subscribers.retain(|s| s.send(ev.clone()).is_ok());
+            self.subscribers.retain(|s| match s.try_send(ev.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!("dropping a membership subscriber: {SUBSCRIBER_DEPTH} events unread");
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
         }
     }
 
@@ -377,6 +391,12 @@ impl NodeActor {
         for info in self.membership.alive() {
             if info.name != self.config.name && !self.peers.contains_key(&info.name) {
                 targets.push((info.addr.clone(), Some(info.name.clone())));
+            }
+        }
+        // Gossip only offers addresses; the dial checks that whoever answers is that member.
+        for c in self.membership.candidates() {
+            if !self.peers.contains_key(&c.name) {
+                targets.push((c.addr.clone(), Some(c.name.clone())));
             }
         }
         for a in &self.static_addrs {
@@ -408,9 +428,14 @@ impl NodeActor {
         };
         // Every connection gets a reader: the peer may have sent on it before it learnt
         // which of two simultaneous connections wins.
-        let actor =
-            PeerActor { link: c.link.clone(), node: ctx.address(), router: self.router.clone(), io: self.io.clone() }
-                .start();
+        let actor = PeerActor {
+            link: c.link.clone(),
+            node: ctx.address(),
+            router: self.router.clone(),
+            io: self.io.clone(),
+            heartbeat_busy: Arc::default(),
+        }
+        .start();
         let entry = PeerEntry { link: c.link, actor, dialed_by_me: c.dialed_by_me, incarnation: c.incarnation };
         let loser = if keep_new { self.peers.insert(name, entry) } else { Some(entry) };
         if let Some(l) = loser {
@@ -437,6 +462,7 @@ struct Handshake {
     limits: strata_wire::Limits,
     timeout: Duration,
     request_timeout: Duration,
+    budget_bytes: u64,
 }
 
 /// A connection whose hello exchange succeeded.
@@ -451,8 +477,14 @@ fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>>
     conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?.into_iter().next()
 }
 
-/// Checks a peer's hello: same cluster, another node, and (with TLS) a certificate issued
-/// to the name it claims.
+/// The role and name in a peer's certificate.
+fn peer_identity(conn: &quinn::Connection) -> Result<(Role, String), String> {
+    let cert = peer_certificate(conn).ok_or("peer presented no certificate")?;
+    tls::certificate_identity(&cert)
+}
+
+/// Checks a peer's hello: same cluster, another node, and (with TLS) a node certificate
+/// issued to the one name it claims.
 fn check_hello(
     hs: &Handshake,
     conn: &quinn::Connection,
@@ -474,10 +506,36 @@ fn check_hello(
         return Err(format!("expected node {e:?} at {}, found {:?}", conn.remote_address(), info.name));
     }
     if hs.secure {
-        let cert = peer_certificate(conn).ok_or("peer presented no certificate")?;
-        tls::verify_name(&cert, &info.name).map_err(|e| format!("peer claims to be {:?}: {e}", info.name))?;
+        let (role, name) = peer_identity(conn)?;
+        if role != Role::Node {
+            return Err(format!("{:?} holds an operator certificate: operators never join as members", name));
+        }
+        if name != info.name {
+            return Err(format!("peer claims to be {:?}, but its certificate is issued to {name:?}", info.name));
+        }
     }
     Ok((info, incarnation))
+}
+
+/// Checks a tool's hello: same cluster and (with TLS) an operator certificate issued to
+/// the name it claims. Returns that name.
+fn check_operator_hello(hs: &Handshake, conn: &quinn::Connection, body: Body) -> Result<String, String> {
+    let Body::OperatorHello { name, cluster } = body else {
+        return Err(format!("the first frame must be a hello or an operator hello, not {}", body.name()));
+    };
+    if cluster != hs.cluster {
+        return Err(format!("operator {name:?} belongs to cluster {cluster:?}, this node to {:?}", hs.cluster));
+    }
+    if hs.secure {
+        let (role, cert_name) = peer_identity(conn)?;
+        if role != Role::Operator {
+            return Err(format!("{cert_name:?} holds a node certificate, which is not an operator's"));
+        }
+        if cert_name != name {
+            return Err(format!("operator claims to be {name:?}, but its certificate is issued to {cert_name:?}"));
+        }
+    }
+    Ok(name)
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, NetError> {
@@ -496,14 +554,14 @@ async fn dial(
     let sa = resolve(addr).await?;
     let fut = async {
         let conn = ep
-            .connect_with(client, sa, tls::CLUSTER_SERVER_NAME)
+            .connect_with(client, sa, expect.unwrap_or(tls::CLUSTER_SERVER_NAME))
             .map_err(|e| err(e.to_string()))?
             .await
             .map_err(|e| err(e.to_string()))?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         write_frame(&mut send, &Header::new(hs.hello.clone(), 0), &[]).await.map_err(err)?;
-        let answer = match read_frame(&mut recv, &hs.limits).await {
-            Ok(Some((h, _))) => h.body,
+        let answer = match read_frame(&mut recv, &hs.limits, &hello_budget(addr), hs.timeout).await {
+            Ok(Some(f)) => f.header.body,
             Ok(None) => return Err(err("the peer closed the hello stream".into())),
             Err(e) => return Err(err(e.to_string())),
         };
@@ -512,7 +570,7 @@ async fn dial(
         }
         match check_hello(hs, &conn, answer, expect) {
             Ok((info, incarnation)) => {
-                let link = PeerLink::new(&info.name, conn, hs.limits, hs.request_timeout);
+                let link = PeerLink::new(&info.name, conn, hs.limits, hs.request_timeout, hs.budget_bytes);
                 Ok(Connected { link, info, incarnation, dialed_by_me: true })
             }
             Err(reason) => {
@@ -525,6 +583,21 @@ async fn dial(
         what: format!("connecting to {addr}"),
         millis: hs.timeout.as_millis() as u64,
     })?
+}
+
+/// Answers a refused hello with the reason, then closes the connection.
+async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, hs: &Handshake, reason: String) {
+    tracing::warn!("refused {}: {reason}", conn.remote_address());
+    let answer = Header::new(Body::Error { message: reason.clone() }, 0);
+    let _ = tokio::time::timeout(hs.timeout, write_frame(&mut send, &answer, &[])).await;
+    // Let the refusal reach the peer before the close discards unsent data.
+    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    conn.close(CODE_REFUSED_PEER.into(), reason.as_bytes());
+}
+
+/// Hellos carry no payload: a small budget bounds what a stranger can make us hold.
+fn hello_budget(remote: impl std::fmt::Display) -> Arc<PeerBudget> {
+    PeerBudget::new(&format!("{remote}"), 1 << 20)
 }
 
 async fn accept_loop(ep: quinn::Endpoint, node: Addr<NodeActor>) {
@@ -549,45 +622,93 @@ async fn accept_loop(ep: quinn::Endpoint, node: Addr<NodeActor>) {
                 conn.close(CODE_REFUSED_PEER.into(), b"no hello");
                 return;
             };
-            let request = match tokio::time::timeout(hs.timeout, read_frame(&mut recv, &hs.limits)).await {
-                Ok(Ok(Some((h, payload)))) => (h, payload),
-                Ok(Err(ReadFrameError::Wire(e))) => {
-                    tracing::warn!("refusing a malformed hello from {remote}: {e}");
-                    let _ = write_frame(&mut send, &Header::new(Body::Error { message: e.to_string() }, 0), &[]).await;
-                    conn.close(CODE_REFUSED_PEER.into(), b"malformed hello");
-                    return;
-                }
-                _ => {
+            let hello = match read_frame(&mut recv, &hs.limits, &hello_budget(remote), hs.timeout).await {
+                Ok(Some(f)) => f.header.body,
+                Ok(None) | Err(ReadFrameError::Stream(_) | ReadFrameError::Idle(_)) => {
                     conn.close(CODE_REFUSED_PEER.into(), b"no hello");
                     return;
                 }
+                Err(e) => {
+                    refuse(&conn, send, &hs, format!("malformed hello: {e}")).await;
+                    return;
+                }
             };
-            if !matches!(request.0.body, Body::Hello { .. }) {
-                // A tool (status query) rather than a peer: answer and keep serving it.
-                let tool = PeerLink::new(&format!("client {remote}"), conn.clone(), hs.limits, hs.request_timeout);
-                let router = Router::default();
-                let answer = answer_request(&tool, &node, &router, request.0, request.1).await;
-                let _ = write_frame(&mut send, &Header::new(answer, 0), &[]).await;
-                // Dropping the last handle would close the connection before the answer
-                // is delivered: let the tool hang up.
-                let _ = tokio::time::timeout(hs.request_timeout, conn.closed()).await;
+            if !matches!(hello, Body::Hello { .. } | Body::OperatorHello { .. }) {
+                let reason = format!("the first frame must be a hello or an operator hello, not {}", hello.name());
+                refuse(&conn, send, &hs, reason).await;
                 return;
             }
-            match check_hello(&hs, &conn, request.0.body, None) {
+            if matches!(hello, Body::OperatorHello { .. }) {
+                match check_operator_hello(&hs, &conn, hello) {
+                    Ok(name) => {
+                        let answer = Header::new(hs.hello.clone(), 0);
+                        if tokio::time::timeout(hs.timeout, write_frame(&mut send, &answer, &[])).await.is_err() {
+                            return;
+                        }
+                        serve_operator(name, conn, node, hs).await;
+                    }
+                    Err(reason) => refuse(&conn, send, &hs, reason).await,
+                }
+                return;
+            }
+            match check_hello(&hs, &conn, hello, None) {
                 Ok((info, incarnation)) => {
-                    if write_frame(&mut send, &Header::new(hs.hello.clone(), 0), &[]).await.is_err() {
+                    let answer = Header::new(hs.hello.clone(), 0);
+                    if !matches!(
+                        tokio::time::timeout(hs.timeout, write_frame(&mut send, &answer, &[])).await,
+                        Ok(Ok(()))
+                    ) {
                         return;
                     }
-                    let link = PeerLink::new(&info.name, conn, hs.limits, hs.request_timeout);
+                    let link = PeerLink::new(&info.name, conn, hs.limits, hs.request_timeout, hs.budget_bytes);
                     node.do_send(Accepted(Connected { link, info, incarnation, dialed_by_me: false }));
                 }
-                Err(reason) => {
-                    tracing::warn!("refused peer at {remote}: {reason}");
-                    let _ = write_frame(&mut send, &Header::new(Body::Error { message: reason.clone() }, 0), &[]).await;
-                    conn.close(CODE_REFUSED_PEER.into(), reason.as_bytes());
-                }
+                Err(reason) => refuse(&conn, send, &hs, reason).await,
             }
         });
+    }
+}
+
+/// Serves an operator's requests, one per bidirectional stream, until it hangs up or
+/// stays idle past the request timeout. Operators are never members.
+async fn serve_operator(name: String, conn: quinn::Connection, node: Addr<NodeActor>, hs: Handshake) {
+    let who = format!("operator {name}");
+    tracing::info!("{who} connected from {}", conn.remote_address());
+    let link = PeerLink::new(&who, conn.clone(), hs.limits, hs.request_timeout, hs.budget_bytes);
+    loop {
+        let (mut send, mut recv) = match tokio::time::timeout(hs.request_timeout, conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                conn.close(0u32.into(), b"idle");
+                return;
+            }
+        };
+        let (link, node) = (link.clone(), node.clone());
+        actix::spawn(async move {
+            let answer = match read_frame(&mut recv, &hs.limits, &link.budget, hs.request_timeout).await {
+                Ok(Some(frame)) => answer_operator(&node, frame).await,
+                Ok(None) => return,
+                Err(ReadFrameError::OverBudget(e)) => {
+                    crate::peer::disconnect_over_budget(&link, &e);
+                    return;
+                }
+                Err(e) => Body::Error { message: e.to_string() },
+            };
+            let _ =
+                tokio::time::timeout(hs.request_timeout, write_frame(&mut send, &Header::new(answer, 0), &[])).await;
+        });
+    }
+}
+
+/// Answers one operator request.
+async fn answer_operator(node: &Addr<NodeActor>, frame: Frame) -> Body {
+    match frame.header.body {
+        Body::StatusRequest => match node.send(StatusQuery).await {
+            Ok(records) => Body::Members(records),
+            Err(_) => Body::Error { message: "the node is shutting down".into() },
+        },
+        other => Body::Error { message: format!("{} is not an operator request", other.name()) },
     }
 }
 
@@ -625,6 +746,11 @@ impl Handler<Dialed> for NodeActor {
             Err(e) => {
                 // Both ends dialing at once is normal: one connection wins, the other closes.
                 let raced = msg.name.as_ref().is_some_and(|n| self.peers.contains_key(n));
+                if let Some(n) = &msg.name
+                    && !raced
+                {
+                    self.membership.dial_failed(n);
+                }
                 if !raced && self.warned.insert(msg.addr.clone()) {
                     tracing::warn!("{e} (retrying every {} ms)", self.config.heartbeat_ms);
                 } else {
@@ -743,13 +869,13 @@ impl Handler<GetPeer> for NodeActor {
 }
 
 #[derive(Message)]
-#[rtype(result = "mpsc::UnboundedReceiver<MembershipEvent>")]
+#[rtype(result = "mpsc::Receiver<MembershipEvent>")]
 struct Subscribe;
 
 impl Handler<Subscribe> for NodeActor {
     type Result = MessageResult<Subscribe>;
     fn handle(&mut self, _: Subscribe, _: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_DEPTH);
         self.subscribers.push(tx);
         MessageResult(rx)
     }
@@ -807,37 +933,107 @@ impl Handler<Shutdown> for NodeActor {
     }
 }
 
-/// Asks a node at `addr` for its member list, authenticating with `<as_name>.pem` from
-/// `cert_dir` (or with no checks when `cert_dir` is `None`: `--insecure-dev` clusters).
+/// A tool's connection to one node, authenticated with an operator certificate: it
+/// never joins as a member, and the node binds it to its certificate's name.
+pub struct OperatorClient {
+    endpoint: quinn::Endpoint,
+    link: PeerLink,
+    node: NodeInfo,
+}
+
+impl OperatorClient {
+    /// Connects to the node at `addr` as operator `name`, with `<name>.pem` from
+    /// `cert_dir` (or with no checks when `cert_dir` is `None`: `--insecure-dev` clusters).
+    /// Every wait is bounded by `timeout`.
+    pub async fn connect(
+        addr: &str,
+        cert_dir: Option<&Path>,
+        name: &str,
+        cluster: &str,
+        timeout: Duration,
+    ) -> Result<Self, NetError> {
+        let identity = cert_dir.map(|d| tls::load_identity(d, name, Role::Operator)).transpose()?;
+        let config = NodeConfig { name: name.to_string(), insecure_dev: identity.is_none(), ..Default::default() };
+        let (endpoint, client) = transport::client_endpoint(&config, identity.as_ref())?;
+        let sa = resolve(addr).await?;
+        let err = |reason: String| NetError::Connect { peer: addr.to_string(), reason };
+        let fut = async {
+            let conn = endpoint
+                .connect_with(client, sa, tls::CLUSTER_SERVER_NAME)
+                .map_err(|e| err(e.to_string()))?
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let link = PeerLink::new(addr, conn, config.limits(), timeout, config.peer_buffer_bytes_max);
+            let hello = Body::OperatorHello { name: name.to_string(), cluster: cluster.to_string() };
+            let (answer, _) = link.request(hello, &[]).await?;
+            match answer.body {
+                Body::Hello { info, .. } => Ok((link, info)),
+                Body::Error { message } => Err(NetError::Refused { peer: addr.to_string(), message }),
+                other => Err(err(format!("unexpected answer {}", other.name()))),
+            }
+        };
+        let (link, node) = tokio::time::timeout(timeout, fut).await.map_err(|_| NetError::Timeout {
+            what: format!("connecting to {addr}"),
+            millis: timeout.as_millis() as u64,
+        })??;
+        Ok(Self { endpoint, link, node })
+    }
+
+    /// The node this client is connected to.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Sends a request and waits (bounded) for its answer; an `Error` answer becomes
+    /// [`NetError::Refused`].
+    pub async fn request(&self, body: Body) -> Result<Body, NetError> {
+        let (answer, _) = self.link.request(body, &[]).await?;
+        match answer.body {
+            Body::Error { message } => Err(NetError::Refused { peer: self.node.name.clone(), message }),
+            other => Ok(other),
+        }
+    }
+
+    /// The node's member list.
+    pub async fn members(&self) -> Result<Vec<MemberRecord>, NetError> {
+        match self.request(Body::StatusRequest).await? {
+            Body::Members(m) => Ok(m),
+            other => Err(NetError::Connect {
+                peer: self.node.name.clone(),
+                reason: format!("unexpected answer {}", other.name()),
+            }),
+        }
+    }
+
+    /// Hangs up and waits (at most a second) for the close to reach the node.
+    pub async fn close(self) {
+        self.link.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Asks a node at `addr` for its member list, authenticating with the operator
+/// certificate `<as_name>.pem` from `cert_dir` (or with no checks when `cert_dir` is
+/// `None`: `--insecure-dev` clusters).
 pub async fn query_status(
     addr: &str,
     cert_dir: Option<&Path>,
     as_name: &str,
     timeout: Duration,
 ) -> Result<Vec<MemberRecord>, NetError> {
-    let identity = cert_dir.map(|d| tls::load_identity(d, as_name)).transpose()?;
-    let config = NodeConfig { name: as_name.to_string(), insecure_dev: identity.is_none(), ..Default::default() };
-    let (ep, client) = transport::client_endpoint(&config, identity.as_ref())?;
-    let sa = resolve(addr).await?;
-    let err = |reason: String| NetError::Connect { peer: addr.to_string(), reason };
-    let fut = async {
-        let conn = ep
-            .connect_with(client, sa, tls::CLUSTER_SERVER_NAME)
-            .map_err(|e| err(e.to_string()))?
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let link = PeerLink::new(addr, conn.clone(), config.limits(), timeout);
-        let (answer, _) = link.request(Body::StatusRequest, &[]).await?;
-        conn.close(0u32.into(), b"done");
-        match answer.body {
-            Body::Members(m) => Ok(m),
-            Body::Error { message } => Err(NetError::Refused { peer: addr.to_string(), message }),
-            other => Err(err(format!("unexpected answer {}", other.name()))),
-        }
-    };
-    let r = tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| NetError::Timeout { what: format!("status of {addr}"), millis: timeout.as_millis() as u64 });
-    ep.wait_idle().await;
-    r?
+    query_status_in(addr, cert_dir, as_name, "strata", timeout).await
+}
+
+/// As [`query_status`], for a cluster of another name.
+pub async fn query_status_in(
+    addr: &str,
+    cert_dir: Option<&Path>,
+    as_name: &str,
+    cluster: &str,
+    timeout: Duration,
+) -> Result<Vec<MemberRecord>, NetError> {
+    let client = OperatorClient::connect(addr, cert_dir, as_name, cluster, timeout).await?;
+    let r = client.members().await;
+    client.close().await;
+    r
 }

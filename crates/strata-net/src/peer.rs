@@ -5,6 +5,7 @@
 //! A refused frame resets only its stream; the connection and its other streams go on.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -12,8 +13,9 @@ use strata_tensor::HostTensor;
 use strata_wire::{Body, ChunkTag, Event, FrameDecoder, Header, Limits, TensorMeta, WireError, frame_header_bytes};
 
 use crate::NetError;
+use crate::budget::{Charge, FRAME_OVERHEAD_BYTES, OverBudget, PeerBudget};
 use crate::node::{Heard, NodeActor, PeerClosed, PeerLeft, StatusQuery};
-use crate::router::{ChunkMessage, Router, TensorMessage};
+use crate::router::{ChunkMessage, Delivery, Router, TensorMessage};
 
 /// Stream reset code: the frame was refused.
 pub(crate) const CODE_REFUSED: u32 = 1;
@@ -21,8 +23,14 @@ pub(crate) const CODE_REFUSED: u32 = 1;
 pub(crate) const CODE_LEAVING: u32 = 2;
 /// Connection close code: a second connection to the same peer.
 pub(crate) const CODE_DUPLICATE: u32 = 3;
-/// Connection close code: the peer was refused (cluster, name or protocol).
+/// Connection close code: the peer was refused (cluster, name, role or protocol).
 pub(crate) const CODE_REFUSED_PEER: u32 = 4;
+/// Connection close code: the peer exceeded its memory budget.
+pub(crate) const CODE_OVER_BUDGET: u32 = 5;
+
+/// Payload bytes reserved when a header arrives; larger payloads grow as their data
+/// arrives, so a header declaring a gigabyte reserves nothing it has not sent.
+const PREALLOC_BYTES_MAX: u64 = 4 << 20;
 
 /// Why reading a frame failed.
 #[derive(Debug)]
@@ -31,6 +39,10 @@ pub(crate) enum ReadFrameError {
     Wire(WireError),
     /// The stream or connection failed.
     Stream(String),
+    /// The peer went over its memory budget.
+    OverBudget(String),
+    /// No data arrived on the stream within the limit.
+    Idle(u64),
 }
 
 impl std::fmt::Display for ReadFrameError {
@@ -38,23 +50,42 @@ impl std::fmt::Display for ReadFrameError {
         match self {
             ReadFrameError::Wire(e) => write!(f, "{e}"),
             ReadFrameError::Stream(e) => write!(f, "{e}"),
+            ReadFrameError::OverBudget(e) => write!(f, "{e}"),
+            ReadFrameError::Idle(ms) => write!(f, "no data for {ms} ms inside a frame"),
         }
     }
 }
 
-/// Reads one frame from `recv`; `None` if the stream ended before any byte. The payload
-/// is read straight into its final buffer. Streams carry one frame each: the caller
-/// drops the stream afterwards, which stops the peer from sending more on it.
+/// One frame read from a stream: the header, the payload as f32 elements, and the
+/// memory it holds against its peer's budget.
+pub(crate) struct Frame {
+    pub(crate) header: Header,
+    pub(crate) payload: Vec<f32>,
+    pub(crate) charge: Charge,
+}
+
+/// Reads one frame from `recv`; `None` if the stream ended before any byte. Payload
+/// memory is charged to `budget` as the data arrives; every read waits at most `idle`.
+/// Streams carry one frame each: the caller drops the stream afterwards, which stops the
+/// peer from sending more on it.
 pub(crate) async fn read_frame(
     recv: &mut quinn::RecvStream,
     limits: &Limits,
-) -> Result<Option<(Header, Vec<f32>)>, ReadFrameError> {
+    budget: &Arc<PeerBudget>,
+    idle: Duration,
+) -> Result<Option<Frame>, ReadFrameError> {
+    let over = |e: OverBudget| ReadFrameError::OverBudget(e.message);
     let mut dec = FrameDecoder::new(*limits);
     let mut header: Option<Header> = None;
+    let mut declared = 0u64;
     let mut payload: Vec<f32> = Vec::new();
     let mut filled = 0usize;
+    let mut charge = Charge::new(budget);
     loop {
-        let chunk = recv.read_chunk(1 << 20, true).await.map_err(|e| ReadFrameError::Stream(e.to_string()))?;
+        let chunk = tokio::time::timeout(idle, recv.read_chunk(1 << 20, true))
+            .await
+            .map_err(|_| ReadFrameError::Idle(idle.as_millis() as u64))?
+            .map_err(|e| ReadFrameError::Stream(e.to_string()))?;
         let Some(chunk) = chunk else {
             dec.finish().map_err(ReadFrameError::Wire)?;
             return match header {
@@ -74,12 +105,33 @@ pub(crate) async fn read_frame(
                             h.payload_bytes
                         ))));
                     }
+                    declared = h.payload_bytes;
+                    charge.grow(FRAME_OVERHEAD_BYTES).map_err(over)?;
                     // Capacity only: zero-filling a buffer that is about to be overwritten
                     // costs as much as the copy itself.
-                    payload = crate::buffers::take_f32((h.payload_bytes / 4) as usize);
+                    payload = crate::buffers::take_f32((declared.min(PREALLOC_BYTES_MAX) / 4) as usize);
+                    charge.grow(payload.capacity() as u64 * 4).map_err(over)?;
                     header = Some(h);
                 }
                 Some(Event::Payload(p)) => {
+                    let need = filled + p.len();
+                    if need > payload.capacity() * 4 {
+                        // Grow as data arrives (doubling, up to what the header declared).
+                        let cap_bytes = (need as u64).max(payload.capacity() as u64 * 8).min(declared);
+                        let mut bigger = crate::buffers::take_f32((cap_bytes / 4) as usize);
+                        charge.grow((bigger.capacity() - payload.capacity()) as u64 * 4).map_err(over)?;
+                        // SAFETY: `filled` bytes of `payload` were written below; `bigger`
+                        // has room for them (its capacity covers `need > filled`).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                payload.as_ptr().cast::<u8>(),
+                                bigger.as_mut_ptr().cast::<u8>(),
+                                filled,
+                            )
+                        };
+                        std::mem::swap(&mut payload, &mut bigger);
+                        crate::buffers::recycle(bigger);
+                    }
                     let room = payload.capacity() * 4 - filled;
                     assert!(p.len() <= room, "the decoder never yields more payload than the header declared");
                     // SAFETY: the destination range lies within the vector's capacity (checked
@@ -102,7 +154,7 @@ pub(crate) async fn read_frame(
                     if !rest.is_empty() {
                         return Err(ReadFrameError::Wire(WireError::Malformed("bytes after the frame".into())));
                     }
-                    return Ok(Some((h, payload)));
+                    return Ok(Some(Frame { header: h, payload, charge }));
                 }
                 None if used == 0 => break,
                 None => {}
@@ -128,20 +180,54 @@ pub struct PeerLink {
     pub(crate) conn: quinn::Connection,
     limits: Limits,
     request_timeout: Duration,
+    /// What this peer may make the node hold.
+    pub(crate) budget: Arc<PeerBudget>,
     /// Streams written but not yet acknowledged by the peer; closing the connection
     /// before they drain would drop their data.
-    unacked: Arc<std::sync::atomic::AtomicUsize>,
+    unacked: Arc<AtomicUsize>,
+    /// Sends in progress (opening a stream or waiting for flow-control credit).
+    sending: Arc<AtomicUsize>,
+}
+
+/// Decrements a counter when dropped, so cancelled futures count correctly too.
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn new(c: &Arc<AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        Self(c.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl PeerLink {
-    pub(crate) fn new(name: &str, conn: quinn::Connection, limits: Limits, request_timeout: Duration) -> Self {
-        Self { name: name.into(), conn, limits, request_timeout, unacked: Arc::default() }
+    pub(crate) fn new(
+        name: &str,
+        conn: quinn::Connection,
+        limits: Limits,
+        request_timeout: Duration,
+        budget_bytes: u64,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            conn,
+            limits,
+            request_timeout,
+            budget: PeerBudget::new(name, budget_bytes),
+            unacked: Arc::default(),
+            sending: Arc::default(),
+        }
     }
 
     /// Waits (up to `limit`) until every stream written so far was acknowledged.
     pub async fn drain(&self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
-        while self.unacked.load(std::sync::atomic::Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        while self.unacked.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
@@ -166,8 +252,23 @@ impl PeerLink {
         self.conn.stats()
     }
 
+    /// Sends to this peer still in progress: waiting for a stream or for flow-control
+    /// credit, or for the peer to acknowledge what was written.
+    pub fn sends_in_flight(&self) -> usize {
+        self.sending.load(Ordering::Acquire) + self.unacked.load(Ordering::Acquire)
+    }
+
+    /// Bytes this peer makes the node hold now, and the most it held at once.
+    pub fn buffered_bytes(&self) -> (u64, u64) {
+        (self.budget.used(), self.budget.peak())
+    }
+
     fn lost(&self, reason: impl std::fmt::Display) -> NetError {
         NetError::ConnectionLost { peer: self.name.to_string(), reason: reason.to_string() }
+    }
+
+    fn timed_out(&self, what: &str) -> NetError {
+        NetError::Timeout { what: format!("{what} to {}", self.name), millis: self.request_timeout.as_millis() as u64 }
     }
 
     /// Sends one message on a stream of its own.
@@ -176,35 +277,47 @@ impl PeerLink {
     }
 
     /// Sends one message whose payload the caller already owns: quinn takes the buffer
-    /// as it is, without another copy.
+    /// as it is, without another copy. Waits at most the request timeout for a stream
+    /// and for flow-control credit: a peer that grants neither makes this fail, not hang.
     pub async fn send_owned(&self, body: Body, payload: bytes::Bytes) -> Result<(), NetError> {
+        let what = body.name();
+        let _pending = Pending::new(&self.sending);
         let header = Header::new(body, payload.len() as u64);
         let head = frame_header_bytes(&header).map_err(|e| self.lost(e))?;
-        let mut s = self.conn.open_uni().await.map_err(|e| self.lost(e))?;
-        s.write_all(&head).await.map_err(|e| self.lost(e))?;
-        if !payload.is_empty() {
-            s.write_chunk(payload).await.map_err(|e| self.lost(e))?;
-        }
-        s.finish().map_err(|e| self.lost(e))?;
-        // Count the stream until the peer acknowledges it, so a leaving node can drain.
-        let unacked = self.unacked.clone();
-        unacked.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let fut = async {
+            let mut s = self.conn.open_uni().await.map_err(|e| self.lost(e))?;
+            s.write_all(&head).await.map_err(|e| self.lost(e))?;
+            if !payload.is_empty() {
+                s.write_chunk(payload).await.map_err(|e| self.lost(e))?;
+            }
+            s.finish().map_err(|e| self.lost(e))?;
+            Ok::<_, NetError>(s)
+        };
+        let s = tokio::time::timeout(self.request_timeout, fut).await.map_err(|_| self.timed_out(what))??;
+        // Count the stream until the peer acknowledges it (bounded), so a leaving node can drain.
+        let unacked = Pending::new(&self.unacked);
+        let limit = self.request_timeout;
         tokio::spawn(async move {
-            let _ = s.stopped().await;
-            unacked.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            let _ = tokio::time::timeout(limit, s.stopped()).await;
+            drop(unacked);
         });
         Ok(())
     }
 
-    /// Sends a message and waits until the peer acknowledged receiving it (for messages
-    /// that must arrive before the connection closes, such as `Leave`).
+    /// Sends a message and waits (up to the request timeout) until the peer acknowledged
+    /// receiving it (for messages that must arrive before the connection closes, such as
+    /// `Leave`).
     pub async fn send_acknowledged(&self, body: Body) -> Result<(), NetError> {
+        let what = body.name();
         let head = frame_header_bytes(&Header::new(body, 0)).map_err(|e| self.lost(e))?;
-        let mut s = self.conn.open_uni().await.map_err(|e| self.lost(e))?;
-        s.write_all(&head).await.map_err(|e| self.lost(e))?;
-        s.finish().map_err(|e| self.lost(e))?;
-        s.stopped().await.map_err(|e| self.lost(e))?;
-        Ok(())
+        let fut = async {
+            let mut s = self.conn.open_uni().await.map_err(|e| self.lost(e))?;
+            s.write_all(&head).await.map_err(|e| self.lost(e))?;
+            s.finish().map_err(|e| self.lost(e))?;
+            s.stopped().await.map_err(|e| self.lost(e))?;
+            Ok(())
+        };
+        tokio::time::timeout(self.request_timeout, fut).await.map_err(|_| self.timed_out(what))?
     }
 
     /// Sends a segment of collective operation `op`.
@@ -225,11 +338,11 @@ impl PeerLink {
         let fut = async {
             let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
             write_frame(&mut send, &header, payload).await.map_err(|e| self.lost(e))?;
-            match read_frame(&mut recv, &self.limits).await {
-                Ok(Some(answer)) => Ok(answer),
+            match read_frame(&mut recv, &self.limits, &self.budget, self.request_timeout).await {
+                Ok(Some(answer)) => Ok((answer.header, answer.payload)),
                 Ok(None) => Err(self.lost("the answer stream ended empty")),
                 Err(ReadFrameError::Wire(error)) => Err(NetError::Wire { peer: self.name.to_string(), error }),
-                Err(ReadFrameError::Stream(e)) => Err(self.lost(e)),
+                Err(e) => Err(self.lost(e)),
             }
         };
         tokio::time::timeout(self.request_timeout, fut)
@@ -260,6 +373,9 @@ pub(crate) struct PeerActor {
     pub(crate) node: Addr<NodeActor>,
     pub(crate) router: Arc<Router>,
     pub(crate) io: ArbiterHandle,
+    /// A heartbeat is on its way: the next one is skipped rather than queued behind a
+    /// peer that grants no stream credit.
+    pub(crate) heartbeat_busy: Arc<AtomicBool>,
 }
 
 impl Actor for PeerActor {
@@ -285,19 +401,25 @@ impl Actor for PeerActor {
     }
 }
 
-/// Sends a frame to the peer (fire and forget; failures surface as a closed connection).
+/// Sends a heartbeat to the peer unless the previous one is still on its way (fire and
+/// forget; failures surface as a closed connection or a failed member).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct SendBody(pub(crate) Body);
+pub(crate) struct SendHeartbeat(pub(crate) Body);
 
-impl Handler<SendBody> for PeerActor {
+impl Handler<SendHeartbeat> for PeerActor {
     type Result = ();
-    fn handle(&mut self, msg: SendBody, _: &mut Context<Self>) {
-        let link = self.link.clone();
+    fn handle(&mut self, msg: SendHeartbeat, _: &mut Context<Self>) {
+        if self.heartbeat_busy.swap(true, Ordering::AcqRel) {
+            tracing::debug!("heartbeat to {} skipped: the previous one is still on its way", self.link.name);
+            return;
+        }
+        let (link, busy) = (self.link.clone(), self.heartbeat_busy.clone());
         actix::spawn(async move {
             if let Err(e) = link.send(msg.0, &[]).await {
                 tracing::debug!("sending to {}: {e}", link.name);
             }
+            busy.store(false, Ordering::Release);
         });
     }
 }
@@ -326,20 +448,33 @@ impl Handler<Stop> for PeerActor {
     }
 }
 
+/// Disconnects a peer that went over its budget; the node keeps serving the others.
+pub(crate) fn disconnect_over_budget(link: &PeerLink, message: &str) {
+    tracing::warn!("disconnecting {}: {message}", link.name);
+    link.conn.close(CODE_OVER_BUDGET.into(), message.as_bytes());
+}
+
 async fn accept_uni(link: PeerLink, node: Addr<NodeActor>, router: Arc<Router>) {
     while let Ok(mut recv) = link.conn.accept_uni().await {
         let (link, node, router) = (link.clone(), node.clone(), router.clone());
         actix::spawn(async move {
-            match read_frame(&mut recv, &link.limits).await {
-                Ok(Some((header, payload))) => {
-                    if let Err(e) = handle_one_way(&link, &node, &router, header, payload) {
+            match read_frame(&mut recv, &link.limits, &link.budget, link.request_timeout).await {
+                Ok(Some(frame)) => match handle_one_way(&link, &node, &router, frame).await {
+                    Ok(()) => {}
+                    Err(OneWayError::Refused(e)) => {
                         tracing::warn!("refusing a frame from {}: {e}", link.name);
                         let _ = recv.stop(CODE_REFUSED.into());
                     }
-                }
+                    Err(OneWayError::OverBudget(e)) => disconnect_over_budget(&link, &e),
+                },
                 Ok(None) => {}
                 Err(ReadFrameError::Wire(e)) => {
                     tracing::warn!("refusing a malformed frame from {}: {e}", link.name);
+                    let _ = recv.stop(CODE_REFUSED.into());
+                }
+                Err(ReadFrameError::OverBudget(e)) => disconnect_over_budget(&link, &e),
+                Err(e @ ReadFrameError::Idle(_)) => {
+                    tracing::warn!("dropping a stalled frame from {}: {e}", link.name);
                     let _ = recv.stop(CODE_REFUSED.into());
                 }
                 Err(ReadFrameError::Stream(e)) => tracing::debug!("stream from {} failed: {e}", link.name),
@@ -348,37 +483,49 @@ async fn accept_uni(link: PeerLink, node: Addr<NodeActor>, router: Arc<Router>) 
     }
 }
 
-fn handle_one_way(
+enum OneWayError {
+    Refused(String),
+    OverBudget(String),
+}
+
+async fn handle_one_way(
     link: &PeerLink,
     node: &Addr<NodeActor>,
     router: &Router,
-    header: Header,
-    payload: Vec<f32>,
-) -> Result<(), String> {
+    frame: Frame,
+) -> Result<(), OneWayError> {
+    let Frame { header, payload, charge } = frame;
+    let deliver = |d: Delivery| match d {
+        Delivery::Delivered | Delivery::Dropped => Ok(()),
+        Delivery::OverBudget(m) => Err(OneWayError::OverBudget(m)),
+    };
     match header.body {
         Body::Heartbeat { info, members, .. } => {
             if info.name != *link.name {
-                return Err(format!("heartbeat names {:?}, but the connection belongs to {:?}", info.name, link.name));
+                return Err(OneWayError::Refused(format!(
+                    "heartbeat names {:?}, but the connection belongs to {:?}",
+                    info.name, link.name
+                )));
             }
             node.do_send(Heard { info, members });
             Ok(())
         }
         Body::Chunk { op, tag, dtype, .. } => {
             if dtype != strata_tensor::DType::F32 {
-                return Err(format!("chunks of dtype {dtype} are not supported"));
+                return Err(OneWayError::Refused(format!("chunks of dtype {dtype} are not supported")));
             }
-            router.deliver_chunk(op, ChunkMessage::Data { from: link.name.to_string(), tag, data: payload });
-            Ok(())
+            let msg = ChunkMessage::Data { from: link.name.to_string(), tag, data: payload, charge };
+            deliver(router.deliver_chunk(op, &link.name, msg, link.request_timeout).await)
         }
         Body::Abort { op, message } => {
-            router.deliver_chunk(op, ChunkMessage::Abort { from: link.name.to_string(), message });
-            Ok(())
+            let msg = ChunkMessage::Abort { from: link.name.to_string(), message };
+            deliver(router.deliver_chunk(op, &link.name, msg, link.request_timeout).await)
         }
         Body::Leave => {
             node.do_send(PeerLeft(link.name.to_string()));
             Ok(())
         }
-        other => Err(format!("{} is not a one-way message", other.name())),
+        other => Err(OneWayError::Refused(format!("{} is not a one-way message", other.name()))),
     }
 }
 
@@ -386,33 +533,36 @@ async fn accept_bi(link: PeerLink, node: Addr<NodeActor>, router: Arc<Router>) {
     while let Ok((mut send, mut recv)) = link.conn.accept_bi().await {
         let (link, node, router) = (link.clone(), node.clone(), router.clone());
         actix::spawn(async move {
-            let answer = match read_frame(&mut recv, &link.limits).await {
-                Ok(Some((header, payload))) => answer_request(&link, &node, &router, header, payload).await,
+            let answer = match read_frame(&mut recv, &link.limits, &link.budget, link.request_timeout).await {
+                Ok(Some(frame)) => answer_request(&link, &node, &router, frame).await,
                 Ok(None) => return,
                 Err(ReadFrameError::Wire(e)) => {
                     tracing::warn!("refusing a malformed request from {}: {e}", link.name);
                     let _ = recv.stop(CODE_REFUSED.into());
                     Body::Error { message: e.to_string() }
                 }
-                Err(ReadFrameError::Stream(e)) => {
+                Err(ReadFrameError::OverBudget(e)) => {
+                    disconnect_over_budget(&link, &e);
+                    return;
+                }
+                Err(e) => {
                     tracing::debug!("request stream from {} failed: {e}", link.name);
                     return;
                 }
             };
-            if let Err(e) = write_frame(&mut send, &Header::new(answer, 0), &[]).await {
-                tracing::debug!("answering {}: {e}", link.name);
+            let header = Header::new(answer, 0);
+            match tokio::time::timeout(link.request_timeout, write_frame(&mut send, &header, &[])).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("answering {}: {e}", link.name),
+                Err(_) => tracing::debug!("answering {}: timed out", link.name),
             }
         });
     }
 }
 
-pub(crate) async fn answer_request(
-    link: &PeerLink,
-    node: &Addr<NodeActor>,
-    router: &Router,
-    header: Header,
-    payload: Vec<f32>,
-) -> Body {
+/// Answers a request from a member.
+pub(crate) async fn answer_request(link: &PeerLink, node: &Addr<NodeActor>, router: &Router, frame: Frame) -> Body {
+    let Frame { header, payload, charge } = frame;
     match header.body {
         Body::StatusRequest => match node.send(StatusQuery).await {
             Ok(records) => Body::Members(records),
@@ -424,7 +574,8 @@ pub(crate) async fn answer_request(
             }
             match HostTensor::new(meta.shape, payload) {
                 Ok(tensor) => {
-                    match router.deliver_tensor(&mailbox, TensorMessage { from: link.name.to_string(), tag, tensor }) {
+                    let msg = TensorMessage { from: link.name.to_string(), tag, tensor, charge };
+                    match router.deliver_tensor(&mailbox, msg) {
                         Ok(()) => Body::Ack,
                         Err(message) => Body::Error { message },
                     }

@@ -13,14 +13,21 @@ use crate::tls::{self, Identity};
 /// Largest UDP payload over IPv4.
 const UDP_PAYLOAD_MAX: u16 = 65507;
 
-fn transport(config: &NodeConfig, large_datagrams: bool) -> quinn::TransportConfig {
+/// Streams a peer may have open towards this node at once. With at most a header's worth
+/// of undecoded bytes each (64 KiB), this bounds what stream bookkeeping can hold; the
+/// collectives keep 8 sends in flight per operation.
+const UNI_STREAMS_MAX: u32 = 256;
+const BIDI_STREAMS_MAX: u32 = 64;
+
+fn transport(config: &NodeConfig, large_datagrams: bool) -> Result<quinn::TransportConfig, NetError> {
     let mut t = quinn::TransportConfig::default();
-    let idle =
-        quinn::IdleTimeout::try_from(config.failure_timeout()).expect("failure timeout fits a QUIC idle timeout");
+    let idle = quinn::IdleTimeout::try_from(config.failure_timeout()).map_err(|_| {
+        NetError::Config(format!("failure timeout of {} ms is too large for QUIC", config.failure_timeout_ms))
+    })?;
     t.max_idle_timeout(Some(idle));
     t.keep_alive_interval(Some(config.heartbeat()));
-    t.max_concurrent_uni_streams(1024u32.into());
-    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_uni_streams(UNI_STREAMS_MAX.into());
+    t.max_concurrent_bidi_streams(BIDI_STREAMS_MAX.into());
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
@@ -41,7 +48,7 @@ fn transport(config: &NodeConfig, large_datagrams: bool) -> quinn::TransportConf
         mtu.upper_bound(UDP_PAYLOAD_MAX);
         t.mtu_discovery_config(Some(mtu));
     }
-    t
+    Ok(t)
 }
 
 /// Whether to use large datagrams for this listen address.
@@ -57,7 +64,7 @@ pub(crate) fn bind(
     let listen = config.listen_addr()?;
     let ep_err = |reason: String| NetError::Endpoint { addr: listen.to_string(), reason };
     let large = large_datagrams(config, &listen);
-    let transport = Arc::new(transport(config, large));
+    let transport = Arc::new(transport(config, large)?);
 
     let server_tls = tls::server_crypto(identity)?;
     let server_quic = QuicServerConfig::try_from(server_tls).map_err(|e| NetError::Certificate(e.to_string()))?;
@@ -85,7 +92,7 @@ pub(crate) fn client_endpoint(
     identity: Option<&Identity>,
 ) -> Result<(quinn::Endpoint, quinn::ClientConfig), NetError> {
     let any: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-    let mut t = transport(config, false);
+    let mut t = transport(config, false)?;
     t.keep_alive_interval(Some(Duration::from_millis(config.heartbeat_ms)));
     let client_tls = tls::client_crypto(identity)?;
     let client_quic = QuicClientConfig::try_from(client_tls).map_err(|e| NetError::Certificate(e.to_string()))?;

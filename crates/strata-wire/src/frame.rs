@@ -226,6 +226,8 @@ mod tests {
                 (Body::Heartbeat { seq, info: info(&n), members }, Vec::new())
             }),
             Just((Body::Ack, Vec::new())),
+            ("[a-z0-9-]{1,20}", "[a-z]{1,8}")
+                .prop_map(|(name, cluster)| (Body::OperatorHello { name, cluster }, Vec::new())),
             ".{0,64}".prop_map(|m| (Body::Error { message: m }, Vec::new())),
         ]
     }

@@ -6,7 +6,7 @@ use strata_tensor::{DType, Shape};
 use crate::WireError;
 
 /// The protocol version this build speaks. A frame of another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The header of a frame.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -135,6 +135,15 @@ pub enum Body {
         /// The sender's incarnation.
         incarnation: u64,
     },
+    /// First frame of a tool's connection (an operator certificate, never a member):
+    /// the name it claims, which must be its certificate's. Answered by the node's `Hello`
+    /// or an `Error`; requests follow on further streams.
+    OperatorHello {
+        /// The operator's name.
+        name: String,
+        /// Cluster name.
+        cluster: String,
+    },
     /// Periodic liveness signal with the sender's member list (gossip).
     Heartbeat {
         /// Sequence number.
@@ -191,6 +200,7 @@ impl Body {
     pub fn name(&self) -> &'static str {
         match self {
             Body::Hello { .. } => "hello",
+            Body::OperatorHello { .. } => "operator hello",
             Body::Heartbeat { .. } => "heartbeat",
             Body::StatusRequest => "status request",
             Body::Members(_) => "members",

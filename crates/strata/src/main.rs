@@ -70,7 +70,10 @@ enum Command {
         #[arg(long)]
         no_gpu: bool,
     },
-    /// Create a cluster CA (if missing) and certificates for the named nodes (and "admin").
+    /// Create a cluster CA (if missing), node certificates and operator certificates.
+    ///
+    /// A node certificate lets its holder join as that one node; an operator certificate
+    /// (default: "admin") lets a tool query and submit work, never join as a member.
     Cert {
         /// Certificate directory.
         #[arg(long, default_value = "certs")]
@@ -78,10 +81,12 @@ enum Command {
         /// Cluster name recorded in the CA certificate.
         #[arg(long, default_value = "strata")]
         cluster: String,
-        /// Extra names or IP addresses to put in every new node certificate.
-        #[arg(long, value_delimiter = ',')]
-        san: Vec<String>,
-        /// Node names.
+        /// Operator certificates to issue.
+        #[arg(long = "operator", value_name = "NAME", default_value = "admin")]
+        operators: Vec<String>,
+        /// Node certificates: NAME, or NAME=SAN,SAN... to add host names or IP
+        /// addresses to that node's certificate only (for example node-1=10.0.0.5).
+        #[arg(value_name = "NODE[=SAN,...]")]
         names: Vec<String>,
     },
     /// Show the members of a running cluster, as one node sees them.
@@ -92,7 +97,7 @@ enum Command {
         /// Certificate directory (omit for --insecure-dev clusters).
         #[arg(long)]
         cert_dir: Option<PathBuf>,
-        /// Certificate to authenticate with.
+        /// Operator certificate to authenticate with.
         #[arg(long = "as", default_value = "admin")]
         as_name: String,
         /// Print JSON.
@@ -200,7 +205,7 @@ fn main() -> Result<()> {
             let gpu = (!no_gpu).then(|| cli.device.options());
             actix::System::new().block_on(strata::cluster::run_node(config, gpu))
         }
-        Command::Cert { dir, cluster, san, names } => cert(dir, cluster, san, names),
+        Command::Cert { dir, cluster, operators, names } => cert(dir, cluster, operators, names),
         Command::Status { node, cert_dir, as_name, json } => status(node, cert_dir.as_deref(), as_name, *json),
         Command::Worker { what: WorkerCommand::Allreduce { node, sizes, iters, forever } } => {
             let config = node.config()?;
@@ -308,8 +313,23 @@ fn print_figures(json: bool, run: impl FnOnce(&mut dyn FnMut(&bench::Figure)) ->
     run(&mut on)
 }
 
-fn cert(dir: &std::path::Path, cluster: &str, san: &[String], names: &[String]) -> Result<()> {
+fn cert(dir: &std::path::Path, cluster: &str, operators: &[String], nodes: &[String]) -> Result<()> {
     use strata_net::tls;
+    // Check every argument before writing anything.
+    let mut plan = Vec::new();
+    for spec in nodes {
+        let (name, sans) = match spec.split_once('=') {
+            Some((n, s)) => (n, s.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()),
+            None => (spec.as_str(), Vec::new()),
+        };
+        tls::check_name(name)?;
+        plan.push((name.to_string(), Some(sans)));
+    }
+    for name in operators {
+        tls::check_name(name)?;
+        anyhow::ensure!(!plan.iter().any(|(n, _)| n == name), "{name:?} is named both as a node and as an operator");
+        plan.push((name.clone(), None));
+    }
     if !dir.join(tls::CA_CERT_FILE).exists() {
         tls::create_ca(dir, cluster)?;
         println!(
@@ -318,12 +338,22 @@ fn cert(dir: &std::path::Path, cluster: &str, san: &[String], names: &[String]) 
             dir.join(tls::CA_KEY_FILE).display()
         );
     }
-    for name in names.iter().map(String::as_str).chain(["admin"]) {
-        if tls::node_files(dir, name).0.exists() {
+    for (name, sans) in plan {
+        let path = tls::node_files(dir, &name).0;
+        if path.exists() {
+            println!("kept {} (already there)", path.display());
             continue;
         }
-        tls::issue_node(dir, name, san)?;
-        println!("issued {}", tls::node_files(dir, name).0.display());
+        match sans {
+            Some(sans) => {
+                tls::issue_node(dir, &name, &sans)?;
+                println!("issued node certificate {}", path.display());
+            }
+            None => {
+                tls::issue_operator(dir, &name)?;
+                println!("issued operator certificate {}", path.display());
+            }
+        }
     }
     Ok(())
 }

@@ -82,6 +82,34 @@ fn three_node_processes_form_a_cluster_that_status_lists() {
     for n in ["node-1", "node-2", "node-3"] {
         assert!(status.contains(&format!("\"name\": \"{n}\"")), "{n} missing from {status}");
     }
+    // Roles: the operator certificate never joins, and a node certificate is no operator's.
+    let out = strata(d)
+        .args([
+            "node",
+            "--name",
+            "admin",
+            "--listen",
+            "127.0.0.1:0",
+            "--seed",
+            &seed,
+            "--cert-dir",
+            "certs",
+            "--no-gpu",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is an operator certificate; this needs a node certificate"),
+        "{err}"
+    );
+    let out = strata(d).args(["status", "--node", &seed, "--cert-dir", "certs", "--as", "node-2"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is a node certificate; this needs an operator certificate"),
+        "{err}"
+    );
+    assert!(!status.contains("admin"), "an operator is listed as a member: {status}");
     // The table form names every member too, as seen from another node.
     let other = format!("127.0.0.1:{}", ports[2]);
     let deadline = Instant::now() + Duration::from_secs(10);
