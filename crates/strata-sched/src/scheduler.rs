@@ -319,7 +319,7 @@ impl Scheduler {
             spec: spec.clone(),
         });
         self.insert_task(id, seq, now_ms, 0, Vec::new(), spec);
-        self.enqueue(now_ms, id);
+        self.enqueue(now_ms, id, self.recovery_until.is_none());
         Ok(id)
     }
 
@@ -327,7 +327,9 @@ impl Scheduler {
     /// a scheduler restart (keeping its recovered attempts), or changes its capacity.
     ///
     /// A node that was declared lost must have stopped what it ran before it reports again:
-    /// its old attempts were released when it was lost.
+    /// its old attempts were released when it was lost. After [`Scheduler::recover`], the
+    /// IO layer reports with [`Scheduler::task_failed`] any recovered attempt the node no
+    /// longer runs.
     pub fn node_up(&mut self, now_ms: u64, name: &str, resources: NodeResources) {
         let n = self.node_index(name);
         let node = &mut self.nodes[n as usize];
@@ -718,10 +720,11 @@ impl Scheduler {
         self.tasks.insert(id, task);
     }
 
-    /// Puts a task (not in the queue) back in its place, or parks it if no live node could hold it.
-    fn enqueue(&mut self, now_ms: u64, id: TaskId) {
+    /// Puts a task (not in the queue) back in its place, or parks it if no live node could
+    /// hold it (unless the caller just checked that one could).
+    fn enqueue(&mut self, now_ms: u64, id: TaskId, known_feasible: bool) {
         let Some(task) = self.tasks.get(&id) else { return };
-        let feasible = self.feasible(task.need, &task.spec.demand.labels);
+        let feasible = known_feasible || self.feasible(task.need, &task.spec.demand.labels);
         let task = self.tasks.get_mut(&id).expect("task looked up above");
         task.checked_epoch = None;
         task.bypasses = 0;
@@ -824,11 +827,11 @@ impl Scheduler {
     /// After a placed attempt ended without a result (already released).
     fn retry_or_fail(&mut self, now_ms: u64, id: TaskId, cause: Cause, retryable: bool) {
         let Some(task) = self.tasks.get_mut(&id) else { return };
-        let budget = 1 + task.spec.retries.unwrap_or(0);
+        let budget = task.spec.retries.unwrap_or(0).saturating_add(1);
         if retryable && task.attempts < budget {
             task.causes.push(cause.clone());
             self.journal.push_back(JournalRecord::Requeued { task: id, cause });
-            self.enqueue(now_ms, id);
+            self.enqueue(now_ms, id, false);
         } else {
             self.fail_final(id, cause);
         }
@@ -972,7 +975,9 @@ impl Scheduler {
                 self.next_id = self.next_id.max(next_task);
                 self.next_seq = self.next_seq.max(next_seq);
             }
-            JournalRecord::Submitted { task, seq, at_ms, attempts, causes, spec } => {
+            JournalRecord::Submitted { task, seq, at_ms, attempts, causes, mut spec } => {
+                spec.id = Some(task);
+                spec.retries.get_or_insert(self.config.default_retries);
                 if self.tasks.contains_key(&task) {
                     return Err(format!("task {task} is submitted while it exists"));
                 }
