@@ -64,3 +64,38 @@ async fn errors_are_typed_and_the_actor_keeps_serving() {
     gpu.shutdown().await;
     assert_eq!(gpu.download::<f32>(c).await.unwrap_err(), GpuError::ActorGone);
 }
+
+/// A device that does not finish within the limit fails the waiting call with a
+/// timeout instead of hanging it, and later work still runs.
+#[actix_rt::test]
+async fn device_waits_and_actor_calls_are_bounded() {
+    let Some(mut gpu) = common::gpu() else { return };
+    // 2 x 2048^3 multiply-adds take far longer than a microsecond on any device.
+    let n = 2048;
+    let a = gpu.upload(&HostTensor::<f32>::random([n, n], 1)).unwrap();
+    let b = gpu.upload(&HostTensor::<f32>::random([n, n], 2)).unwrap();
+    let default_timeout = gpu.timeout();
+    gpu.set_timeout(std::time::Duration::from_micros(1));
+    let _c = gpu.matmul(&a, &b, false, false).unwrap();
+    let e = gpu.sync().unwrap_err();
+    assert_eq!(e, GpuError::Timeout { op: "sync", millis: 0 });
+    gpu.set_timeout(default_timeout);
+    gpu.sync().unwrap();
+
+    let handle = GpuHandle::from_gpu(gpu);
+    let x = handle.upload(HostTensor::random([n, n], 3)).await.unwrap();
+    let hasty = handle.with_timeout(std::time::Duration::from_millis(1));
+    let out = handle.new_id();
+    let e = hasty
+        .with(move |ex| {
+            ex.run(&[Op::MatMul { a: x, b: x, trans_a: false, trans_b: false, out }])?;
+            ex.gpu().sync()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e, GpuError::Timeout { op: "with", millis: 1 });
+    // The actor finishes that work and keeps serving callers with a sane limit.
+    let y = handle.download::<f32>(out).await.unwrap();
+    assert_eq!(y.shape().dims(), &[n, n]);
+    handle.shutdown().await;
+}

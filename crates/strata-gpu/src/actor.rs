@@ -161,6 +161,9 @@ pub struct GpuHandle {
     addr: Addr<GpuActor>,
     next_id: Arc<AtomicU64>,
     info: DeviceInfo,
+    /// Limit on every call; a call past it fails with [`GpuError::Timeout`] (the actor
+    /// may still finish the work, but the caller is not held hostage by a hung device).
+    timeout: std::time::Duration,
 }
 
 impl GpuHandle {
@@ -174,12 +177,19 @@ impl GpuHandle {
     /// Starts an actor around an already opened device.
     pub fn from_gpu(gpu: Gpu) -> Self {
         let info = gpu.info().clone();
+        // Calls wait for the device's own (bounded) waits, plus time to queue behind others.
+        let timeout = gpu.timeout().saturating_mul(2);
         let slot = Mutex::new(Some(gpu));
         let addr = SyncArbiter::start(1, move || {
             let gpu = slot.lock().unwrap_or_else(|p| p.into_inner()).take().expect("the GPU actor is constructed once");
             GpuActor { exec: Some(Executor::new(gpu)) }
         });
-        Self { addr, next_id: Arc::new(AtomicU64::new(1)), info }
+        Self { addr, next_id: Arc::new(AtomicU64::new(1)), info, timeout }
+    }
+
+    /// The same actor with another limit on each call.
+    pub fn with_timeout(&self, timeout: std::time::Duration) -> Self {
+        Self { timeout, ..self.clone() }
     }
 
     /// The actor's address, for sending messages directly.
@@ -197,45 +207,48 @@ impl GpuHandle {
         TensorId(self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    async fn ask<M>(&self, msg: M) -> Result<M::Result>
+    async fn ask<M>(&self, op: &'static str, msg: M) -> Result<M::Result>
     where
         M: Message + Send + 'static,
         M::Result: Send,
         GpuActor: Handler<M>,
     {
-        self.addr.send(msg).await.map_err(|_| GpuError::ActorGone)
+        match actix::clock::timeout(self.timeout, self.addr.send(msg)).await {
+            Ok(r) => r.map_err(|_| GpuError::ActorGone),
+            Err(_) => Err(GpuError::Timeout { op, millis: self.timeout.as_millis() as u64 }),
+        }
     }
 
     /// Uploads a host tensor and returns its new handle.
     pub async fn upload<T: Element>(&self, tensor: HostTensor<T>) -> Result<TensorId> {
         let id = self.new_id();
-        self.ask(Upload { id, tensor }).await??;
+        self.ask("upload", Upload { id, tensor }).await??;
         Ok(id)
     }
 
     /// Uploads a host tensor under a given handle.
     pub async fn upload_as<T: Element>(&self, id: TensorId, tensor: HostTensor<T>) -> Result<()> {
-        self.ask(Upload { id, tensor }).await?
+        self.ask("upload", Upload { id, tensor }).await?
     }
 
     /// Downloads a tensor.
     pub async fn download<T: Element>(&self, id: TensorId) -> Result<HostTensor<T>> {
-        self.ask(Download::<T> { id, _t: PhantomData }).await?
+        self.ask("download", Download::<T> { id, _t: PhantomData }).await?
     }
 
     /// Runs a program atomically.
     pub async fn run(&self, ops: Vec<Op>) -> Result<()> {
-        self.ask(Run(ops)).await?
+        self.ask("run", Run(ops)).await?
     }
 
     /// Drops handles.
     pub async fn free(&self, ids: Vec<TensorId>) -> Result<()> {
-        self.ask(Free(ids)).await
+        self.ask("free", Free(ids)).await
     }
 
     /// The device's counters.
     pub async fn stats(&self) -> Result<GpuStats> {
-        self.ask(Stats).await
+        self.ask("stats", Stats).await
     }
 
     /// Releases the device; later calls fail with [`GpuError::ActorGone`].
@@ -249,6 +262,6 @@ impl GpuHandle {
         F: FnOnce(&mut Executor) -> R + Send + 'static,
         R: Send + 'static,
     {
-        self.ask(With(f, PhantomData)).await?
+        self.ask("with", With(f, PhantomData)).await?
     }
 }

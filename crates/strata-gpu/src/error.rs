@@ -97,6 +97,14 @@ pub enum GpuError {
     /// Reading a buffer back failed.
     #[error("reading a buffer back failed: {0}")]
     Readback(String),
+    /// The device or the GPU actor did not answer within the limit.
+    #[error("{op}: the GPU did not answer within {millis} ms")]
+    Timeout {
+        /// What waited.
+        op: &'static str,
+        /// The limit.
+        millis: u64,
+    },
     /// The GPU actor is gone (its thread stopped).
     #[error("the GPU actor is not running")]
     ActorGone,

@@ -45,7 +45,15 @@ pub struct GpuOptions {
     pub memory_budget_bytes: Option<u64>,
     /// Force a GEMM kernel; `None` picks by adapter (also `STRATA_GEMM=tiled|subgroup`).
     pub gemm: Option<GemmKernel>,
+    /// Limit on every wait for the device (a readback, a sync) and on every
+    /// [`crate::GpuHandle`] call; `None` for [`DEVICE_TIMEOUT_DEFAULT`] (also
+    /// `STRATA_GPU_TIMEOUT_MS`). A hung device then fails its work with
+    /// [`GpuError::Timeout`] instead of hanging its node.
+    pub timeout: Option<std::time::Duration>,
 }
+
+/// How long a device wait or a GPU actor call may take unless configured otherwise.
+pub const DEVICE_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl GpuOptions {
     /// Options from the environment (`STRATA_BACKEND`, `STRATA_ADAPTER`, `STRATA_GEMM`).
@@ -55,7 +63,17 @@ impl GpuOptions {
             Ok("subgroup") => Some(GemmKernel::Subgroup8),
             _ => None,
         };
-        Self { adapter: AdapterRequest::from_env(), memory_budget_bytes: None, gemm }
+        let timeout = std::env::var("STRATA_GPU_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&ms| ms > 0)
+            .map(std::time::Duration::from_millis);
+        Self { adapter: AdapterRequest::from_env(), memory_budget_bytes: None, gemm, timeout }
+    }
+
+    /// The device timeout in force.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout.unwrap_or(DEVICE_TIMEOUT_DEFAULT)
     }
 }
 
@@ -157,6 +175,8 @@ pub struct Gpu {
     profile: Option<std::collections::BTreeMap<String, (u64, f64)>>,
     /// Extra label for the next profiled dispatch (e.g. GEMM sizes).
     pub(crate) profile_tag: Option<String>,
+    /// Limit on every wait for the device.
+    timeout: std::time::Duration,
 }
 
 impl Gpu {
@@ -209,6 +229,7 @@ impl Gpu {
             wg: if info.is_cpu() { 8 } else { 64 },
             profile: std::env::var_os("STRATA_PROFILE").map(|_| Default::default()),
             profile_tag: None,
+            timeout: options.timeout(),
             info,
         })
     }
@@ -338,7 +359,7 @@ impl Gpu {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Wgpu(e.to_string()))?;
+        self.wait("download")?;
         let mapped = rx.recv().map_err(|e| GpuError::Readback(e.to_string()))?;
         mapped.map_err(|e| GpuError::Readback(e.to_string()))?;
         let data: Vec<T> = {
@@ -369,8 +390,28 @@ impl Gpu {
     /// Submits everything recorded so far and waits until the device has finished it.
     pub fn sync(&mut self) -> Result<()> {
         self.flush()?;
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Wgpu(e.to_string()))?;
+        self.wait("sync")?;
         self.check_errors()
+    }
+
+    /// The limit on every wait for the device.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
+    /// Changes the limit on every wait for the device.
+    pub fn set_timeout(&mut self, timeout: std::time::Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Waits (bounded) until the device finished everything submitted.
+    fn wait(&self, op: &'static str) -> Result<()> {
+        let poll = wgpu::PollType::Wait { submission_index: None, timeout: Some(self.timeout) };
+        match self.device.poll(poll) {
+            Ok(_) => Ok(()),
+            Err(wgpu::PollError::Timeout) => Err(GpuError::Timeout { op, millis: self.timeout.as_millis() as u64 }),
+            Err(e) => Err(GpuError::Wgpu(e.to_string())),
+        }
     }
 
     /// Drops everything recorded since the last flush (used to make a failed program
