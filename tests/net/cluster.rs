@@ -162,3 +162,47 @@ async fn futures_join<F: std::future::Future>(futs: impl IntoIterator<Item = F>)
     .await;
     outs.into_iter().map(|o| o.expect("all polled to completion")).collect()
 }
+
+/// Echoes the caller and doubles the tensor data; "fail" answers an error.
+struct Echo;
+
+impl strata_net::Service for Echo {
+    fn call(&self, req: strata_net::ServiceRequest) -> strata_net::ServiceFuture {
+        Box::pin(async move {
+            if req.method == "fail" {
+                return Err(format!("echo refuses {:?}", String::from_utf8_lossy(&req.args)));
+            }
+            let data = format!("{}:{:?}:{}", req.caller.name, req.caller.role, String::from_utf8_lossy(&req.args));
+            Ok(strata_net::ServiceResponse {
+                data: data.into_bytes(),
+                payload: req.payload.iter().map(|x| x * 2.0).collect(),
+            })
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn services_answer_members_and_operators_with_their_verified_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 2).await;
+    nodes[1].register_service("echo", std::sync::Arc::new(Echo));
+    let limit = Duration::from_secs(5);
+    let r = nodes[0].call("node-1", "echo", "say", b"hi".to_vec(), &[1.0, 2.5], limit).await.unwrap();
+    assert_eq!((String::from_utf8(r.data).unwrap(), r.payload), ("node-0:Node:hi".to_string(), vec![2.0, 5.0]));
+    let e = nodes[0].call("node-1", "echo", "fail", b"x".to_vec(), &[], limit).await.unwrap_err();
+    assert_eq!(e.to_string(), "node-1 refused: echo refuses \"x\"");
+    let e = nodes[1].call("node-0", "echo", "say", vec![], &[], limit).await.unwrap_err();
+    assert_eq!(e.to_string(), "node-0 refused: no service named \"echo\" on this node");
+    // A node calls its own services without the network.
+    let r = nodes[1].call("node-1", "echo", "say", b"me".to_vec(), &[], limit).await.unwrap();
+    assert_eq!(String::from_utf8(r.data).unwrap(), "node-1:Node:me");
+    // Operators call services too, under their certificate's name.
+    let addr = nodes[1].local_addr().to_string();
+    let op = strata_net::OperatorClient::connect(&addr, Some(dir.path()), "admin", "strata", limit).await.unwrap();
+    let r = op.call("echo", "say", b"op".to_vec(), &[4.0], limit).await.unwrap();
+    assert_eq!((String::from_utf8(r.data).unwrap(), r.payload), ("admin:Operator:op".to_string(), vec![8.0]));
+    op.close().await;
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}

@@ -14,6 +14,7 @@ pub mod membership;
 mod node;
 mod peer;
 mod router;
+pub mod service;
 pub mod tls;
 mod transport;
 
@@ -25,4 +26,5 @@ pub use node::{Node, NodeExtras, NodeHandle, OperatorClient, SUBSCRIBER_DEPTH, q
 pub use peer::PeerLink;
 pub use router::OP_INBOX_DEPTH;
 pub use router::{ChunkMessage, TensorMessage};
+pub use service::{Caller, Service, ServiceFuture, ServiceRequest, ServiceResponse};
 pub use strata_wire::{MemberRecord, MemberState, NodeInfo};

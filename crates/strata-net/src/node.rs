@@ -119,7 +119,7 @@ impl Node {
         let addr = actor.start();
         let (ep, node, io) = (endpoint.clone(), addr.clone(), addr.clone());
         let _ = io;
-        actix::spawn(accept_loop(ep, node));
+        actix::spawn(accept_loop(ep, node, router.clone()));
         tracing::info!("node {} listening on {local}", info.name);
         Ok(NodeHandle { addr, router, info, local, config })
     }
@@ -243,6 +243,44 @@ impl NodeHandle {
     /// Closes the inbox of collective operation `op`.
     pub fn close_op(&self, op: u64) {
         self.router.close_op(op)
+    }
+
+    /// Registers service `name` on this node (replacing one of the same name): members
+    /// and operators can then call it.
+    pub fn register_service(&self, name: &str, service: Arc<dyn crate::Service>) {
+        self.router.services.register(name, service);
+    }
+
+    /// Removes service `name`.
+    pub fn unregister_service(&self, name: &str) {
+        self.router.services.unregister(name);
+    }
+
+    /// Calls `method` of service `service` on node `peer` (this node's own services
+    /// included), waiting up to `limit` for the answer.
+    pub async fn call(
+        &self,
+        peer: &str,
+        service: &str,
+        method: &str,
+        args: Vec<u8>,
+        payload: &[f32],
+        limit: Duration,
+    ) -> Result<crate::ServiceResponse, NetError> {
+        if peer == self.info.name {
+            let caller = crate::Caller { name: self.info.name.clone(), role: Role::Node };
+            let request = crate::ServiceRequest { caller, method: method.to_string(), args, payload: payload.to_vec() };
+            let call = self.router.services.call(service, request);
+            return match tokio::time::timeout(limit, call).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(message)) => Err(NetError::Refused { peer: peer.to_string(), message }),
+                Err(_) => Err(NetError::Timeout {
+                    what: format!("call {service}.{method} on {peer}"),
+                    millis: limit.as_millis() as u64,
+                }),
+            };
+        }
+        self.peer(peer).await?.call(service, method, args, payload, limit).await
     }
 
     /// Whether `name` is currently failed or gone (as this node sees it).
@@ -600,9 +638,9 @@ fn hello_budget(remote: impl std::fmt::Display) -> Arc<PeerBudget> {
     PeerBudget::new(&format!("{remote}"), 1 << 20)
 }
 
-async fn accept_loop(ep: quinn::Endpoint, node: Addr<NodeActor>) {
+async fn accept_loop(ep: quinn::Endpoint, node: Addr<NodeActor>, router: Arc<Router>) {
     while let Some(incoming) = ep.accept().await {
-        let node = node.clone();
+        let (node, router) = (node.clone(), router.clone());
         actix::spawn(async move {
             let remote = incoming.remote_address();
             let Ok(hs) = node.send(GetHandshake).await else { return };
@@ -645,7 +683,7 @@ async fn accept_loop(ep: quinn::Endpoint, node: Addr<NodeActor>) {
                         if tokio::time::timeout(hs.timeout, write_frame(&mut send, &answer, &[])).await.is_err() {
                             return;
                         }
-                        serve_operator(name, conn, node, hs).await;
+                        serve_operator(name, conn, node, router, hs).await;
                     }
                     Err(reason) => refuse(&conn, send, &hs, reason).await,
                 }
@@ -671,7 +709,13 @@ async fn accept_loop(ep: quinn::Endpoint, node: Addr<NodeActor>) {
 
 /// Serves an operator's requests, one per bidirectional stream, until it hangs up or
 /// stays idle past the request timeout. Operators are never members.
-async fn serve_operator(name: String, conn: quinn::Connection, node: Addr<NodeActor>, hs: Handshake) {
+async fn serve_operator(
+    name: String,
+    conn: quinn::Connection,
+    node: Addr<NodeActor>,
+    router: Arc<Router>,
+    hs: Handshake,
+) {
     let who = format!("operator {name}");
     tracing::info!("{who} connected from {}", conn.remote_address());
     let link = PeerLink::new(&who, conn.clone(), hs.limits, hs.request_timeout, hs.budget_bytes);
@@ -684,32 +728,39 @@ async fn serve_operator(name: String, conn: quinn::Connection, node: Addr<NodeAc
                 return;
             }
         };
-        let (link, node) = (link.clone(), node.clone());
+        let (link, node, router, name) = (link.clone(), node.clone(), router.clone(), name.clone());
         actix::spawn(async move {
-            let answer = match read_frame(&mut recv, &hs.limits, &link.budget, hs.request_timeout).await {
-                Ok(Some(frame)) => answer_operator(&node, frame).await,
+            let (answer, payload) = match read_frame(&mut recv, &hs.limits, &link.budget, hs.request_timeout).await {
+                Ok(Some(frame)) => answer_operator(&name, &node, &router, frame).await,
                 Ok(None) => return,
                 Err(ReadFrameError::OverBudget(e)) => {
                     crate::peer::disconnect_over_budget(&link, &e);
                     return;
                 }
-                Err(e) => Body::Error { message: e.to_string() },
+                Err(e) => (Body::Error { message: e.to_string() }, Vec::new()),
             };
-            let _ =
-                tokio::time::timeout(hs.request_timeout, write_frame(&mut send, &Header::new(answer, 0), &[])).await;
+            crate::peer::write_answer(&link, &mut send, answer, &payload).await;
         });
     }
 }
 
-/// Answers one operator request.
-async fn answer_operator(node: &Addr<NodeActor>, frame: Frame) -> Body {
-    match frame.header.body {
+/// Answers one operator request: the status, or a call to a service.
+async fn answer_operator(name: &str, node: &Addr<NodeActor>, router: &Router, frame: Frame) -> (Body, Vec<f32>) {
+    let Frame { header, payload, charge } = frame;
+    let body = match header.body {
         Body::StatusRequest => match node.send(StatusQuery).await {
             Ok(records) => Body::Members(records),
             Err(_) => Body::Error { message: "the node is shutting down".into() },
         },
+        Body::ServiceCall { service, method, args } => {
+            let _charge = charge;
+            let caller = crate::Caller { name: name.to_string(), role: Role::Operator };
+            let request = crate::ServiceRequest { caller, method, args, payload };
+            return crate::peer::service_answer(router.services.call(&service, request).await);
+        }
         other => Body::Error { message: format!("{} is not an operator request", other.name()) },
-    }
+    };
+    (body, Vec::new())
 }
 
 #[derive(Message)]
@@ -992,6 +1043,18 @@ impl OperatorClient {
             Body::Error { message } => Err(NetError::Refused { peer: self.node.name.clone(), message }),
             other => Ok(other),
         }
+    }
+
+    /// Calls `method` of service `service` on the node, waiting up to `limit`.
+    pub async fn call(
+        &self,
+        service: &str,
+        method: &str,
+        args: Vec<u8>,
+        payload: &[f32],
+        limit: Duration,
+    ) -> Result<crate::ServiceResponse, NetError> {
+        self.link.call(service, method, args, payload, limit).await
     }
 
     /// The node's member list.

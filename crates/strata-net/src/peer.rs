@@ -333,21 +333,54 @@ impl PeerLink {
 
     /// Sends a request and waits (up to the request timeout) for the answer.
     pub async fn request(&self, body: Body, payload: &[u8]) -> Result<(Header, Vec<f32>), NetError> {
+        self.request_within(body, payload, self.request_timeout).await
+    }
+
+    /// Sends a request and waits up to `limit` for the answer (each read of the answer
+    /// still waits at most the request timeout once it has begun).
+    pub async fn request_within(
+        &self,
+        body: Body,
+        payload: &[u8],
+        limit: Duration,
+    ) -> Result<(Header, Vec<f32>), NetError> {
         let header = Header::new(body, payload.len() as u64);
         let what = format!("request {} to {}", header.body.name(), self.name);
         let fut = async {
             let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
             write_frame(&mut send, &header, payload).await.map_err(|e| self.lost(e))?;
-            match read_frame(&mut recv, &self.limits, &self.budget, self.request_timeout).await {
+            match read_frame(&mut recv, &self.limits, &self.budget, limit).await {
                 Ok(Some(answer)) => Ok((answer.header, answer.payload)),
                 Ok(None) => Err(self.lost("the answer stream ended empty")),
                 Err(ReadFrameError::Wire(error)) => Err(NetError::Wire { peer: self.name.to_string(), error }),
                 Err(e) => Err(self.lost(e)),
             }
         };
-        tokio::time::timeout(self.request_timeout, fut)
+        tokio::time::timeout(limit, fut)
             .await
-            .map_err(|_| NetError::Timeout { what, millis: self.request_timeout.as_millis() as u64 })?
+            .map_err(|_| NetError::Timeout { what, millis: limit.as_millis() as u64 })?
+    }
+
+    /// Calls `method` of service `service` on the peer with encoded `args` and tensor
+    /// data `payload`, waiting up to `limit` for the answer.
+    pub async fn call(
+        &self,
+        service: &str,
+        method: &str,
+        args: Vec<u8>,
+        payload: &[f32],
+        limit: Duration,
+    ) -> Result<crate::ServiceResponse, NetError> {
+        let body = Body::ServiceCall { service: service.to_string(), method: method.to_string(), args };
+        let (answer, payload) = self.request_within(body, bytemuck::cast_slice(payload), limit).await?;
+        match answer.body {
+            Body::ServiceReply { data } => Ok(crate::ServiceResponse { data, payload }),
+            Body::Error { message } => Err(NetError::Refused { peer: self.name.to_string(), message }),
+            other => Err(NetError::Refused {
+                peer: self.name.to_string(),
+                message: format!("unexpected answer {}", other.name()),
+            }),
+        }
     }
 
     /// Sends a tensor to mailbox `mailbox` on the peer and waits for its acknowledgement.
@@ -533,13 +566,14 @@ async fn accept_bi(link: PeerLink, node: Addr<NodeActor>, router: Arc<Router>) {
     while let Ok((mut send, mut recv)) = link.conn.accept_bi().await {
         let (link, node, router) = (link.clone(), node.clone(), router.clone());
         actix::spawn(async move {
-            let answer = match read_frame(&mut recv, &link.limits, &link.budget, link.request_timeout).await {
+            let (answer, payload) = match read_frame(&mut recv, &link.limits, &link.budget, link.request_timeout).await
+            {
                 Ok(Some(frame)) => answer_request(&link, &node, &router, frame).await,
                 Ok(None) => return,
                 Err(ReadFrameError::Wire(e)) => {
                     tracing::warn!("refusing a malformed request from {}: {e}", link.name);
                     let _ = recv.stop(CODE_REFUSED.into());
-                    Body::Error { message: e.to_string() }
+                    (Body::Error { message: e.to_string() }, Vec::new())
                 }
                 Err(ReadFrameError::OverBudget(e)) => {
                     disconnect_over_budget(&link, &e);
@@ -550,39 +584,67 @@ async fn accept_bi(link: PeerLink, node: Addr<NodeActor>, router: Arc<Router>) {
                     return;
                 }
             };
-            let header = Header::new(answer, 0);
-            match tokio::time::timeout(link.request_timeout, write_frame(&mut send, &header, &[])).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!("answering {}: {e}", link.name),
-                Err(_) => tracing::debug!("answering {}: timed out", link.name),
-            }
+            write_answer(&link, &mut send, answer, &payload).await;
         });
     }
 }
 
-/// Answers a request from a member.
-pub(crate) async fn answer_request(link: &PeerLink, node: &Addr<NodeActor>, router: &Router, frame: Frame) -> Body {
+/// Writes an answer frame, bounded by the request timeout.
+pub(crate) async fn write_answer(link: &PeerLink, send: &mut quinn::SendStream, answer: Body, payload: &[f32]) {
+    let bytes: &[u8] = bytemuck::cast_slice(payload);
+    let header = Header::new(answer, bytes.len() as u64);
+    match tokio::time::timeout(link.request_timeout, write_frame(send, &header, bytes)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("answering {}: {e}", link.name),
+        Err(_) => tracing::debug!("answering {}: timed out", link.name),
+    }
+}
+
+/// Answers a request from a member: the answer's body and tensor data.
+pub(crate) async fn answer_request(
+    link: &PeerLink,
+    node: &Addr<NodeActor>,
+    router: &Router,
+    frame: Frame,
+) -> (Body, Vec<f32>) {
     let Frame { header, payload, charge } = frame;
-    match header.body {
+    let body = match header.body {
         Body::StatusRequest => match node.send(StatusQuery).await {
             Ok(records) => Body::Members(records),
             Err(_) => Body::Error { message: "the node is shutting down".into() },
         },
         Body::Tensor { mailbox, tag, meta } => {
             if meta.dtype != strata_tensor::DType::F32 {
-                return Body::Error { message: format!("tensors of dtype {} are not supported", meta.dtype) };
-            }
-            match HostTensor::new(meta.shape, payload) {
-                Ok(tensor) => {
-                    let msg = TensorMessage { from: link.name.to_string(), tag, tensor, charge };
-                    match router.deliver_tensor(&mailbox, msg) {
-                        Ok(()) => Body::Ack,
-                        Err(message) => Body::Error { message },
+                Body::Error { message: format!("tensors of dtype {} are not supported", meta.dtype) }
+            } else {
+                match HostTensor::new(meta.shape, payload) {
+                    Ok(tensor) => {
+                        let msg = TensorMessage { from: link.name.to_string(), tag, tensor, charge };
+                        match router.deliver_tensor(&mailbox, msg) {
+                            Ok(()) => Body::Ack,
+                            Err(message) => Body::Error { message },
+                        }
                     }
+                    Err(e) => Body::Error { message: e.to_string() },
                 }
-                Err(e) => Body::Error { message: e.to_string() },
             }
         }
+        Body::ServiceCall { service, method, args } => {
+            // The call's data stays charged to the caller until the service is done with it.
+            let _charge = charge;
+            let caller = crate::Caller { name: link.name.to_string(), role: crate::tls::Role::Node };
+            let request = crate::ServiceRequest { caller, method, args, payload };
+            return service_answer(router.services.call(&service, request).await);
+        }
         other => Body::Error { message: format!("{} is not a request", other.name()) },
+    };
+    (body, Vec::new())
+}
+
+/// A service's result as an answer frame: the body, and the tensor data to send with it.
+pub(crate) fn service_answer(r: Result<crate::ServiceResponse, String>) -> (Body, Vec<f32>) {
+    match r {
+        Ok(resp) => (Body::ServiceReply { data: resp.data }, resp.payload),
+        Err(message) => (Body::Error { message }, Vec::new()),
     }
 }

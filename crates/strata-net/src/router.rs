@@ -121,6 +121,8 @@ pub(crate) struct Router {
     epochs: Mutex<HashMap<u64, u64>>,
     /// How long data for an operation nobody opened is kept.
     early_ttl: Duration,
+    /// Application services, called by request streams.
+    pub(crate) services: crate::service::Services,
 }
 
 impl Default for Router {
@@ -132,7 +134,13 @@ impl Default for Router {
 impl Router {
     /// A router that keeps early chunks for `early_ttl`.
     pub(crate) fn new(early_ttl: Duration) -> Self {
-        Self { mailboxes: Mutex::default(), ops: Mutex::default(), epochs: Mutex::default(), early_ttl }
+        Self {
+            mailboxes: Mutex::default(),
+            ops: Mutex::default(),
+            epochs: Mutex::default(),
+            early_ttl,
+            services: Default::default(),
+        }
     }
 
     /// Opens mailbox `name`, replacing an older one of the same name.

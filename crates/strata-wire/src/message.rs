@@ -36,6 +36,8 @@ impl Header {
             Some((what, expected)) if expected != self.payload_bytes => {
                 Err(WireError::PayloadLength { what, expected, got: self.payload_bytes })
             }
+            // Service messages carry whatever tensor data their service defines.
+            None if matches!(self.body, Body::ServiceCall { .. } | Body::ServiceReply { .. }) => Ok(()),
             None if self.payload_bytes != 0 => {
                 Err(WireError::PayloadLength { what: self.body.name(), expected: 0, got: self.payload_bytes })
             }
@@ -193,6 +195,24 @@ pub enum Body {
     },
     /// The sender leaves the cluster.
     Leave,
+    /// A call to service `service` on the receiving node (the application's own protocol,
+    /// registered with `NodeHandle::register_service`); answered by `ServiceReply` or
+    /// `Error`. The payload, if any, is f32 tensor data the service interprets.
+    ServiceCall {
+        /// Service name.
+        service: String,
+        /// Method within the service.
+        method: String,
+        /// Arguments, encoded by the service (MessagePack by convention).
+        #[serde(with = "serde_bytes")]
+        args: Vec<u8>,
+    },
+    /// A service's answer; the payload, if any, is f32 tensor data.
+    ServiceReply {
+        /// The result, encoded by the service.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 impl Body {
@@ -210,6 +230,8 @@ impl Body {
             Body::Chunk { .. } => "chunk",
             Body::Abort { .. } => "abort",
             Body::Leave => "leave",
+            Body::ServiceCall { .. } => "service call",
+            Body::ServiceReply { .. } => "service reply",
         }
     }
 }
