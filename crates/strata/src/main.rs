@@ -122,7 +122,7 @@ enum WorkerCommand {
     /// Time all-reduces in a cluster formed from RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
     Allreduce {
         #[command(flatten)]
-        node: NodeArgs,
+        node: Box<NodeArgs>,
         /// Buffer sizes in MiB.
         #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
         sizes: Vec<usize>,
@@ -132,6 +132,15 @@ enum WorkerCommand {
         /// All-reduce the largest size until stopped.
         #[arg(long)]
         forever: bool,
+    },
+    /// Time all-reduces over the plaintext TCP ring (the benchmark's reference).
+    TcpAllreduce {
+        /// Buffer sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        sizes: Vec<usize>,
+        /// Timed iterations per size.
+        #[arg(long, default_value_t = 7)]
+        iters: usize,
     },
 }
 
@@ -161,7 +170,8 @@ enum BenchCommand {
         #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
         data: PathBuf,
     },
-    /// All-reduce across node processes on loopback (mutual TLS), against gloo and TCP.
+    /// All-reduce across node processes on loopback (mutual TLS), against a plaintext TCP
+    /// ring and PyTorch gloo measured in the same run.
     Allreduce {
         /// One JSON object per line instead of text.
         #[arg(long)]
@@ -175,6 +185,9 @@ enum BenchCommand {
         /// Timed iterations per size (the median is reported).
         #[arg(long, default_value_t = 7)]
         iters: usize,
+        /// Python with PyTorch for the gloo reference ("" skips it).
+        #[arg(long, env = "STRATA_PYTHON", default_value = "python3")]
+        python: String,
     },
 }
 
@@ -195,10 +208,23 @@ fn main() -> Result<()> {
         Command::Bench { what: BenchCommand::Kernels { json, iters, filter } } => {
             bench_kernels(&cli.device, *json, *iters, filter.clone())
         }
-        Command::Bench { what: BenchCommand::Allreduce { json, worlds, sizes, iters } } => {
-            let opts =
-                bench::allreduce::AllReduceBench { worlds: worlds.clone(), sizes_mib: sizes.clone(), iters: *iters };
-            print_figures(*json, |on| bench::allreduce::run(&opts, on).map(|_| ()))
+        Command::Bench { what: BenchCommand::Allreduce { json, worlds, sizes, iters, python } } => {
+            let opts = bench::allreduce::AllReduceBench {
+                worlds: worlds.clone(),
+                sizes_mib: sizes.clone(),
+                iters: *iters,
+                python: python.clone(),
+            };
+            print_figures(*json, |on| {
+                let line = bench::allreduce::run(&opts, on)?.references_line();
+                // On stderr with --json, so stdout stays one figure per line.
+                if *json {
+                    eprintln!("{line}")
+                } else {
+                    println!("{line}")
+                }
+                Ok(())
+            })
         }
         Command::Node { node, no_gpu } => {
             let config = node.config()?;
@@ -211,6 +237,13 @@ fn main() -> Result<()> {
             let config = node.config()?;
             let plan = bench::allreduce::WorkerPlan { sizes_mib: sizes.clone(), iters: *iters, forever: *forever };
             actix::System::new().block_on(bench::allreduce::worker(config, plan))
+        }
+        Command::Worker { what: WorkerCommand::TcpAllreduce { sizes, iters } } => {
+            bench::tcp_ring::worker(&bench::allreduce::WorkerPlan {
+                sizes_mib: sizes.clone(),
+                iters: *iters,
+                forever: false,
+            })
         }
     }
 }

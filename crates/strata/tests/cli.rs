@@ -197,6 +197,30 @@ fn a_worker_killed_mid_all_reduce_fails_the_others_naming_it() {
     assert!(killed.elapsed() < Duration::from_secs(8), "took {:?}", killed.elapsed());
 }
 
+#[test]
+fn bench_allreduce_measures_the_tcp_ring_reference_and_says_gloo_did_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["bench", "allreduce", "--json", "--worlds", "2", "--sizes", "1", "--iters", "1"];
+    let out = strata(dir.path()).args(args).args(["--python", "/nonexistent/python3"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let figures: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ring: Vec<_> = figures.iter().filter(|f| f["case"] == "all_reduce 1 MiB x2 nodes (busBW)").collect();
+    assert_eq!(ring.len(), 1, "one reference ran, so one line per case: {figures:?}");
+    let f = ring[0];
+    assert!(f["reference"].as_str().unwrap().starts_with("tcp ring"), "{f}");
+    let reference = f["reference_value"].as_f64().unwrap();
+    assert!(reference > 0.0, "{f}");
+    assert_eq!(f["target"].as_f64(), Some(reference), "{f}");
+    let ratio = f["value"].as_f64().unwrap() / reference;
+    assert!((f["ratio"].as_f64().unwrap() - ratio).abs() < 1e-9, "{f}");
+    assert!(
+        stderr.contains("references: tcp-ring (measured), gloo (not available: /nonexistent/python3: "),
+        "{stderr}"
+    );
+}
+
 fn wait_timeout(c: &mut Child, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
     while c.try_wait().unwrap().is_none() {

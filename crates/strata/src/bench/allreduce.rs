@@ -3,10 +3,14 @@
 //! The command starts `world` worker processes (`strata worker allreduce`) the way
 //! torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank 0 reports the median
 //! time per operation. Bus bandwidth follows nccl-tests: `bytes * 2(n-1)/n / time`.
+//!
+//! The references are measured in the same run with the same processes and sizes: the
+//! plaintext TCP ring of [`super::tcp_ring`] (`strata worker tcp-allreduce`), and
+//! PyTorch's gloo through `scripts/gloo_allreduce.py` when the Python given has torch.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -47,20 +51,26 @@ pub struct WorkerPlan {
     pub forever: bool,
 }
 
-/// The worker: joins, forms the group of all ranks, times all-reduces; rank 0 prints
-/// one JSON report per line.
-pub async fn worker(config: NodeConfig, plan: WorkerPlan) -> Result<()> {
-    let world = config.world_size.context("the worker needs WORLD_SIZE")? as usize;
-    let (node, _) = crate::cluster::start(config, None).await?;
+/// Group options with the tuning knobs for experiments applied: `STRATA_SEG_LEN`
+/// (elements per segment) and `STRATA_SENDS_IN_FLIGHT`. The TCP ring reference uses the
+/// same ones.
+pub fn tuned_options() -> GroupOptions {
     let mut options = GroupOptions::default();
-    // Tuning knobs for experiments: segment length (elements) and sends in flight.
     if let Some(v) = std::env::var("STRATA_SEG_LEN").ok().and_then(|v| v.parse().ok()) {
         options.seg_len = v;
     }
     if let Some(v) = std::env::var("STRATA_SENDS_IN_FLIGHT").ok().and_then(|v| v.parse().ok()) {
         options.sends_in_flight_max = v;
     }
-    let group = Group::form(node.clone(), world, Duration::from_secs(30), options).await?;
+    options
+}
+
+/// The worker: joins, forms the group of all ranks, times all-reduces; rank 0 prints
+/// one JSON report per line.
+pub async fn worker(config: NodeConfig, plan: WorkerPlan) -> Result<()> {
+    let world = config.world_size.context("the worker needs WORLD_SIZE")? as usize;
+    let (node, _) = crate::cluster::start(config, None).await?;
+    let group = Group::form(node.clone(), world, Duration::from_secs(30), tuned_options()).await?;
     let barrier = || async { group.all_reduce(vec![0.0], ReduceOp::Sum).await.map(|_| ()) };
     if plan.forever {
         let mut buf = vec![1.0f32; plan.sizes_mib.iter().max().copied().unwrap_or(16) << 18];
@@ -170,11 +180,6 @@ pub fn tcp_loopback_bytes_per_second(total: usize) -> Result<f64> {
     Ok(got as f64 / secs)
 }
 
-/// PyTorch gloo all-reduce bus bandwidth measured on this machine (GB/s), from
-/// `../shared/PLATFORM.md`: (ranks, MiB, GB/s).
-pub const GLOO_BUSBW: &[(usize, usize, f64)] =
-    &[(2, 1, 0.40), (2, 16, 1.32), (2, 64, 1.27), (4, 1, 0.27), (4, 16, 0.94), (4, 64, 1.06)];
-
 /// Options of the all-reduce benchmark.
 #[derive(Clone, Debug)]
 pub struct AllReduceBench {
@@ -184,33 +189,51 @@ pub struct AllReduceBench {
     pub sizes_mib: Vec<usize>,
     /// Timed iterations per size.
     pub iters: usize,
+    /// Python interpreter for the PyTorch gloo reference; empty skips it.
+    pub python: String,
 }
 
 impl Default for AllReduceBench {
     fn default() -> Self {
-        Self { worlds: vec![2, 4], sizes_mib: vec![1, 16, 64], iters: 7 }
+        Self { worlds: vec![2, 4], sizes_mib: vec![1, 16, 64], iters: 7, python: "python3".into() }
     }
 }
 
-/// Runs the benchmark; `on_figure` sees each figure as it is made.
-pub fn run(opts: &AllReduceBench, mut on_figure: impl FnMut(&Figure)) -> Result<Vec<Figure>> {
-    let exe = std::env::current_exe()?;
-    let tcp = tcp_loopback_bytes_per_second(1 << 30)?;
-    let mut out = Vec::new();
-    for &world in &opts.worlds {
-        let dir = tempfile::tempdir()?;
-        strata_net::tls::create_ca(dir.path(), "bench")?;
-        for r in 0..world {
-            strata_net::tls::issue_node(dir.path(), &format!("rank-{r}"), &["127.0.0.1".into()])?;
-        }
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-        let sizes = opts.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
-        let mut children = Vec::new();
-        for r in 0..world {
-            let child = Command::new(&exe)
-                .args(["worker", "allreduce", "--cert-dir"])
-                .arg(dir.path())
-                .args(["--sizes", &sizes, "--iters", &opts.iters.to_string()])
+/// `scripts/gloo_allreduce.py`, built in so the benchmark finds it from any directory.
+const GLOO_SCRIPT: &str = include_str!("../../../../scripts/gloo_allreduce.py");
+
+/// Name of the plaintext TCP ring reference in figures.
+pub const TCP_RING: &str = "tcp ring (plaintext, same algorithm), same run";
+/// Name of the PyTorch gloo reference in figures.
+pub const GLOO: &str = "pytorch gloo, same run";
+
+/// What the benchmark produced: the figures and which references ran.
+#[derive(Clone, Debug, Default)]
+pub struct AllReduceReport {
+    /// Every figure, in the order they were made.
+    pub figures: Vec<Figure>,
+    /// `(reference, what happened)`, e.g. `("gloo", "not available: python3 has no torch")`.
+    pub references: Vec<(&'static str, String)>,
+}
+
+impl AllReduceReport {
+    /// One line naming the references and whether they ran.
+    pub fn references_line(&self) -> String {
+        let parts: Vec<String> = self.references.iter().map(|(r, how)| format!("{r} ({how})")).collect();
+        format!("references: {}", parts.join(", "))
+    }
+}
+
+/// Bus bandwidth in GB/s as nccl-tests computes it.
+fn bus_gbps(bytes: usize, seconds: f64, world: usize) -> f64 {
+    bytes as f64 * 2.0 * (world - 1) as f64 / world as f64 / seconds / 1e9
+}
+
+/// Starts `world` torchrun-style processes of `command`; only rank 0's stdout is piped.
+fn spawn_ranks(command: impl Fn() -> Command, world: usize, port: u16) -> Result<Vec<Child>> {
+    (0..world)
+        .map(|r| {
+            command()
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", world.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
@@ -218,30 +241,142 @@ pub fn run(opts: &AllReduceBench, mut on_figure: impl FnMut(&Figure)) -> Result<
                 .stdout(if r == 0 { Stdio::piped() } else { Stdio::null() })
                 .stderr(Stdio::inherit())
                 .spawn()
-                .with_context(|| format!("starting worker {r}"))?;
-            children.push(child);
+                .with_context(|| format!("starting worker {r}"))
+        })
+        .collect()
+}
+
+/// Reads rank 0's reports as they come, then waits for every rank to succeed.
+fn collect_reports(mut children: Vec<Child>, what: &str, mut on_report: impl FnMut(WorkerReport)) -> Result<()> {
+    let world = children.len();
+    let stdout = children[0].stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        if let Ok(report) = serde_json::from_str::<WorkerReport>(&line?) {
+            on_report(report);
         }
-        let stdout = children[0].stdout.take().expect("piped");
-        for line in BufReader::new(stdout).lines() {
-            let line = line?;
-            let Ok(report) = serde_json::from_str::<WorkerReport>(&line) else { continue };
-            let f = match report {
+    }
+    for (r, mut c) in children.into_iter().enumerate() {
+        let status = c.wait()?;
+        if !status.success() {
+            bail!("{what} worker {r} of {world} exited with {status}");
+        }
+    }
+    Ok(())
+}
+
+/// The TCP ring reference: seconds per all-reduce by size in bytes.
+fn tcp_ring_seconds(exe: &std::path::Path, world: usize, opts: &AllReduceBench) -> Result<Vec<(usize, f64)>> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let sizes = opts.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    let command = || {
+        let mut c = Command::new(exe);
+        c.args(["worker", "tcp-allreduce", "--sizes", &sizes, "--iters", &opts.iters.to_string()]);
+        c
+    };
+    let mut out = Vec::new();
+    collect_reports(spawn_ranks(command, world, port)?, "tcp ring", |r| {
+        if let WorkerReport::AllReduce { bytes, seconds } = r {
+            out.push((bytes, seconds));
+        }
+    })?;
+    Ok(out)
+}
+
+/// Whether `python` can run the gloo reference; the reason when it cannot.
+fn gloo_available(python: &str) -> Result<(), String> {
+    if python.is_empty() {
+        return Err("not requested".into());
+    }
+    let probe = "import sys\ntry:\n import torch.distributed as d\nexcept ImportError:\n sys.exit(3)\n\
+                 sys.exit(0 if d.is_available() and d.is_gloo_available() else 4)";
+    match Command::new(python).args(["-c", probe]).stdout(Stdio::null()).stderr(Stdio::null()).status() {
+        Err(e) => Err(format!("not available: {python}: {e}")),
+        Ok(s) if s.code() == Some(3) => Err(format!("not available: {python} has no torch")),
+        Ok(s) if s.code() == Some(4) => Err(format!("not available: {python}'s torch has no gloo")),
+        Ok(s) if !s.success() => Err(format!("not available: {python} exited with {s}")),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The gloo reference: seconds per all-reduce by size in bytes, through
+/// `scripts/gloo_allreduce.py`.
+fn gloo_seconds(python: &str, world: usize, opts: &AllReduceBench) -> Result<Vec<(usize, f64)>> {
+    #[derive(Deserialize)]
+    struct Line {
+        bytes: usize,
+        seconds: f64,
+    }
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("gloo_allreduce.py");
+    std::fs::write(&script, GLOO_SCRIPT)?;
+    let sizes = opts.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--world", &world.to_string(), "--sizes", &sizes, "--iters", &opts.iters.to_string()])
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {python} gloo_allreduce.py"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+        bail!("gloo_allreduce.py with {world} processes exited with {}: {last}", out.status);
+    }
+    let lines = String::from_utf8_lossy(&out.stdout);
+    Ok(lines.lines().filter_map(|l| serde_json::from_str::<Line>(l).ok()).map(|l| (l.bytes, l.seconds)).collect())
+}
+
+/// Runs the benchmark; `on_figure` sees each figure as it is made. Per node count it
+/// measures the references first (the TCP ring, then gloo when available), then Strata.
+pub fn run(opts: &AllReduceBench, mut on_figure: impl FnMut(&Figure)) -> Result<AllReduceReport> {
+    let exe = std::env::current_exe()?;
+    let tcp = tcp_loopback_bytes_per_second(1 << 30)?;
+    let mut gloo = gloo_available(&opts.python);
+    let mut report = AllReduceReport::default();
+    for &world in &opts.worlds {
+        let mut references = vec![(TCP_RING, tcp_ring_seconds(&exe, world, opts)?)];
+        if gloo.is_ok() {
+            match gloo_seconds(&opts.python, world, opts) {
+                Ok(g) => references.push((GLOO, g)),
+                Err(e) => gloo = Err(format!("failed: {e:#}")),
+            }
+        }
+        let dir = tempfile::tempdir()?;
+        strata_net::tls::create_ca(dir.path(), "bench")?;
+        for r in 0..world {
+            strata_net::tls::issue_node(dir.path(), &format!("rank-{r}"), &["127.0.0.1".into()])?;
+        }
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        let sizes = opts.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+        let command = || {
+            let mut c = Command::new(&exe);
+            c.args(["worker", "allreduce", "--cert-dir"]).arg(dir.path());
+            c.args(["--sizes", &sizes, "--iters", &opts.iters.to_string()]);
+            c
+        };
+        collect_reports(spawn_ranks(command, world, port)?, "strata", |r| {
+            let figures = match r {
                 WorkerReport::AllReduce { bytes, seconds } => {
-                    let bus = bytes as f64 * 2.0 * (world - 1) as f64 / world as f64 / seconds;
-                    let mib = bytes >> 20;
-                    let gloo = GLOO_BUSBW.iter().find(|g| g.0 == world && g.1 == mib).map(|g| g.2);
-                    Figure {
-                        case: format!("all_reduce {mib} MiB x{world} nodes (busBW)"),
-                        unit: "GB/s",
-                        value: bus / 1e9,
-                        seconds,
-                        reference: if gloo.is_some() { "gloo, PLATFORM.md".into() } else { "none".into() },
-                        reference_value: gloo.unwrap_or(f64::NAN),
-                        ratio: gloo.map_or(f64::NAN, |g| bus / 1e9 / g),
-                        target: gloo,
-                    }
+                    let bus = bus_gbps(bytes, seconds, world);
+                    let case = format!("all_reduce {} MiB x{world} nodes (busBW)", bytes >> 20);
+                    references
+                        .iter()
+                        .filter_map(|(name, times)| {
+                            let &(_, s) = times.iter().find(|t| t.0 == bytes)?;
+                            let reference = bus_gbps(bytes, s, world);
+                            Some(Figure {
+                                case: case.clone(),
+                                unit: "GB/s",
+                                value: bus,
+                                seconds,
+                                reference: (*name).into(),
+                                reference_value: reference,
+                                ratio: bus / reference,
+                                target: Some(reference),
+                            })
+                        })
+                        .collect()
                 }
-                WorkerReport::PointToPoint { bytes, seconds } => Figure {
+                WorkerReport::PointToPoint { bytes, seconds } => vec![Figure {
                     case: format!("send 64 MiB shard x{world} nodes"),
                     unit: "GB/s",
                     value: bytes as f64 / seconds / 1e9,
@@ -250,17 +385,15 @@ pub fn run(opts: &AllReduceBench, mut on_figure: impl FnMut(&Figure)) -> Result<
                     reference_value: tcp / 1e9,
                     ratio: bytes as f64 / seconds / tcp,
                     target: None,
-                },
+                }],
             };
-            on_figure(&f);
-            out.push(f);
-        }
-        for (r, mut c) in children.into_iter().enumerate() {
-            let status = c.wait()?;
-            if !status.success() {
-                bail!("worker {r} of {world} exited with {status}");
+            for f in figures {
+                on_figure(&f);
+                report.figures.push(f);
             }
-        }
+        })?;
     }
-    Ok(out)
+    report.references.push(("tcp-ring", "measured".into()));
+    report.references.push(("gloo", gloo.map_or_else(|e| e, |()| "measured".into())));
+    Ok(report)
 }

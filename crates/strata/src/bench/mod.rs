@@ -4,6 +4,7 @@
 pub mod allreduce;
 pub mod cpu;
 pub mod kernels;
+pub mod tcp_ring;
 
 use std::time::Instant;
 
@@ -34,7 +35,7 @@ impl Figure {
     /// One human-readable line.
     pub fn line(&self) -> String {
         let target = self.target.map_or(String::new(), |t| {
-            format!("  target {t:.1} {}", if self.value >= t { "(met)" } else { "(missed)" })
+            format!("  target {t:.2} {}", if self.value >= t { "(met)" } else { "(missed)" })
         });
         format!(
             "{:<44} {:>8.2} {:<8} ({:>8.2} ms)  ref {:>8.2} {}  ratio {:.2}{target}",
