@@ -1,0 +1,1 @@
+//! Remote GPU actors (being written).

@@ -1,0 +1,1 @@
+//! The cluster task queue service (being written).
