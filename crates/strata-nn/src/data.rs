@@ -281,6 +281,12 @@ pub fn load_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
     if train.sample != test.sample {
         return Err(data_err(dir, format!("training samples are {:?}, test samples {:?}", train.sample, test.sample)));
     }
+    // An empty set would train on nothing and report 0/0 accuracy.
+    for (what, set) in [("training", &train), ("test", &test)] {
+        if set.is_empty() {
+            return Err(data_err(dir, format!("the {what} set holds no samples")));
+        }
+    }
     let classes = train.classes.max(test.classes);
     train.classes = classes;
     test.classes = classes;
@@ -401,6 +407,9 @@ mod tests {
         std::fs::remove_file(d.path().join("t10k-labels-idx1-ubyte")).unwrap();
         let e = load_dir(d.path()).unwrap_err().to_string();
         assert!(e.contains("t10k-labels-idx1-ubyte: missing"), "{e}");
+        idx(d.path(), "t10k", 0, true);
+        let e = load_dir(d.path()).unwrap_err().to_string();
+        assert!(e.ends_with("the test set holds no samples"), "{e}");
     }
 
     fn gz(path: &Path, bytes: &[u8]) {
