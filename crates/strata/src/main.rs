@@ -1,5 +1,6 @@
 //! The `strata` node binary.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -124,10 +125,10 @@ enum WorkerCommand {
         #[command(flatten)]
         node: Box<NodeArgs>,
         /// Buffer sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = strata::args::count(1, 1024))]
         sizes: Vec<usize>,
         /// Timed iterations per size.
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
         iters: usize,
         /// All-reduce the largest size until stopped.
         #[arg(long)]
@@ -152,7 +153,7 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Timed iterations per case (the median is reported).
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
         iters: usize,
         /// Run only the cases whose name contains this text.
         #[arg(long)]
@@ -164,7 +165,7 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Timed steps per configuration (after 2 warm-up steps).
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
         steps: u64,
         /// Data directory.
         #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
@@ -177,13 +178,13 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Node counts.
-        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        #[arg(long, value_delimiter = ',', default_value = "2,4", value_parser = strata::args::count(2, 64))]
         worlds: Vec<usize>,
         /// Buffer sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = strata::args::count(1, 1024))]
         sizes: Vec<usize>,
         /// Timed iterations per size (the median is reported).
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
         iters: usize,
         /// Python with PyTorch for the gloo reference ("" skips it).
         #[arg(long, env = "STRATA_PYTHON", default_value = "python3")]
@@ -256,7 +257,9 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only for a person at a terminal; files and pipes get plain text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 fn open(device: &DeviceArgs) -> Result<Gpu> {
@@ -428,4 +431,19 @@ fn status(node: &str, cert_dir: Option<&std::path::Path>, as_name: &str, json: b
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap's own consistency checks over every subcommand: duplicate option names (as
+    /// `strata train` once had two `--seed`s), clashing short flags, bad defaults. They
+    /// run in release builds because the workspace turns debug assertions on for clap.
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }
