@@ -215,6 +215,163 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Every tensor handle this operation names, for callers that rename handles (a
+    /// service that maps its clients' ids to its own, say).
+    pub fn tensor_ids_mut(&mut self) -> Vec<&mut TensorId> {
+        let mut v: Vec<&mut TensorId> = Vec::new();
+        match self {
+            Op::Add { a, b, out } => {
+                v.push(a);
+                v.push(b);
+                v.push(out);
+            }
+            Op::Sub { a, b, out } => {
+                v.push(a);
+                v.push(b);
+                v.push(out);
+            }
+            Op::Mul { a, b, out } => {
+                v.push(a);
+                v.push(b);
+                v.push(out);
+            }
+            Op::Scale { x, out, .. } => {
+                v.push(x);
+                v.push(out);
+            }
+            Op::Axpy { x, y, .. } => {
+                v.push(x);
+                v.push(y);
+            }
+            Op::Relu { x, out } => {
+                v.push(x);
+                v.push(out);
+            }
+            Op::ReluBackward { x, dy, out } => {
+                v.push(x);
+                v.push(dy);
+                v.push(out);
+            }
+            Op::AddChannelBias { x, bias, out } => {
+                v.push(x);
+                v.push(bias);
+                v.push(out);
+            }
+            Op::MatMul { a, b, out, .. } => {
+                v.push(a);
+                v.push(b);
+                v.push(out);
+            }
+            Op::Linear { x, w, bias, out, .. } => {
+                v.push(x);
+                v.push(w);
+                v.extend(bias.as_mut());
+                v.push(out);
+            }
+            Op::LinearBackward { x, w, dy, dx, dw, db } => {
+                v.push(x);
+                v.push(w);
+                v.push(dy);
+                v.push(dx);
+                v.push(dw);
+                v.push(db);
+            }
+            Op::Conv2d { x, w, bias, out, col, .. } => {
+                v.push(x);
+                v.push(w);
+                v.extend(bias.as_mut());
+                v.push(out);
+                v.extend(col.as_mut());
+            }
+            Op::Conv2dBackward { x, w, dy, dx, dw, db, col, .. } => {
+                v.push(x);
+                v.push(w);
+                v.push(dy);
+                v.extend(dx.as_mut());
+                v.push(dw);
+                v.push(db);
+                v.extend(col.as_mut());
+            }
+            Op::MaxPool2d { x, out, indices, .. } => {
+                v.push(x);
+                v.push(out);
+                v.push(indices);
+            }
+            Op::MaxPool2dBackward { dy, indices, out, relu_output, .. } => {
+                v.push(dy);
+                v.push(indices);
+                v.push(out);
+                v.extend(relu_output.as_mut());
+            }
+            Op::LogSoftmax { x, out } => {
+                v.push(x);
+                v.push(out);
+            }
+            Op::LogSoftmaxBackward { y, dy, out } => {
+                v.push(y);
+                v.push(dy);
+                v.push(out);
+            }
+            Op::NllLoss { logp, targets, out } => {
+                v.push(logp);
+                v.push(targets);
+                v.push(out);
+            }
+            Op::NllLossBackward { logp, targets, out } => {
+                v.push(logp);
+                v.push(targets);
+                v.push(out);
+            }
+            Op::CorrectCount { logits, targets, out } => {
+                v.push(logits);
+                v.push(targets);
+                v.push(out);
+            }
+            Op::Reduce { x, out, .. } => {
+                v.push(x);
+                v.push(out);
+            }
+            Op::AdamStep { param, grad, m, v, .. } => {
+                v.push(param);
+                v.push(grad);
+                v.push(m);
+                v.push(v);
+            }
+            Op::SgdStep { param, grad, buf, .. } => {
+                v.push(param);
+                v.push(grad);
+                v.push(buf);
+            }
+            Op::Reshape { x, out, .. } => {
+                v.push(x);
+                v.push(out);
+            }
+            Op::Copy { src, out } => {
+                v.push(src);
+                v.push(out);
+            }
+            Op::Fill { t, .. } => {
+                v.push(t);
+            }
+            Op::Zeros { out, .. } => {
+                v.push(out);
+            }
+            Op::Concat { srcs, out } => {
+                v.extend(srcs.iter_mut());
+                v.push(out);
+            }
+            Op::Split { src, .. } => {
+                v.push(src);
+            }
+            Op::Free { t } => {
+                v.push(t);
+            }
+        }
+        v
+    }
+}
+
 /// A sequence of operations run as one submission.
 pub type Program = Vec<Op>;
 
@@ -483,4 +640,22 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn every_named_handle_is_visited() {
+        let t = TensorId;
+        let mut op = Op::Linear { x: t(1), w: t(2), bias: Some(t(3)), out: t(4), relu: false };
+        for id in op.tensor_ids_mut() {
+            id.0 += 100;
+        }
+        assert_eq!(op, Op::Linear { x: t(101), w: t(102), bias: Some(t(103)), out: t(104), relu: false });
+        let mut split = Op::Split { src: t(1), outs: vec![(t(2), Shape::from([1])), (t(3), Shape::from([1]))] };
+        assert_eq!(split.tensor_ids_mut().len(), 3);
+        assert_eq!(Op::Concat { srcs: vec![t(1), t(2)], out: t(3) }.tensor_ids_mut().len(), 3);
+    }
 }
