@@ -219,156 +219,156 @@ impl Op {
     /// Every tensor handle this operation names, for callers that rename handles (a
     /// service that maps its clients' ids to its own, say).
     pub fn tensor_ids_mut(&mut self) -> Vec<&mut TensorId> {
-        let mut v: Vec<&mut TensorId> = Vec::new();
+        let mut ids: Vec<&mut TensorId> = Vec::new();
         match self {
             Op::Add { a, b, out } => {
-                v.push(a);
-                v.push(b);
-                v.push(out);
+                ids.push(a);
+                ids.push(b);
+                ids.push(out);
             }
             Op::Sub { a, b, out } => {
-                v.push(a);
-                v.push(b);
-                v.push(out);
+                ids.push(a);
+                ids.push(b);
+                ids.push(out);
             }
             Op::Mul { a, b, out } => {
-                v.push(a);
-                v.push(b);
-                v.push(out);
+                ids.push(a);
+                ids.push(b);
+                ids.push(out);
             }
             Op::Scale { x, out, .. } => {
-                v.push(x);
-                v.push(out);
+                ids.push(x);
+                ids.push(out);
             }
             Op::Axpy { x, y, .. } => {
-                v.push(x);
-                v.push(y);
+                ids.push(x);
+                ids.push(y);
             }
             Op::Relu { x, out } => {
-                v.push(x);
-                v.push(out);
+                ids.push(x);
+                ids.push(out);
             }
             Op::ReluBackward { x, dy, out } => {
-                v.push(x);
-                v.push(dy);
-                v.push(out);
+                ids.push(x);
+                ids.push(dy);
+                ids.push(out);
             }
             Op::AddChannelBias { x, bias, out } => {
-                v.push(x);
-                v.push(bias);
-                v.push(out);
+                ids.push(x);
+                ids.push(bias);
+                ids.push(out);
             }
             Op::MatMul { a, b, out, .. } => {
-                v.push(a);
-                v.push(b);
-                v.push(out);
+                ids.push(a);
+                ids.push(b);
+                ids.push(out);
             }
             Op::Linear { x, w, bias, out, .. } => {
-                v.push(x);
-                v.push(w);
-                v.extend(bias.as_mut());
-                v.push(out);
+                ids.push(x);
+                ids.push(w);
+                ids.extend(bias.as_mut());
+                ids.push(out);
             }
             Op::LinearBackward { x, w, dy, dx, dw, db } => {
-                v.push(x);
-                v.push(w);
-                v.push(dy);
-                v.push(dx);
-                v.push(dw);
-                v.push(db);
+                ids.push(x);
+                ids.push(w);
+                ids.push(dy);
+                ids.push(dx);
+                ids.push(dw);
+                ids.push(db);
             }
             Op::Conv2d { x, w, bias, out, col, .. } => {
-                v.push(x);
-                v.push(w);
-                v.extend(bias.as_mut());
-                v.push(out);
-                v.extend(col.as_mut());
+                ids.push(x);
+                ids.push(w);
+                ids.extend(bias.as_mut());
+                ids.push(out);
+                ids.extend(col.as_mut());
             }
             Op::Conv2dBackward { x, w, dy, dx, dw, db, col, .. } => {
-                v.push(x);
-                v.push(w);
-                v.push(dy);
-                v.extend(dx.as_mut());
-                v.push(dw);
-                v.push(db);
-                v.extend(col.as_mut());
+                ids.push(x);
+                ids.push(w);
+                ids.push(dy);
+                ids.extend(dx.as_mut());
+                ids.push(dw);
+                ids.push(db);
+                ids.extend(col.as_mut());
             }
             Op::MaxPool2d { x, out, indices, .. } => {
-                v.push(x);
-                v.push(out);
-                v.push(indices);
+                ids.push(x);
+                ids.push(out);
+                ids.push(indices);
             }
             Op::MaxPool2dBackward { dy, indices, out, relu_output, .. } => {
-                v.push(dy);
-                v.push(indices);
-                v.push(out);
-                v.extend(relu_output.as_mut());
+                ids.push(dy);
+                ids.push(indices);
+                ids.push(out);
+                ids.extend(relu_output.as_mut());
             }
             Op::LogSoftmax { x, out } => {
-                v.push(x);
-                v.push(out);
+                ids.push(x);
+                ids.push(out);
             }
             Op::LogSoftmaxBackward { y, dy, out } => {
-                v.push(y);
-                v.push(dy);
-                v.push(out);
+                ids.push(y);
+                ids.push(dy);
+                ids.push(out);
             }
             Op::NllLoss { logp, targets, out } => {
-                v.push(logp);
-                v.push(targets);
-                v.push(out);
+                ids.push(logp);
+                ids.push(targets);
+                ids.push(out);
             }
             Op::NllLossBackward { logp, targets, out } => {
-                v.push(logp);
-                v.push(targets);
-                v.push(out);
+                ids.push(logp);
+                ids.push(targets);
+                ids.push(out);
             }
             Op::CorrectCount { logits, targets, out } => {
-                v.push(logits);
-                v.push(targets);
-                v.push(out);
+                ids.push(logits);
+                ids.push(targets);
+                ids.push(out);
             }
             Op::Reduce { x, out, .. } => {
-                v.push(x);
-                v.push(out);
+                ids.push(x);
+                ids.push(out);
             }
             Op::AdamStep { param, grad, m, v, .. } => {
-                v.push(param);
-                v.push(grad);
-                v.push(m);
-                v.push(v);
+                ids.push(param);
+                ids.push(grad);
+                ids.push(m);
+                ids.push(v);
             }
             Op::SgdStep { param, grad, buf, .. } => {
-                v.push(param);
-                v.push(grad);
-                v.push(buf);
+                ids.push(param);
+                ids.push(grad);
+                ids.push(buf);
             }
             Op::Reshape { x, out, .. } => {
-                v.push(x);
-                v.push(out);
+                ids.push(x);
+                ids.push(out);
             }
             Op::Copy { src, out } => {
-                v.push(src);
-                v.push(out);
+                ids.push(src);
+                ids.push(out);
             }
             Op::Fill { t, .. } => {
-                v.push(t);
+                ids.push(t);
             }
             Op::Zeros { out, .. } => {
-                v.push(out);
+                ids.push(out);
             }
             Op::Concat { srcs, out } => {
-                v.extend(srcs.iter_mut());
-                v.push(out);
+                ids.extend(srcs.iter_mut());
+                ids.push(out);
             }
             Op::Split { src, .. } => {
-                v.push(src);
+                ids.push(src);
             }
             Op::Free { t } => {
-                v.push(t);
+                ids.push(t);
             }
         }
-        v
+        ids
     }
 }
 

@@ -8,6 +8,7 @@ pub mod check;
 pub mod cluster;
 pub mod demo;
 pub mod plot;
+pub mod tasks;
 pub mod train;
 
 /// Value parsers shared by the command line's options, so that an out-of-range value is

@@ -70,6 +70,67 @@ enum Command {
         /// Do not open a GPU adapter on this node.
         #[arg(long)]
         no_gpu: bool,
+        /// Run the cluster's task scheduler on this node (one node per cluster).
+        #[arg(long)]
+        scheduler: bool,
+        /// Where the scheduler journals its queue (default: ./journal-<node name>).
+        #[arg(long, requires = "scheduler")]
+        journal: Option<PathBuf>,
+        /// Tasks queued at most; a submit beyond is refused.
+        #[arg(long, requires = "scheduler", value_parser = strata::args::count(1, 10_000_000))]
+        queue_bound: Option<usize>,
+    },
+    /// Submit a task to the cluster's scheduler (operator certificates only).
+    Submit {
+        #[command(flatten)]
+        op: strata::tasks::OperatorArgs,
+        /// Task function registered on the nodes (built in: noop, echo, sleep, fail).
+        task: String,
+        /// Arguments passed to the function, as text.
+        #[arg(long, default_value = "")]
+        args: String,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// CPU slots the task needs.
+        #[arg(long, default_value_t = 0)]
+        cpus: u32,
+        /// GPU slots the task needs.
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+        /// GPU memory the task needs, MiB.
+        #[arg(long, default_value_t = 0)]
+        gpu_mem_mib: u64,
+        /// Labels the node must carry, KEY=VALUE (for example backend=vulkan).
+        #[arg(long = "label", value_parser = strata::tasks::parse_label)]
+        labels: Vec<(String, String)>,
+        /// The task expires this many ms after submission.
+        #[arg(long, value_parser = strata::args::count(1, 86_400_000))]
+        deadline_ms: Option<usize>,
+        /// Extra attempts after the first.
+        #[arg(long, value_parser = strata::args::count(0, 1000))]
+        retries: Option<usize>,
+        /// Number of copies to submit.
+        #[arg(long, default_value_t = 1, value_parser = strata::args::count(1, 1_000_000))]
+        count: usize,
+        /// Wait for the outcomes and print them.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List the scheduler's queued, running and finished tasks (operator certificates only).
+    Queue {
+        #[command(flatten)]
+        op: strata::tasks::OperatorArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a task (operator certificates only).
+    Cancel {
+        #[command(flatten)]
+        op: strata::tasks::OperatorArgs,
+        /// The task's id.
+        id: u64,
     },
     /// Create a cluster CA (if missing), node certificates and operator certificates.
     ///
@@ -227,11 +288,52 @@ fn main() -> Result<()> {
                 Ok(())
             })
         }
-        Command::Node { node, no_gpu } => {
+        Command::Node { node, no_gpu, scheduler, journal, queue_bound } => {
             let config = node.config()?;
             let gpu = (!no_gpu).then(|| cli.device.options());
-            actix::System::new().block_on(strata::cluster::run_node(config, gpu))
+            let scheduler = scheduler.then(|| {
+                let dir = journal.clone().unwrap_or_else(|| PathBuf::from(format!("journal-{}", config.name)));
+                let mut o = strata_cluster::tasks::SchedulerOptions::new(dir);
+                if let Some(b) = queue_bound {
+                    o.config.queue_bound = *b;
+                }
+                o
+            });
+            actix::System::new().block_on(strata::cluster::run_node(config, gpu, scheduler))
         }
+        Command::Submit {
+            op,
+            task,
+            args,
+            priority,
+            cpus,
+            gpus,
+            gpu_mem_mib,
+            labels,
+            deadline_ms,
+            retries,
+            count,
+            wait,
+        } => {
+            let mut demand = strata_cluster::tasks::Demand::gpu_mem(gpu_mem_mib.saturating_mul(1 << 20))
+                .gpu_slots(*gpus)
+                .cpu_slots(*cpus);
+            for (k, v) in labels {
+                demand = demand.label(k.clone(), v.clone());
+            }
+            let mut req = strata_cluster::tasks::TaskRequest::function(task, args.as_bytes().to_vec(), &[])
+                .priority(*priority)
+                .demand(demand);
+            if let Some(d) = deadline_ms {
+                req = req.deadline_ms(*d as u64);
+            }
+            if let Some(r) = retries {
+                req = req.retries(*r as u32);
+            }
+            actix::System::new().block_on(strata::tasks::submit(op, req, *count, *wait))
+        }
+        Command::Queue { op, json } => actix::System::new().block_on(strata::tasks::queue(op, *json)),
+        Command::Cancel { op, id } => actix::System::new().block_on(strata::tasks::cancel(op, *id)),
         Command::Cert { dir, cluster, operators, names } => cert(dir, cluster, operators, names),
         Command::Status { node, cert_dir, as_name, json } => status(node, cert_dir.as_deref(), as_name, *json),
         Command::Worker { what: WorkerCommand::Allreduce { node, sizes, iters, forever } } => {

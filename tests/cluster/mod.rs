@@ -1,0 +1,3 @@
+//! Cluster compute for applications: the task queue (and remote GPU actors).
+
+mod tasks;
