@@ -75,6 +75,7 @@ impl TaskClient {
             demand: task.demand,
             deadline_ms: task.deadline_ms,
             retries: task.retries,
+            near: task.near,
         };
         match self.ask(req, self.call_timeout).await? {
             SchedReply::Submitted(id) => Ok(id),

@@ -112,6 +112,9 @@ pub struct TaskRequest {
     pub deadline_ms: Option<u64>,
     /// Extra attempts after the first (`None`: the scheduler's default).
     pub retries: Option<u32>,
+    /// Nodes that already hold this task's data, with the bytes each holds: placement
+    /// prefers the node holding the most.
+    pub near: Vec<(String, u64)>,
 }
 
 impl TaskRequest {
@@ -134,7 +137,7 @@ impl TaskRequest {
     }
 
     fn new(body: TaskBody) -> Self {
-        Self { body, priority: 0, demand: Demand::default(), deadline_ms: None, retries: None }
+        Self { body, priority: 0, demand: Demand::default(), deadline_ms: None, retries: None, near: Vec::new() }
     }
 
     /// Sets the priority.
@@ -152,6 +155,13 @@ impl TaskRequest {
     /// Sets the time the task may take from submission, ms.
     pub fn deadline_ms(mut self, ms: u64) -> Self {
         self.deadline_ms = Some(ms);
+        self
+    }
+
+    /// Says that node `node` already holds `bytes` bytes of this task's data (a shard on
+    /// its disk, say): placement prefers it when it has room.
+    pub fn near(mut self, node: &str, bytes: u64) -> Self {
+        self.near.push((node.to_string(), bytes));
         self
     }
 

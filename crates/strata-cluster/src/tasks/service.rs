@@ -46,7 +46,14 @@ impl SchedulerOptions {
 /// A submitter's request.
 #[derive(Serialize, Deserialize)]
 pub(crate) enum SchedRequest {
-    Submit { body: TaskBody, priority: i32, demand: Demand, deadline_ms: Option<u64>, retries: Option<u32> },
+    Submit {
+        body: TaskBody,
+        priority: i32,
+        demand: Demand,
+        deadline_ms: Option<u64>,
+        retries: Option<u32>,
+        near: Vec<(String, u64)>,
+    },
     Wait { task: TaskId, timeout_ms: u64 },
     Cancel { task: TaskId },
     List,
@@ -431,7 +438,7 @@ impl Handler<Request> for SchedActor {
     fn handle(&mut self, msg: Request, ctx: &mut Context<Self>) -> Self::Result {
         let now = now_ms();
         let reply = match msg.0 {
-            SchedRequest::Submit { body, priority, demand, deadline_ms, retries } => {
+            SchedRequest::Submit { body, priority, demand, deadline_ms, retries, near } => {
                 let label = body.label();
                 let mut spec = TaskSpec::new(label.clone()).payload(encode(&body)).priority(priority).demand(demand);
                 if let Some(d) = deadline_ms {
@@ -439,6 +446,9 @@ impl Handler<Request> for SchedActor {
                 }
                 if let Some(r) = retries {
                     spec = spec.retries(r);
+                }
+                for (node, bytes) in near {
+                    spec = spec.input(node, bytes);
                 }
                 let id = self.sched.submit(now, spec).map_err(|e| e.to_string())?;
                 let row = TaskRow {
