@@ -79,6 +79,9 @@ enum Command {
         /// Tasks queued at most; a submit beyond is refused.
         #[arg(long, requires = "scheduler", value_parser = strata::args::count(1, 10_000_000))]
         queue_bound: Option<usize>,
+        /// Labels this node's executor offers to tasks, KEY=VALUE (besides backend and device).
+        #[arg(long = "label", value_parser = strata::tasks::parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// Submit a task to the cluster's scheduler (operator certificates only).
     Submit {
@@ -232,6 +235,22 @@ enum BenchCommand {
         #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
         data: PathBuf,
     },
+    /// The task queue: placements of the sans-IO scheduler, and empty tasks between node
+    /// processes (one at a time and pipelined), each against a reference in the same run.
+    Sched {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Placements timed by the "placements" case.
+        #[arg(long, default_value_t = 1_000_000, value_parser = strata::args::count(1000, 100_000_000))]
+        placements: usize,
+        /// Round trips timed one at a time.
+        #[arg(long, default_value_t = 300, value_parser = strata::args::count(1, 1_000_000))]
+        round_trips: usize,
+        /// Tasks timed with 64 in flight.
+        #[arg(long, default_value_t = 5000, value_parser = strata::args::count(64, 10_000_000))]
+        pipelined: usize,
+    },
     /// All-reduce across node processes on loopback (mutual TLS), against a plaintext TCP
     /// ring and PyTorch gloo measured in the same run.
     Allreduce {
@@ -267,6 +286,17 @@ fn main() -> Result<()> {
         Command::Bench { what: BenchCommand::Train { json, steps, data } } => {
             print_figures(*json, |on| strata::demo::bench(data, *steps, on).map(|_| ()))
         }
+        Command::Bench { what: BenchCommand::Sched { json, placements, round_trips, pipelined } } => {
+            let opts = bench::sched::SchedBench {
+                placements: *placements as u64,
+                round_trips: *round_trips,
+                pipelined: *pipelined,
+            };
+            print_figures(*json, |on| {
+                on(&bench::sched::placements(opts.placements));
+                actix::System::new().block_on(bench::sched::over_processes(&opts, on))
+            })
+        }
         Command::Bench { what: BenchCommand::Kernels { json, iters, filter } } => {
             bench_kernels(&cli.device, *json, *iters, filter.clone())
         }
@@ -288,7 +318,7 @@ fn main() -> Result<()> {
                 Ok(())
             })
         }
-        Command::Node { node, no_gpu, scheduler, journal, queue_bound } => {
+        Command::Node { node, no_gpu, scheduler, journal, queue_bound, labels } => {
             let config = node.config()?;
             let gpu = (!no_gpu).then(|| cli.device.options());
             let scheduler = scheduler.then(|| {
@@ -299,7 +329,8 @@ fn main() -> Result<()> {
                 }
                 o
             });
-            actix::System::new().block_on(strata::cluster::run_node(config, gpu, scheduler))
+            let exec = strata_cluster::tasks::ExecOptions { labels: labels.clone(), ..Default::default() };
+            actix::System::new().block_on(strata::cluster::run_node(config, gpu, exec, scheduler))
         }
         Command::Submit {
             op,

@@ -112,6 +112,7 @@ impl SchedulerService {
             waiters: HashMap::new(),
             inflight: HashSet::new(),
             pending: Pending::default(),
+            last_flush: std::time::Instant::now(),
             options,
         }
         .start();
@@ -176,6 +177,7 @@ struct SchedActor {
     /// Attempts sent to executors whose report this scheduler still waits for.
     inflight: HashSet<(TaskId, u32)>,
     pending: Pending,
+    last_flush: std::time::Instant,
     options: SchedulerOptions,
 }
 
@@ -242,7 +244,13 @@ impl SchedActor {
         }
         if !self.pending.scheduled {
             self.pending.scheduled = true;
-            ctx.run_later(GROUP_COMMIT, |act, ctx| act.flush(ctx));
+            // Idle: commit at once (latency). Busy: let decisions gather for a moment so
+            // that one commit covers many (throughput).
+            if self.last_flush.elapsed() >= GROUP_COMMIT {
+                ctx.notify(Flush);
+            } else {
+                ctx.run_later(GROUP_COMMIT, |act, ctx| act.flush(ctx));
+            }
         }
     }
 
@@ -267,6 +275,7 @@ impl SchedActor {
     /// Journals everything pending in one durable transaction, then acts on it: answers
     /// submitters, wakes waiters and sends attempts to executors.
     fn flush(&mut self, ctx: &mut Context<Self>) {
+        self.last_flush = std::time::Instant::now();
         let p = std::mem::take(&mut self.pending);
         let rows: Vec<&TaskRow> = p.rows.iter().filter_map(|t| self.rows.get(t)).collect();
         if let Err(e) = self.journal.commit(&p.records, &p.results, &rows) {
@@ -338,6 +347,17 @@ impl SchedActor {
 
     fn spec_of(&self, task: TaskId) -> Option<TaskSpec> {
         self.sched.spec(task).cloned()
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+impl Handler<Flush> for SchedActor {
+    type Result = ();
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.flush(ctx);
     }
 }
 
