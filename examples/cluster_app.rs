@@ -104,7 +104,8 @@ async fn main() -> Result<()> {
     let mut ids = Vec::new();
     for (prio, gpu) in [(0, false), (5, false), (9, true)] {
         let demand = if gpu { Demand::gpu_mem(1 << 20).gpu_slots(1) } else { Demand::default().cpu_slots(1) };
-        let task = TaskRequest::function("sum_of_squares", vec![], &[x.clone()]).priority(prio).demand(demand);
+        let task =
+            TaskRequest::function("sum_of_squares", vec![], std::slice::from_ref(&x)).priority(prio).demand(demand);
         let id = client.submit(task).await?;
         println!("submitted task {id} (priority {prio}, gpu: {gpu})");
         ids.push(id);
