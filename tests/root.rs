@@ -4,6 +4,7 @@
 //! adapter they print `SKIPPED` and pass, unless `STRATA_REQUIRE_GPU=1` (set by
 //! `.ci/run`) turns the skip into a failure.
 
+mod cluster;
 mod common;
 mod gpu;
 mod net;

@@ -1,0 +1,3 @@
+//! Cluster compute for applications: remote GPU actors across in-process clusters.
+
+mod remote_gpu;
