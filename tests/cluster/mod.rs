@@ -1,3 +1,4 @@
-//! Cluster compute for applications: remote GPU actors across in-process clusters.
+//! Cluster compute for applications: the task queue and remote GPU actors.
 
 mod remote_gpu;
+mod tasks;

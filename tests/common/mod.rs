@@ -13,13 +13,34 @@ pub fn gpu_with(gemm: Option<GemmKernel>) -> Option<Gpu> {
     match Gpu::new(&opts) {
         Ok(g) => Some(g),
         Err(e) => {
-            if std::env::var("STRATA_REQUIRE_GPU").as_deref() == Ok("1") {
+            if gpu_required() {
                 panic!("STRATA_REQUIRE_GPU=1 but no usable GPU adapter: {e}");
             }
             eprintln!("SKIPPED: no usable GPU adapter ({e})");
             None
         }
     }
+}
+
+/// Whether `STRATA_REQUIRE_GPU=1`: a test that cannot run its GPU checks fails instead of
+/// skipping.
+pub fn gpu_required() -> bool {
+    std::env::var("STRATA_REQUIRE_GPU").as_deref() == Ok("1")
+}
+
+/// Whether a test comparing both GEMM kernels can run with `kernels`: `Ok(false)` skips
+/// it, and so would pass without checking anything, which `require` (from
+/// [`gpu_required`]) turns into an error.
+pub fn both_gemm_kernels(kernels: &[GemmKernel], require: bool) -> Result<bool, String> {
+    if kernels.len() >= 2 {
+        return Ok(true);
+    }
+    let why = format!("the adapter runs only {kernels:?} of the two GEMM kernels");
+    if require {
+        return Err(format!("STRATA_REQUIRE_GPU=1 but {why}"));
+    }
+    eprintln!("SKIPPED: {why}");
+    Ok(false)
 }
 
 /// The default test device.

@@ -5,7 +5,7 @@ use strata_tensor::cpu::{self, AdamParams, ReduceOp, SgdParams};
 use strata_tensor::geometry::{self, Conv2dParams};
 use strata_tensor::{HostTensor, Shape, SplitMix64};
 
-use crate::common::{assert_close, gemm_kernels, gpu_with, max_abs};
+use crate::common::{assert_close, both_gemm_kernels, gemm_kernels, gpu_required, gpu_with, max_abs};
 use crate::gpu_or_skip;
 
 fn up(g: &mut Gpu, t: &HostTensor) -> strata_gpu::GpuTensor {
@@ -370,8 +370,7 @@ fn optimisers_match_reference_over_several_steps() {
 
 #[test]
 fn both_gemm_kernels_agree_on_the_reference_cnn_shapes() {
-    let kernels = gemm_kernels();
-    if kernels.len() < 2 {
+    if !both_gemm_kernels(&gemm_kernels(), gpu_required()).unwrap_or_else(|e| panic!("{e}")) {
         return;
     }
     let x = HostTensor::random([4, 64, 14, 14], 1);
@@ -385,4 +384,16 @@ fn both_gemm_kernels_agree_on_the_reference_cnn_shapes() {
     }
     assert_close("tiled vs subgroup", &outs[0], &outs[1], 1e-4, 1e-4 * max_abs(&outs[1]));
     let _ = Shape::scalar();
+}
+
+#[test]
+fn a_missing_gemm_kernel_fails_the_comparison_when_a_gpu_is_required() {
+    let both = [GemmKernel::Tiled, GemmKernel::Subgroup8];
+    assert_eq!(both_gemm_kernels(&both, true), Ok(true));
+    assert_eq!(both_gemm_kernels(&[GemmKernel::Tiled], false), Ok(false));
+    assert_eq!(
+        both_gemm_kernels(&[GemmKernel::Tiled], true),
+        Err("STRATA_REQUIRE_GPU=1 but the adapter runs only [Tiled] of the two GEMM kernels".to_string())
+    );
+    assert!(both_gemm_kernels(&[], true).is_err());
 }

@@ -73,6 +73,19 @@ fn operands_beyond_one_binding_are_refused_with_the_limit_named() {
 }
 
 #[test]
+fn shapes_whose_size_overflows_are_refused_not_wrapped() {
+    let mut g = gpu_or_skip!();
+    // 2^32 * 2^32 elements wrap to an empty tensor in unchecked arithmetic.
+    let e = g.empty([1usize << 32, 1 << 32], DType::F32).unwrap_err();
+    assert_eq!(e.to_string(), "tensor of shape [4294967296,4294967296] has more elements than memory can address");
+    // 2^62 elements fit a usize, their bytes do not.
+    assert!(g.empty([1usize << 62], DType::F32).unwrap_err().to_string().contains("more elements than memory"));
+    let t = g.zeros([4], DType::F32).unwrap();
+    let e = t.reshape([1usize << 32, 1 << 32, 4]).unwrap_err();
+    assert!(e.to_string().contains("has more elements than memory can address"), "{e}");
+}
+
+#[test]
 fn memory_budget_gives_out_of_memory_errors_and_the_device_keeps_working() {
     let mut g = gpu_or_skip!();
     g.set_memory_budget(1 << 20);

@@ -291,7 +291,11 @@ impl Gpu {
     /// A new tensor with unspecified contents.
     pub fn empty(&mut self, shape: impl Into<Shape>, dtype: DType) -> Result<GpuTensor> {
         let shape = shape.into();
-        let bytes = (shape.numel() * dtype.size_bytes()) as u64;
+        let bytes = shape
+            .checked_numel()
+            .and_then(|n| n.checked_mul(dtype.size_bytes()))
+            .ok_or_else(|| strata_tensor::TensorError::TooLarge { shape: shape.to_string() })?
+            as u64;
         let (buf, class) = self.pool.acquire(&self.device, bytes, self.info.max_buffer_bytes)?;
         Ok(GpuTensor::new(crate::tensor::Storage::new(buf, class, self.pool.clone()), shape, dtype))
     }

@@ -215,6 +215,163 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Every tensor handle this operation names, for callers that rename handles (a
+    /// service that maps its clients' ids to its own, say).
+    pub fn tensor_ids_mut(&mut self) -> Vec<&mut TensorId> {
+        let mut ids: Vec<&mut TensorId> = Vec::new();
+        match self {
+            Op::Add { a, b, out } => {
+                ids.push(a);
+                ids.push(b);
+                ids.push(out);
+            }
+            Op::Sub { a, b, out } => {
+                ids.push(a);
+                ids.push(b);
+                ids.push(out);
+            }
+            Op::Mul { a, b, out } => {
+                ids.push(a);
+                ids.push(b);
+                ids.push(out);
+            }
+            Op::Scale { x, out, .. } => {
+                ids.push(x);
+                ids.push(out);
+            }
+            Op::Axpy { x, y, .. } => {
+                ids.push(x);
+                ids.push(y);
+            }
+            Op::Relu { x, out } => {
+                ids.push(x);
+                ids.push(out);
+            }
+            Op::ReluBackward { x, dy, out } => {
+                ids.push(x);
+                ids.push(dy);
+                ids.push(out);
+            }
+            Op::AddChannelBias { x, bias, out } => {
+                ids.push(x);
+                ids.push(bias);
+                ids.push(out);
+            }
+            Op::MatMul { a, b, out, .. } => {
+                ids.push(a);
+                ids.push(b);
+                ids.push(out);
+            }
+            Op::Linear { x, w, bias, out, .. } => {
+                ids.push(x);
+                ids.push(w);
+                ids.extend(bias.as_mut());
+                ids.push(out);
+            }
+            Op::LinearBackward { x, w, dy, dx, dw, db } => {
+                ids.push(x);
+                ids.push(w);
+                ids.push(dy);
+                ids.push(dx);
+                ids.push(dw);
+                ids.push(db);
+            }
+            Op::Conv2d { x, w, bias, out, col, .. } => {
+                ids.push(x);
+                ids.push(w);
+                ids.extend(bias.as_mut());
+                ids.push(out);
+                ids.extend(col.as_mut());
+            }
+            Op::Conv2dBackward { x, w, dy, dx, dw, db, col, .. } => {
+                ids.push(x);
+                ids.push(w);
+                ids.push(dy);
+                ids.extend(dx.as_mut());
+                ids.push(dw);
+                ids.push(db);
+                ids.extend(col.as_mut());
+            }
+            Op::MaxPool2d { x, out, indices, .. } => {
+                ids.push(x);
+                ids.push(out);
+                ids.push(indices);
+            }
+            Op::MaxPool2dBackward { dy, indices, out, relu_output, .. } => {
+                ids.push(dy);
+                ids.push(indices);
+                ids.push(out);
+                ids.extend(relu_output.as_mut());
+            }
+            Op::LogSoftmax { x, out } => {
+                ids.push(x);
+                ids.push(out);
+            }
+            Op::LogSoftmaxBackward { y, dy, out } => {
+                ids.push(y);
+                ids.push(dy);
+                ids.push(out);
+            }
+            Op::NllLoss { logp, targets, out } => {
+                ids.push(logp);
+                ids.push(targets);
+                ids.push(out);
+            }
+            Op::NllLossBackward { logp, targets, out } => {
+                ids.push(logp);
+                ids.push(targets);
+                ids.push(out);
+            }
+            Op::CorrectCount { logits, targets, out } => {
+                ids.push(logits);
+                ids.push(targets);
+                ids.push(out);
+            }
+            Op::Reduce { x, out, .. } => {
+                ids.push(x);
+                ids.push(out);
+            }
+            Op::AdamStep { param, grad, m, v, .. } => {
+                ids.push(param);
+                ids.push(grad);
+                ids.push(m);
+                ids.push(v);
+            }
+            Op::SgdStep { param, grad, buf, .. } => {
+                ids.push(param);
+                ids.push(grad);
+                ids.push(buf);
+            }
+            Op::Reshape { x, out, .. } => {
+                ids.push(x);
+                ids.push(out);
+            }
+            Op::Copy { src, out } => {
+                ids.push(src);
+                ids.push(out);
+            }
+            Op::Fill { t, .. } => {
+                ids.push(t);
+            }
+            Op::Zeros { out, .. } => {
+                ids.push(out);
+            }
+            Op::Concat { srcs, out } => {
+                ids.extend(srcs.iter_mut());
+                ids.push(out);
+            }
+            Op::Split { src, .. } => {
+                ids.push(src);
+            }
+            Op::Free { t } => {
+                ids.push(t);
+            }
+        }
+        ids
+    }
+}
+
 /// A sequence of operations run as one submission.
 pub type Program = Vec<Op>;
 
@@ -483,4 +640,22 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn every_named_handle_is_visited() {
+        let t = TensorId;
+        let mut op = Op::Linear { x: t(1), w: t(2), bias: Some(t(3)), out: t(4), relu: false };
+        for id in op.tensor_ids_mut() {
+            id.0 += 100;
+        }
+        assert_eq!(op, Op::Linear { x: t(101), w: t(102), bias: Some(t(103)), out: t(104), relu: false });
+        let mut split = Op::Split { src: t(1), outs: vec![(t(2), Shape::from([1])), (t(3), Shape::from([1]))] };
+        assert_eq!(split.tensor_ids_mut().len(), 3);
+        assert_eq!(Op::Concat { srcs: vec![t(1), t(2)], out: t(3) }.tensor_ids_mut().len(), 3);
+    }
 }

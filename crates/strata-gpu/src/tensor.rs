@@ -68,15 +68,13 @@ impl GpuTensor {
     /// The same buffer under another shape with the same element count.
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<GpuTensor, TensorError> {
         let shape = shape.into();
-        if shape.numel() != self.numel() {
+        let Some(n) = shape.checked_numel() else {
+            return Err(TensorError::TooLarge { shape: shape.to_string() });
+        };
+        if n != self.numel() {
             return Err(TensorError::shape(
                 "reshape",
-                format!(
-                    "cannot view {} ({} elements) as {shape} ({} elements)",
-                    self.shape,
-                    self.numel(),
-                    shape.numel()
-                ),
+                format!("cannot view {} ({} elements) as {shape} ({n} elements)", self.shape, self.numel()),
             ));
         }
         Ok(Self { storage: self.storage.clone(), shape, dtype: self.dtype })

@@ -84,6 +84,10 @@ impl Default for NodeConfig {
     }
 }
 
+/// The longest heartbeat interval, failure timeout or request timeout a configuration may
+/// set: one hour, in ms.
+pub const DURATION_MS_MAX: u64 = 3_600_000;
+
 fn cfg_err(m: impl Into<String>) -> NetError {
     NetError::Config(m.into())
 }
@@ -133,7 +137,22 @@ impl NodeConfig {
                 "a certificate directory is required (--cert-dir; create one with `strata cert`), or --insecure-dev",
             ));
         }
-        if self.heartbeat_ms == 0 || self.failure_timeout_ms <= self.heartbeat_ms {
+        // Durations beyond an hour are mistakes (a misplaced unit), and the largest ones do
+        // not fit QUIC's idle timeout or an `Instant` sum.
+        for (what, ms) in [
+            ("heartbeat interval", self.heartbeat_ms),
+            ("failure timeout", self.failure_timeout_ms),
+            ("connect timeout", self.connect_timeout_ms),
+            ("request timeout", self.request_timeout_ms),
+        ] {
+            if ms > DURATION_MS_MAX {
+                return Err(cfg_err(format!("{what} of {ms} ms exceeds the maximum of {DURATION_MS_MAX} ms (1 hour)")));
+            }
+            if ms == 0 {
+                return Err(cfg_err(format!("{what} must be at least 1 ms")));
+            }
+        }
+        if self.failure_timeout_ms <= self.heartbeat_ms {
             return Err(cfg_err(format!(
                 "failure timeout ({} ms) must exceed the heartbeat interval ({} ms)",
                 self.failure_timeout_ms, self.heartbeat_ms
@@ -222,5 +241,23 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("must exceed the heartbeat interval"));
+    }
+
+    #[test]
+    fn durations_are_capped_at_an_hour_and_must_not_be_zero() {
+        let base = NodeConfig { name: "a".into(), insecure_dev: true, ..Default::default() };
+        // u64::MAX ms does not fit a QUIC idle timeout; it used to reach an `expect`.
+        let e = NodeConfig { failure_timeout_ms: u64::MAX, ..base.clone() }.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration: failure timeout of 18446744073709551615 ms exceeds the maximum of 3600000 ms (1 hour)"
+        );
+        let e = NodeConfig { request_timeout_ms: 3_600_001, ..base.clone() }.validate().unwrap_err();
+        assert!(e.to_string().contains("request timeout of 3600001 ms exceeds the maximum"), "{e}");
+        let e = NodeConfig { connect_timeout_ms: 0, ..base.clone() }.validate().unwrap_err();
+        assert!(e.to_string().contains("connect timeout must be at least 1 ms"), "{e}");
+        let e = NodeConfig { heartbeat_ms: u64::MAX, failure_timeout_ms: 1000, ..base.clone() }.validate().unwrap_err();
+        assert!(e.to_string().contains("heartbeat interval of 18446744073709551615 ms exceeds"), "{e}");
+        NodeConfig { heartbeat_ms: 60_000, failure_timeout_ms: DURATION_MS_MAX, ..base }.validate().unwrap();
     }
 }

@@ -114,18 +114,50 @@ fn data_err(path: &Path, message: impl Into<String>) -> NnError {
     NnError::Data { path: path.to_path_buf(), message: message.into() }
 }
 
-/// Reads a file, gunzipping it when it ends in `.gz`.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| data_err(path, e.to_string()))?;
-    if path.extension().is_some_and(|e| e == "gz") {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| data_err(path, format!("not a valid gzip file: {e}")))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+/// Deflate cannot expand data by more than about 1032:1 (zlib's technical notes), so a
+/// gzip file of `n` bytes holds at most this many; a header promising more is refused
+/// before anything is inflated.
+fn gzip_output_max(compressed: u64) -> u64 {
+    compressed.saturating_mul(1032).saturating_add(1 << 10)
+}
+
+/// Reads an IDX file (gunzipping it when it ends in `.gz`): a header of `header_len`
+/// bytes, then exactly the body that `body` derives from the header (its byte count and
+/// a description of the promise for errors). Never reads past that length, so neither a
+/// lying header nor a gzip bomb can fill memory.
+fn read_idx(
+    path: &Path,
+    kind: &str,
+    header_len: usize,
+    body: impl FnOnce(&[u8]) -> Result<(u64, String)>,
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    let file = std::fs::File::open(path).map_err(|e| data_err(path, e.to_string()))?;
+    let size = file.metadata().map_err(|e| data_err(path, e.to_string()))?.len();
+    let gz = path.extension().is_some_and(|e| e == "gz");
+    let mut reader: Box<dyn Read> =
+        if gz { Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file))) } else { Box::new(file) };
+    let read_err = |e: std::io::Error| {
+        if gz { data_err(path, format!("not a valid gzip file: {e}")) } else { data_err(path, e.to_string()) }
+    };
+    let mut header = Vec::with_capacity(header_len);
+    (&mut reader).take(header_len as u64).read_to_end(&mut header).map_err(read_err)?;
+    if header.len() < header_len {
+        return Err(data_err(
+            path,
+            format!("{} bytes is too short for an {kind} header ({header_len} bytes)", header.len()),
+        ));
     }
+    let (want, promise) = body(&header)?;
+    if gz && want > gzip_output_max(size) {
+        return Err(data_err(path, format!("{promise}, more than a {size}-byte gzip file can hold")));
+    }
+    let mut data = Vec::new();
+    reader.take(want + 1).read_to_end(&mut data).map_err(read_err)?;
+    if data.len() as u64 != want {
+        let holds = if data.len() as u64 > want { format!("more than {want}") } else { data.len().to_string() };
+        return Err(data_err(path, format!("{promise}, the file holds {holds} bytes")));
+    }
+    Ok((header, data))
 }
 
 /// Finds `name` or `name.gz` in `dir`.
@@ -145,51 +177,42 @@ fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+fn check_magic(path: &Path, b: &[u8], want: u32, kind: &str) -> Result<()> {
+    let magic = be32(b, 0);
+    if magic != want {
+        return Err(data_err(
+            path,
+            format!("magic number {magic:#010x} is not an {kind} file (expected {want:#010x})"),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads an IDX image file (`[n, rows, cols]` of `u8`), scaled to `[0, 1]`.
 pub fn read_idx_images(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
-    let b = read_maybe_gz(path)?;
-    if b.len() < 16 {
-        return Err(data_err(path, format!("{} bytes is too short for an IDX image header (16 bytes)", b.len())));
-    }
-    let magic = be32(&b, 0);
-    if magic != IDX_IMAGES {
-        return Err(data_err(
-            path,
-            format!("magic number {magic:#010x} is not an IDX image file (expected {IDX_IMAGES:#010x})"),
-        ));
-    }
-    let (n, rows, cols) = (be32(&b, 4) as usize, be32(&b, 8) as usize, be32(&b, 12) as usize);
-    let want = n * rows * cols;
-    if b.len() - 16 != want {
-        return Err(data_err(
-            path,
-            format!(
-                "header promises {n} images of {rows}x{cols} ({want} bytes), the file holds {} bytes",
-                b.len() - 16
-            ),
-        ));
-    }
-    Ok((b[16..].iter().map(|&v| f32::from(v) / 255.0).collect(), [n, rows, cols]))
+    let (h, b) = read_idx(path, "IDX image", 16, |h| {
+        check_magic(path, h, IDX_IMAGES, "IDX image")?;
+        let (n, rows, cols) = (be32(h, 4), be32(h, 8), be32(h, 12));
+        let promise = format!("header promises {n} images of {rows}x{cols}");
+        let want = u64::from(n)
+            .checked_mul(u64::from(rows))
+            .and_then(|v| v.checked_mul(u64::from(cols)))
+            .filter(|&v| usize::try_from(v).is_ok())
+            .ok_or_else(|| data_err(path, format!("{promise}, more bytes than memory can address")))?;
+        Ok((want, format!("{promise} ({want} bytes)")))
+    })?;
+    let dims = [be32(&h, 4) as usize, be32(&h, 8) as usize, be32(&h, 12) as usize];
+    Ok((b.iter().map(|&v| f32::from(v) / 255.0).collect(), dims))
 }
 
 /// Reads an IDX label file.
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u32>> {
-    let b = read_maybe_gz(path)?;
-    if b.len() < 8 {
-        return Err(data_err(path, format!("{} bytes is too short for an IDX label header (8 bytes)", b.len())));
-    }
-    let magic = be32(&b, 0);
-    if magic != IDX_LABELS {
-        return Err(data_err(
-            path,
-            format!("magic number {magic:#010x} is not an IDX label file (expected {IDX_LABELS:#010x})"),
-        ));
-    }
-    let n = be32(&b, 4) as usize;
-    if b.len() - 8 != n {
-        return Err(data_err(path, format!("header promises {n} labels, the file holds {}", b.len() - 8)));
-    }
-    Ok(b[8..].iter().map(|&v| u32::from(v)).collect())
+    let (_, b) = read_idx(path, "IDX label", 8, |h| {
+        check_magic(path, h, IDX_LABELS, "IDX label")?;
+        let n = be32(h, 4);
+        Ok((u64::from(n), format!("header promises {n} labels")))
+    })?;
+    Ok(b.iter().map(|&v| u32::from(v)).collect())
 }
 
 fn idx_split(dir: &Path, prefix: &str, name: &str) -> Result<Dataset> {
@@ -257,6 +280,12 @@ pub fn load_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
     };
     if train.sample != test.sample {
         return Err(data_err(dir, format!("training samples are {:?}, test samples {:?}", train.sample, test.sample)));
+    }
+    // An empty set would train on nothing and report 0/0 accuracy.
+    for (what, set) in [("training", &train), ("test", &test)] {
+        if set.is_empty() {
+            return Err(data_err(dir, format!("the {what} set holds no samples")));
+        }
     }
     let classes = train.classes.max(test.classes);
     train.classes = classes;
@@ -378,6 +407,65 @@ mod tests {
         std::fs::remove_file(d.path().join("t10k-labels-idx1-ubyte")).unwrap();
         let e = load_dir(d.path()).unwrap_err().to_string();
         assert!(e.contains("t10k-labels-idx1-ubyte: missing"), "{e}");
+        idx(d.path(), "t10k", 0, true);
+        let e = load_dir(d.path()).unwrap_err().to_string();
+        assert!(e.ends_with("the test set holds no samples"), "{e}");
+    }
+
+    fn gz(path: &Path, bytes: &[u8]) {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(path).unwrap(), flate2::Compression::best());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap();
+    }
+
+    fn image_header(n: u32, rows: u32, cols: u32) -> Vec<u8> {
+        [IDX_IMAGES, n, rows, cols].iter().flat_map(|v| v.to_be_bytes()).collect()
+    }
+
+    #[test]
+    fn an_idx_header_whose_size_overflows_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        // 2^31 * 2^31 * 4 = 2^64 wraps to 0, which an empty body would match.
+        let p = d.path().join("images-idx3-ubyte");
+        std::fs::write(&p, image_header(1 << 31, 1 << 31, 4)).unwrap();
+        let e = read_idx_images(&p).unwrap_err().to_string();
+        assert!(
+            e.ends_with("header promises 2147483648 images of 2147483648x4, more bytes than memory can address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gzip_output_is_bounded_by_the_header() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("train-images-idx3-ubyte.gz");
+        // One 28x28 image promised, 16 MiB of zeros inflated: reading stops after 785 bytes.
+        let mut bomb = image_header(1, 28, 28);
+        bomb.resize(16 + (16 << 20), 0);
+        gz(&p, &bomb);
+        assert!(std::fs::metadata(&p).unwrap().len() < 64 << 10);
+        let e = read_idx_images(&p).unwrap_err().to_string();
+        assert!(
+            e.ends_with("header promises 1 images of 28x28 (784 bytes), the file holds more than 784 bytes"),
+            "{e}"
+        );
+        // A header promising more than deflate can produce from the file is refused unread.
+        let mut small = image_header(1 << 20, 1 << 10, 1 << 10);
+        small.extend([0u8; 100]);
+        gz(&p, &small);
+        let e = read_idx_images(&p).unwrap_err().to_string();
+        assert!(e.contains("header promises 1048576 images of 1024x1024 (1099511627776 bytes), more than a"), "{e}");
+        assert!(e.ends_with("-byte gzip file can hold"), "{e}");
+        // An honest gzip file loads.
+        let mut ok = image_header(2, 2, 3);
+        ok.extend([0u8, 51, 102, 153, 204, 255, 1, 2, 3, 4, 5, 6]);
+        gz(&p, &ok);
+        let (x, dims) = read_idx_images(&p).unwrap();
+        assert_eq!((dims, x.len(), x[5]), ([2, 2, 3], 12, 1.0));
+        gz(&p, &ok[..20]);
+        let e = read_idx_images(&p).unwrap_err().to_string();
+        assert!(e.ends_with("(12 bytes), the file holds 4 bytes"), "{e}");
     }
 
     #[test]

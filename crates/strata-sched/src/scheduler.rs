@@ -663,6 +663,12 @@ impl Scheduler {
         Some(TaskInfo { priority: t.spec.priority, attempts: t.attempts, causes: CauseChain(t.causes.clone()), state })
     }
 
+    /// A waiting or placed task's spec (with its id and retries resolved): what the IO
+    /// layer needs to run an attempt.
+    pub fn spec(&self, id: TaskId) -> Option<&TaskSpec> {
+        self.tasks.get(&id).map(|t| &t.spec)
+    }
+
     /// A node's status, if the scheduler has heard of it.
     pub fn node(&self, name: &str) -> Option<NodeStatus> {
         let node = &self.nodes[*self.node_names.get(name)? as usize];

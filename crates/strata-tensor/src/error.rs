@@ -32,6 +32,12 @@ pub enum TensorError {
         /// Elements supplied.
         got: usize,
     },
+    /// The shape's element count (or byte count) overflows the address space.
+    #[error("tensor of shape {shape} has more elements than memory can address")]
+    TooLarge {
+        /// The shape, formatted.
+        shape: String,
+    },
     /// The operation does not support this dtype (yet).
     #[error("{op}: dtype {dtype} is not supported")]
     DType {

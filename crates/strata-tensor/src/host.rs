@@ -10,11 +10,15 @@ pub struct HostTensor<T: Element = f32> {
 }
 
 impl<T: Element> HostTensor<T> {
-    /// A tensor of `shape` over `data`; fails if the element counts differ.
+    /// A tensor of `shape` over `data`; fails if the element counts differ or the shape's
+    /// element count overflows.
     pub fn new(shape: impl Into<Shape>, data: Vec<T>) -> Result<Self> {
         let shape = shape.into();
-        if shape.numel() != data.len() {
-            return Err(TensorError::DataLength { shape: shape.to_string(), expected: shape.numel(), got: data.len() });
+        let Some(expected) = shape.checked_numel() else {
+            return Err(TensorError::TooLarge { shape: shape.to_string() });
+        };
+        if expected != data.len() {
+            return Err(TensorError::DataLength { shape: shape.to_string(), expected, got: data.len() });
         }
         Ok(Self { shape, data })
     }
@@ -103,6 +107,12 @@ mod tests {
         let err = HostTensor::new([2, 3], vec![0.0f32; 5]).unwrap_err();
         assert_eq!(err.to_string(), "tensor of shape [2,3] holds 6 elements, data has 5");
         assert!(HostTensor::new([2, 3], vec![0u32; 6]).is_ok());
+        // A shape whose element count wraps to 0 must not pass as an empty tensor.
+        let err = HostTensor::<f32>::new([1usize << 32, 1 << 32], Vec::new()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor of shape [4294967296,4294967296] has more elements than memory can address"
+        );
     }
 
     #[test]

@@ -31,9 +31,20 @@ impl Shape {
         self.0.len()
     }
 
+    /// Number of elements (1 for a scalar), or `None` when the product overflows `usize`.
+    ///
+    /// Shapes from outside (the network, files) go through this or a constructor that
+    /// uses it ([`crate::HostTensor::new`]) before anything trusts their size.
+    pub fn checked_numel(&self) -> Option<usize> {
+        self.0.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    }
+
     /// Number of elements (1 for a scalar).
+    ///
+    /// Panics when the product overflows `usize`: a tensor that exists has a size that
+    /// fits, and shapes from outside are checked with [`Shape::checked_numel`] first.
     pub fn numel(&self) -> usize {
-        self.0.iter().product()
+        self.checked_numel().unwrap_or_else(|| panic!("shape {self} has more elements than usize can count"))
     }
 
     /// Dimension `i`; panics if `i >= rank` (a programmer error, callers check rank first).
@@ -105,5 +116,15 @@ mod tests {
         assert_eq!(Shape::scalar().numel(), 1);
         assert_eq!(s.split_at_axis(1), (32, 3, 784));
         assert_eq!(s.without_axis(0), Shape::from([3, 28, 28]));
+    }
+
+    #[test]
+    fn an_overflowing_shape_has_no_element_count() {
+        // 2^32 * 2^32 wraps to 0 in unchecked release arithmetic.
+        let huge = Shape::from([1usize << 32, 1 << 32]);
+        assert_eq!(huge.checked_numel(), None);
+        assert_eq!(Shape::from([usize::MAX, 0]).checked_numel(), Some(0));
+        assert_eq!(Shape::from([3, 4]).checked_numel(), Some(12));
+        assert_eq!(Shape::scalar().checked_numel(), Some(1));
     }
 }

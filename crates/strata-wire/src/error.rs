@@ -41,6 +41,12 @@ pub enum WireError {
         /// Bytes declared.
         got: u64,
     },
+    /// A tensor's shape describes more bytes than a `u64` holds.
+    #[error("tensor of shape {shape} is larger than any payload can be")]
+    ShapeTooLarge {
+        /// The shape, formatted.
+        shape: String,
+    },
     /// The stream ended inside a frame.
     #[error("stream ended inside a frame ({missing} more bytes expected)")]
     Truncated {

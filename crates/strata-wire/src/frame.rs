@@ -299,4 +299,53 @@ mod tests {
         let e = decode_all(&frame(&lying, &[0; 12]), 64, Limits::default()).unwrap_err();
         assert_eq!(e.to_string(), "chunk: header describes 16 payload bytes, frame carries 12");
     }
+
+    #[test]
+    fn a_tensor_shape_whose_size_overflows_is_refused() {
+        // 2^32 * 2^32 elements wrap to 0 in unchecked arithmetic, which an empty payload matches.
+        for (shape, payload) in [(Shape::from([1usize << 32, 1 << 32]), 0u64), (Shape::from([1usize << 62, 1]), 0)] {
+            let meta = TensorMeta { dtype: DType::F32, shape };
+            assert_eq!(meta.bytes(), None);
+            let h = Header::new(Body::Tensor { mailbox: "m".into(), tag: 1, meta }, payload);
+            let e = decode_all(&frame(&h, &[]), 64, Limits::default()).unwrap_err();
+            assert!(matches!(e, WireError::ShapeTooLarge { .. }), "{e:?}");
+            assert!(e.to_string().ends_with("is larger than any payload can be"), "{e}");
+        }
+        let e = Header::new(
+            Body::Tensor {
+                mailbox: "m".into(),
+                tag: 1,
+                meta: TensorMeta { dtype: DType::F32, shape: Shape::from([1usize << 32, 1 << 32]) },
+            },
+            0,
+        )
+        .check_payload()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "tensor of shape [4294967296,4294967296] is larger than any payload can be");
+        let fine = TensorMeta { dtype: DType::F32, shape: Shape::from([3, 5]) };
+        assert_eq!(fine.bytes(), Some(60));
+    }
+
+    /// Replays the checked-in corpus of the fuzz target (`corpus/decode/`, grown by
+    /// `scripts/fuzz`) through the fuzz target's own check: errors are fine, panics not.
+    #[test]
+    fn the_fuzz_corpus_replays_without_panics() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/decode");
+        let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        inputs.sort();
+        let (mut decoded, mut refused) = (0, 0);
+        for path in &inputs {
+            let data = std::fs::read(path).unwrap();
+            match std::panic::catch_unwind(|| crate::fuzzing::decode_checked(&data)) {
+                Ok(Ok(_)) => decoded += 1,
+                Ok(Err(_)) => refused += 1,
+                Err(_) => panic!("{} makes the decoder panic", path.display()),
+            }
+        }
+        // The corpus holds both kinds; an empty or unreadable one would prove nothing.
+        assert!(decoded >= 5 && refused >= 5, "{decoded} inputs decoded, {refused} refused in {}", dir.display());
+    }
 }

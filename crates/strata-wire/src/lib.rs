@@ -8,6 +8,8 @@
 
 mod error;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod message;
 
 pub use error::WireError;

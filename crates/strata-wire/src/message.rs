@@ -28,7 +28,10 @@ impl Header {
     /// Checks that the payload length matches what the body describes.
     pub fn check_payload(&self) -> Result<(), WireError> {
         let expected = match &self.body {
-            Body::Tensor { meta, .. } => Some(("tensor", meta.bytes())),
+            Body::Tensor { meta, .. } => Some((
+                "tensor",
+                meta.bytes().ok_or_else(|| WireError::ShapeTooLarge { shape: meta.shape.to_string() })?,
+            )),
             Body::Chunk { dtype, len, .. } => Some(("chunk", (*len as u64) * dtype.size_bytes() as u64)),
             _ => None,
         };
@@ -110,9 +113,11 @@ pub struct TensorMeta {
 }
 
 impl TensorMeta {
-    /// Payload bytes of the tensor.
-    pub fn bytes(&self) -> u64 {
-        (self.shape.numel() * self.dtype.size_bytes()) as u64
+    /// Payload bytes of the tensor, or `None` when the shape's size overflows (a peer's
+    /// `[2^32, 2^32]` must not wrap to an empty tensor).
+    pub fn bytes(&self) -> Option<u64> {
+        let n = self.shape.checked_numel()?;
+        u64::try_from(n).ok()?.checked_mul(self.dtype.size_bytes() as u64)
     }
 }
 

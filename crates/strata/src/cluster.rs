@@ -131,9 +131,27 @@ pub async fn start(config: NodeConfig, gpu_options: Option<GpuOptions>) -> Resul
     Ok((node, gpu))
 }
 
-/// Runs `strata node` until SIGINT or SIGTERM, then leaves the cluster.
-pub async fn run_node(config: NodeConfig, gpu_options: Option<GpuOptions>) -> Result<()> {
+/// Runs `strata node` until SIGINT or SIGTERM, then leaves the cluster. Every node runs
+/// the task executor with the built-in task functions; `scheduler` makes this node the
+/// cluster's scheduler.
+pub async fn run_node(
+    config: NodeConfig,
+    gpu_options: Option<GpuOptions>,
+    scheduler: Option<strata_cluster::tasks::SchedulerOptions>,
+) -> Result<()> {
     let (node, gpu) = start(config, gpu_options).await?;
+    use strata_cluster::tasks::{ExecOptions, ExecService, SchedulerService, TaskRegistry};
+    ExecService::register(&node, gpu.clone(), TaskRegistry::with_builtins(), ExecOptions::default());
+    let _scheduler = match scheduler {
+        Some(o) => {
+            let dir = o.journal_dir.display().to_string();
+            let s =
+                SchedulerService::start(&node, o).await.map_err(|e| anyhow::anyhow!("starting the scheduler: {e}"))?;
+            println!("scheduler on {} (journal in {dir})", node.name());
+            Some(s)
+        }
+        None => None,
+    };
     let adapter = gpu.as_ref().map_or("no GPU".to_string(), |g| format!("{} ({})", g.info().name, g.info().backend));
     println!("node {} listening on {} with {adapter}", node.name(), node.info().addr);
     let mut events = node.subscribe().await?;

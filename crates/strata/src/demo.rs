@@ -14,13 +14,13 @@ use crate::train::BenchLine;
 pub struct DemoArgs {
     /// Training samples (the full Fashion-MNIST set is 60000; the default keeps the demo
     /// to a few minutes on a 2-core machine with lavapipe).
-    #[arg(long, default_value_t = 12000)]
+    #[arg(long, default_value_t = 12000, value_parser = crate::args::positive())]
     pub train_limit: usize,
     /// Test samples (the full set is 10000).
-    #[arg(long, default_value_t = 10000)]
+    #[arg(long, default_value_t = 10000, value_parser = crate::args::positive())]
     pub test_limit: usize,
     /// Epochs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub epochs: u64,
     /// Where checkpoints and the plot go.
     #[arg(long, default_value = "out/demo")]

@@ -1,5 +1,6 @@
 //! The `strata` node binary.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -69,6 +70,67 @@ enum Command {
         /// Do not open a GPU adapter on this node.
         #[arg(long)]
         no_gpu: bool,
+        /// Run the cluster's task scheduler on this node (one node per cluster).
+        #[arg(long)]
+        scheduler: bool,
+        /// Where the scheduler journals its queue (default: ./journal-<node name>).
+        #[arg(long, requires = "scheduler")]
+        journal: Option<PathBuf>,
+        /// Tasks queued at most; a submit beyond is refused.
+        #[arg(long, requires = "scheduler", value_parser = strata::args::count(1, 10_000_000))]
+        queue_bound: Option<usize>,
+    },
+    /// Submit a task to the cluster's scheduler (operator certificates only).
+    Submit {
+        #[command(flatten)]
+        op: strata::tasks::OperatorArgs,
+        /// Task function registered on the nodes (built in: noop, echo, sleep, fail).
+        task: String,
+        /// Arguments passed to the function, as text.
+        #[arg(long, default_value = "")]
+        args: String,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// CPU slots the task needs.
+        #[arg(long, default_value_t = 0)]
+        cpus: u32,
+        /// GPU slots the task needs.
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+        /// GPU memory the task needs, MiB.
+        #[arg(long, default_value_t = 0)]
+        gpu_mem_mib: u64,
+        /// Labels the node must carry, KEY=VALUE (for example backend=vulkan).
+        #[arg(long = "label", value_parser = strata::tasks::parse_label)]
+        labels: Vec<(String, String)>,
+        /// The task expires this many ms after submission.
+        #[arg(long, value_parser = strata::args::count(1, 86_400_000))]
+        deadline_ms: Option<usize>,
+        /// Extra attempts after the first.
+        #[arg(long, value_parser = strata::args::count(0, 1000))]
+        retries: Option<usize>,
+        /// Number of copies to submit.
+        #[arg(long, default_value_t = 1, value_parser = strata::args::count(1, 1_000_000))]
+        count: usize,
+        /// Wait for the outcomes and print them.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List the scheduler's queued, running and finished tasks (operator certificates only).
+    Queue {
+        #[command(flatten)]
+        op: strata::tasks::OperatorArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a task (operator certificates only).
+    Cancel {
+        #[command(flatten)]
+        op: strata::tasks::OperatorArgs,
+        /// The task's id.
+        id: u64,
     },
     /// Create a cluster CA (if missing), node certificates and operator certificates.
     ///
@@ -124,10 +186,10 @@ enum WorkerCommand {
         #[command(flatten)]
         node: Box<NodeArgs>,
         /// Buffer sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = strata::args::count(1, 1024))]
         sizes: Vec<usize>,
         /// Timed iterations per size.
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
         iters: usize,
         /// All-reduce the largest size until stopped.
         #[arg(long)]
@@ -152,7 +214,7 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Timed iterations per case (the median is reported).
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
         iters: usize,
         /// Run only the cases whose name contains this text.
         #[arg(long)]
@@ -164,7 +226,7 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Timed steps per configuration (after 2 warm-up steps).
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
         steps: u64,
         /// Data directory.
         #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
@@ -177,13 +239,13 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Node counts.
-        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        #[arg(long, value_delimiter = ',', default_value = "2,4", value_parser = strata::args::count(2, 64))]
         worlds: Vec<usize>,
         /// Buffer sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = strata::args::count(1, 1024))]
         sizes: Vec<usize>,
         /// Timed iterations per size (the median is reported).
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
         iters: usize,
         /// Python with PyTorch for the gloo reference ("" skips it).
         #[arg(long, env = "STRATA_PYTHON", default_value = "python3")]
@@ -226,11 +288,52 @@ fn main() -> Result<()> {
                 Ok(())
             })
         }
-        Command::Node { node, no_gpu } => {
+        Command::Node { node, no_gpu, scheduler, journal, queue_bound } => {
             let config = node.config()?;
             let gpu = (!no_gpu).then(|| cli.device.options());
-            actix::System::new().block_on(strata::cluster::run_node(config, gpu))
+            let scheduler = scheduler.then(|| {
+                let dir = journal.clone().unwrap_or_else(|| PathBuf::from(format!("journal-{}", config.name)));
+                let mut o = strata_cluster::tasks::SchedulerOptions::new(dir);
+                if let Some(b) = queue_bound {
+                    o.config.queue_bound = *b;
+                }
+                o
+            });
+            actix::System::new().block_on(strata::cluster::run_node(config, gpu, scheduler))
         }
+        Command::Submit {
+            op,
+            task,
+            args,
+            priority,
+            cpus,
+            gpus,
+            gpu_mem_mib,
+            labels,
+            deadline_ms,
+            retries,
+            count,
+            wait,
+        } => {
+            let mut demand = strata_cluster::tasks::Demand::gpu_mem(gpu_mem_mib.saturating_mul(1 << 20))
+                .gpu_slots(*gpus)
+                .cpu_slots(*cpus);
+            for (k, v) in labels {
+                demand = demand.label(k.clone(), v.clone());
+            }
+            let mut req = strata_cluster::tasks::TaskRequest::function(task, args.as_bytes().to_vec(), &[])
+                .priority(*priority)
+                .demand(demand);
+            if let Some(d) = deadline_ms {
+                req = req.deadline_ms(*d as u64);
+            }
+            if let Some(r) = retries {
+                req = req.retries(*r as u32);
+            }
+            actix::System::new().block_on(strata::tasks::submit(op, req, *count, *wait))
+        }
+        Command::Queue { op, json } => actix::System::new().block_on(strata::tasks::queue(op, *json)),
+        Command::Cancel { op, id } => actix::System::new().block_on(strata::tasks::cancel(op, *id)),
         Command::Cert { dir, cluster, operators, names } => cert(dir, cluster, operators, names),
         Command::Status { node, cert_dir, as_name, json } => status(node, cert_dir.as_deref(), as_name, *json),
         Command::Worker { what: WorkerCommand::Allreduce { node, sizes, iters, forever } } => {
@@ -256,7 +359,9 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only for a person at a terminal; files and pipes get plain text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 fn open(device: &DeviceArgs) -> Result<Gpu> {
@@ -428,4 +533,19 @@ fn status(node: &str, cert_dir: Option<&std::path::Path>, as_name: &str, json: b
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap's own consistency checks over every subcommand: duplicate option names (as
+    /// `strata train` once had two `--seed`s), clashing short flags, bad defaults. They
+    /// run in release builds because the workspace turns debug assertions on for clap.
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

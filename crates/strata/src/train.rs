@@ -26,25 +26,26 @@ pub struct TrainArgs {
     #[arg(long, default_value = "reference-cnn")]
     pub model: String,
     /// Epochs to train (counting epochs already in a resumed checkpoint).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub epochs: u64,
     /// Samples per step on each worker.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::args::count(1, 1 << 20))]
     pub batch_size: usize,
     /// `adam` or `sgd` (with momentum).
     #[arg(long, default_value = "adam")]
     pub optimizer: String,
     /// Learning rate (default: 1e-3 for Adam, 1e-2 for SGD).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::finite_positive(1e3))]
     pub lr: Option<f32>,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = crate::args::finite_in(0.0, 1.0))]
     pub momentum: f32,
-    /// Seed of initialisation and shuffling.
+    /// Seed of the shuffling and of the initialisation (`--seed` names the member to
+    /// join through, as for `strata node`).
     #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    pub shuffle_seed: u64,
     /// Number of nodes (default: WORLD_SIZE, else 1).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::count(1, u64::from(u32::MAX)))]
     pub nodes: Option<usize>,
     /// Directory for one checkpoint per epoch (safetensors).
     #[arg(long)]
@@ -53,19 +54,19 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Train on the first N training samples only.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::positive())]
     pub train_limit: Option<usize>,
     /// Evaluate on the first N test samples only.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::positive())]
     pub test_limit: Option<usize>,
     /// Write a PNG plot of loss and accuracy per epoch here (rank 0).
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Compare replica checksums every N steps.
+    /// Compare replica checksums every N steps (0: never).
     #[arg(long, default_value_t = 50)]
     pub checksum_every: u64,
     /// Stop after this many steps of the first epoch and report throughput (benchmark).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub bench_steps: Option<u64>,
     /// One JSON object per epoch instead of text.
     #[arg(long)]
@@ -120,7 +121,16 @@ fn optimizer(args: &TrainArgs) -> Result<Optimizer> {
 
 /// Runs `strata train` on this node.
 pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> Result<()> {
-    let world = args.nodes.or_else(|| std::env::var("WORLD_SIZE").ok().and_then(|v| v.parse().ok())).unwrap_or(1);
+    let world = match (args.nodes, std::env::var("WORLD_SIZE")) {
+        (Some(n), _) => n,
+        (None, Ok(v)) => match v.parse::<u32>() {
+            Ok(n) if n > 0 => n as usize,
+            _ => bail!("WORLD_SIZE={v:?} is not a node count (a number from 1)"),
+        },
+        (None, Err(_)) => 1,
+    };
+    // Cluster settings are checked before the data loads, so a mistake there fails at once.
+    let node_config = if world > 1 { Some(args.node.config()?) } else { None };
     let (mut train, mut test) =
         data::load_dir(&args.data).with_context(|| format!("loading data from {}", args.data.display()))?;
     if let Some(n) = args.train_limit {
@@ -137,7 +147,7 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
     // A model that does not fit the data fails here, before any step.
     spec.check_data(train.sample, train.classes)?;
     let gpu = GpuHandle::start(&gpu_options).context("opening the GPU")?;
-    let result = train_on(&args, &gpu, world, spec, train, test, started).await;
+    let result = train_on(&args, node_config, &gpu, world, spec, train, test, started).await;
     // Release the device before the process exits (also after an error), so exit does not
     // race the driver's teardown.
     gpu.shutdown().await;
@@ -146,6 +156,7 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
 
 async fn train_on(
     args: &TrainArgs,
+    node_config: Option<strata_net::NodeConfig>,
     gpu: &GpuHandle,
     world: usize,
     spec: ModelSpec,
@@ -153,9 +164,8 @@ async fn train_on(
     test: Dataset,
     started: Instant,
 ) -> Result<()> {
-    let (group, node) = if world > 1 {
-        let mut config = args.node.config()?;
-        config.world_size = Some(world as u32);
+    let (group, node) = if let Some(mut config) = node_config {
+        config.world_size = Some(u32::try_from(world).context("node count")?);
         let (node, _) = crate::cluster::start(config, None).await?;
         let g = Group::form(node.clone(), world, Duration::from_secs(60), GroupOptions::default()).await?;
         (Some(g), Some(node))
@@ -166,7 +176,7 @@ async fn train_on(
     let config = TrainConfig {
         batch: args.batch_size,
         optimizer: optimizer(args)?,
-        seed: args.seed,
+        seed: args.shuffle_seed,
         checkpoint_dir: args.checkpoint_dir.clone(),
         resume: args.resume,
         checksum_every: args.checksum_every,

@@ -219,6 +219,7 @@ pub enum WireTensorError {
     Shape { op: String, msg: String },
     Argument { op: String, msg: String },
     DataLength { shape: String, expected: u64, got: u64 },
+    TooLarge { shape: String },
     DType { op: String, dtype: String },
 }
 
@@ -253,6 +254,7 @@ impl From<&GpuError> for WireGpuError {
                 TensorError::DataLength { shape, expected, got } => {
                     WireTensorError::DataLength { shape, expected: expected as u64, got: got as u64 }
                 }
+                TensorError::TooLarge { shape } => WireTensorError::TooLarge { shape },
                 TensorError::DType { op, dtype } => WireTensorError::DType { op: op.into(), dtype: dtype.into() },
             }),
             GpuError::UnknownTensor { op, id } => Self::UnknownTensor { op: op.into(), id },
@@ -287,6 +289,7 @@ impl WireGpuError {
                 WireTensorError::DataLength { shape, expected, got } => {
                     TensorError::DataLength { shape, expected: expected as usize, got: got as usize }
                 }
+                WireTensorError::TooLarge { shape } => TensorError::TooLarge { shape },
                 WireTensorError::DType { op, dtype } => TensorError::DType { op: intern(op), dtype: intern(dtype) },
             }),
             Self::UnknownTensor { op, id } => GpuError::UnknownTensor { op: intern(op), id },
@@ -403,11 +406,6 @@ pub(crate) fn operands(op: &mut Op) -> (Vec<&mut TensorId>, Vec<&Shape>) {
     }
 }
 
-/// Elements of `shape`, or `None` when the product overflows (a crafted shape).
-pub(crate) fn checked_numel(shape: &Shape) -> Option<usize> {
-    shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +415,7 @@ mod tests {
         let errors = vec![
             GpuError::Tensor(TensorError::shape("matmul", "a [2,3] and b [2,3] do not chain")),
             GpuError::Tensor(TensorError::DataLength { shape: "[2]".into(), expected: 2, got: 3 }),
+            GpuError::Tensor(TensorError::TooLarge { shape: "[huge]".into() }),
             GpuError::UnknownTensor { op: "add", id: TensorId(7) },
             GpuError::DType { op: "relu", what: "x", got: "u32", expected: "f32" },
             GpuError::OutOfMemory { requested_bytes: 1, in_use_bytes: 2, limit_bytes: 3 },
@@ -452,11 +451,5 @@ mod tests {
             op,
             Op::Linear { x: TensorId(11), w: TensorId(12), bias: Some(TensorId(13)), out: TensorId(14), relu: true }
         );
-    }
-
-    #[test]
-    fn an_overflowing_shape_is_caught() {
-        assert_eq!(checked_numel(&Shape::new([2, 3])), Some(6));
-        assert_eq!(checked_numel(&Shape::new([usize::MAX, 2])), None);
     }
 }

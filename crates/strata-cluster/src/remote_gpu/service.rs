@@ -12,8 +12,7 @@ use strata_net::{
 use strata_tensor::{DType, HostTensor, Shape};
 
 use super::protocol::{
-    Envelope, Fault, Onward, Owner, OwnerRole, Reply, Request, SERVICE, WireGpuError, checked_numel, decode, encode,
-    operands,
+    Envelope, Fault, Onward, Owner, OwnerRole, Reply, Request, SERVICE, WireGpuError, decode, encode, operands,
 };
 use super::sessions::{Limits, SessionKey, Sessions};
 
@@ -329,7 +328,7 @@ impl Inner {
         dtype: DType,
         words: Vec<f32>,
     ) -> Result<(), Fault> {
-        if checked_numel(&shape).is_none() {
+        if shape.checked_numel().is_none() {
             return Err(Fault::BadRequest(format!("shape {shape} has too many elements")));
         }
         {
@@ -376,7 +375,7 @@ impl Inner {
             let sessions = self.lock();
             for op in &mut ops {
                 let (ids, shapes) = operands(op);
-                if let Some(s) = shapes.iter().find(|s| checked_numel(s).is_none()) {
+                if let Some(s) = shapes.iter().find(|s| s.checked_numel().is_none()) {
                     return Err(Fault::BadRequest(format!("shape {s} has too many elements")));
                 }
                 for id in ids {

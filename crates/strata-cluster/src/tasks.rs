@@ -1,1 +1,0 @@
-//! The cluster task queue service (being written).
