@@ -4,6 +4,7 @@
 pub mod allreduce;
 pub mod cpu;
 pub mod kernels;
+pub mod mapreduce;
 pub mod tcp_ring;
 
 use std::time::Instant;
