@@ -120,35 +120,10 @@ fn save(out: &Path, stats: &ClassStats) -> Result<()> {
     Ok(())
 }
 
-#[actix::main]
-async fn main() -> Result<()> {
-    let args = args()?;
-    let t = Instant::now();
-    let all = read(&args.data).map_err(anyhow::Error::msg).with_context(|| {
-        format!("no Fashion-MNIST in {}: install dataset-fashion-mnist (scripts/bootstrap.sh)", args.data.display())
-    })?;
-    let n = all.len();
-    println!("{n} training images of {} pixels read in {:.2} s", all.sample, t.elapsed().as_secs_f64());
-    // The plain loop on this thread, before the nodes start: it would hold up their
-    // heartbeats, which run on this thread too.
-    let t = Instant::now();
-    let plain = ClassStats::of(&all, CLASSES).map_err(anyhow::Error::msg)?;
-    let plain_s = t.elapsed().as_secs_f64();
-
-    let gpus = (0..args.nodes)
-        .map(|_| GpuHandle::start(&GpuOptions::from_env()).map(Some))
-        .collect::<Result<Vec<_>, _>>()
-        .context("opening a GPU")?;
-    let dir = tempfile::tempdir()?;
-    let data = args.data.clone();
-    let registry = move |_| {
-        let r = TaskRegistry::new();
-        class_stats::register(&r, source(data.clone()));
-        r
-    };
-    let cluster = LocalCluster::start(dir.path(), gpus, registry, ExecOptions::default()).await?;
+/// The statistics sharded over the nodes, and as one shard on one node.
+async fn jobs(cluster: &LocalCluster, n: usize, sample: usize, args: &Args) -> Result<(ClassStats, ClassStats)> {
     let options = MapReduceOptions::default();
-    let bytes_per_sample = (all.sample + 1) as u64;
+    let bytes_per_sample = (sample + 1) as u64;
 
     // Shard i is held by node i % nodes; every node has the files, and says so for its
     // own shards only, so the data is spread and placement follows it.
@@ -184,7 +159,42 @@ async fn main() -> Result<()> {
     let single = map_reduce(&cluster.client, one, class_stats::MAP, class_stats::REDUCE, &options).await?;
     let single_s = t.elapsed().as_secs_f64();
     let single = ClassStats::decode(&single.result.data).map_err(anyhow::Error::msg)?;
-    println!("one shard on one node: {single_s:.2} s; plain loop on this thread: {plain_s:.2} s");
+    println!("one shard on one node: {single_s:.2} s");
+    Ok((stats, single))
+}
+
+#[actix::main]
+async fn main() -> Result<()> {
+    let args = args()?;
+    let t = Instant::now();
+    let all = read(&args.data).map_err(anyhow::Error::msg).with_context(|| {
+        format!("no Fashion-MNIST in {}: install dataset-fashion-mnist (scripts/bootstrap.sh)", args.data.display())
+    })?;
+    let n = all.len();
+    println!("{n} training images of {} pixels read in {:.2} s", all.sample, t.elapsed().as_secs_f64());
+    // The plain loop on this thread, before the nodes start: it would hold up their
+    // heartbeats, which run on this thread too.
+    let t = Instant::now();
+    let plain = ClassStats::of(&all, CLASSES).map_err(anyhow::Error::msg)?;
+    let plain_s = t.elapsed().as_secs_f64();
+
+    let gpus = (0..args.nodes)
+        .map(|_| GpuHandle::start(&GpuOptions::from_env()).map(Some))
+        .collect::<Result<Vec<_>, _>>()
+        .context("opening a GPU")?;
+    let dir = tempfile::tempdir()?;
+    let data = args.data.clone();
+    let registry = move |_| {
+        let r = TaskRegistry::new();
+        class_stats::register(&r, source(data.clone()));
+        r
+    };
+    let cluster = LocalCluster::start(dir.path(), gpus, registry, ExecOptions::default()).await?;
+    // Shut the cluster down (and release the devices) whatever happened.
+    let result = jobs(&cluster, n, all.sample, &args).await;
+    cluster.shutdown().await;
+    let (stats, single) = result?;
+    println!("plain loop on this thread: {plain_s:.2} s");
 
     let same = stats == single && stats == plain;
     let means_equal = stats.means() == single.means() && stats.means() == plain.means();
@@ -199,7 +209,6 @@ async fn main() -> Result<()> {
     println!("  pixel histogram: {:.1}% of pixels are 0, {} are 255", 100.0 * zeros, stats.histogram[255]);
     save(&args.out, &stats)?;
     println!("wrote {}/means.png, means.csv and histogram.csv", args.out.display());
-    cluster.shutdown().await;
     ensure!(same && means_equal, "the sharded statistics differ from the single-node ones");
     Ok(())
 }

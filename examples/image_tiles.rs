@@ -29,8 +29,8 @@ use strata_tensor::HostTensor;
 /// Photographs of `lomiri-wallpapers` (through its dependency lomiri-wallpapers-20.04),
 /// tried in order.
 const PHOTOS: &[&str] = &[
-    "/usr/share/backgrounds/Fossa_by_Jasper_Roks.jpg",
     "/usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg",
+    "/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg",
     "/usr/share/backgrounds/warty-final-ubuntu.png",
 ];
 
@@ -115,6 +115,51 @@ fn save(out: &Path, edges: &HostTensor<f32>, input: &image::GrayImage, histogram
     Ok(())
 }
 
+/// The tiled job's edge image and histogram, and the whole-image reference's.
+struct Jobs {
+    edges: HostTensor<f32>,
+    histogram: HostTensor<f32>,
+    whole: HostTensor<f32>,
+    whole_histogram: HostTensor<f32>,
+}
+
+async fn jobs(cluster: &LocalCluster, image: &HostTensor<f32>) -> Result<Jobs> {
+    let (h, w) = (image.shape().dims()[0], image.shape().dims()[1]);
+    let options = tiles::options();
+    let grid = tiles::grid(w, h, tiles::TILE)?;
+    let t = Instant::now();
+    let mut job =
+        map_reduce(&cluster.client, tiles::shards(image, &grid)?, tiles::FILTER, mapreduce::SUM, &options).await?;
+    let filtered: Vec<&HostTensor<f32>> = job.maps.iter().map(|m| &m.side[0]).collect();
+    let edges = tiles::assemble(w, h, &grid, &filtered)?;
+    let tiled_s = t.elapsed().as_secs_f64();
+    let mut per_node = std::collections::BTreeMap::new();
+    for m in &job.maps {
+        *per_node.entry(m.node.as_str()).or_insert(0) += 1;
+    }
+    println!(
+        "{} tiles of {}x{} with a {}-pixel halo: {:.2} s, tiles per node {per_node:?}, {} reduce tasks",
+        grid.len(),
+        tiles::TILE,
+        tiles::TILE,
+        tiles::HALO,
+        tiled_s,
+        job.reduces.len()
+    );
+
+    // The reference: the whole image as one tile, on one node.
+    let t = Instant::now();
+    let whole = tiles::shards(image, &[Tile::whole(w, h)])?;
+    let mut reference = map_reduce(&cluster.client, whole, tiles::FILTER, mapreduce::SUM, &options).await?;
+    println!("whole image as one tile on {}: {:.2} s", reference.maps[0].node, t.elapsed().as_secs_f64());
+    Ok(Jobs {
+        edges,
+        histogram: job.result.tensors.swap_remove(0),
+        whole: reference.maps.swap_remove(0).side.swap_remove(0),
+        whole_histogram: reference.result.tensors.swap_remove(0),
+    })
+}
+
 #[actix::main]
 async fn main() -> Result<()> {
     let args = args()?;
@@ -143,40 +188,13 @@ async fn main() -> Result<()> {
     };
     let exec = ExecOptions { gpu_slots: 2, ..ExecOptions::default() };
     let cluster = LocalCluster::start(dir.path(), gpus, registry, exec).await?;
-    let options = tiles::options();
+    // Shut the cluster down (and release the devices) whatever happened.
+    let result = jobs(&cluster, &image).await;
+    cluster.shutdown().await;
+    let Jobs { edges, histogram, whole, whole_histogram } = result?;
 
-    let grid = tiles::grid(w, h, tiles::TILE)?;
-    let t = Instant::now();
-    let job =
-        map_reduce(&cluster.client, tiles::shards(&image, &grid)?, tiles::FILTER, mapreduce::SUM, &options).await?;
-    let filtered: Vec<&HostTensor<f32>> = job.maps.iter().map(|m| &m.side[0]).collect();
-    let edges = tiles::assemble(w, h, &grid, &filtered)?;
-    let tiled_s = t.elapsed().as_secs_f64();
-    let mut per_node = std::collections::BTreeMap::new();
-    for m in &job.maps {
-        *per_node.entry(m.node.as_str()).or_insert(0) += 1;
-    }
-    println!(
-        "{} tiles of {}x{} with a {}-pixel halo: {:.2} s, tiles per node {per_node:?}, {} reduce tasks",
-        grid.len(),
-        tiles::TILE,
-        tiles::TILE,
-        tiles::HALO,
-        tiled_s,
-        job.reduces.len()
-    );
-
-    // The reference: the whole image as one tile, on one node.
-    let t = Instant::now();
-    let whole = tiles::shards(&image, &[Tile::whole(w, h)])?;
-    let reference = map_reduce(&cluster.client, whole, tiles::FILTER, mapreduce::SUM, &options).await?;
-    let whole_s = t.elapsed().as_secs_f64();
-    println!("whole image as one tile on {}: {whole_s:.2} s", reference.maps[0].node);
-
-    let want = &reference.maps[0].side[0];
-    let differ = edges.data().iter().zip(want.data()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    let histogram = &job.result.tensors[0];
-    let same_hist = histogram == &reference.result.tensors[0];
+    let differ = edges.data().iter().zip(whole.data()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let same_hist = histogram == whole_histogram;
     println!(
         "tiled == whole image, bitwise: {} ({differ} of {} pixels differ); histograms equal: {same_hist}",
         differ == 0,
@@ -184,7 +202,6 @@ async fn main() -> Result<()> {
     );
     save(&args.out, &edges, &grey, histogram.data())?;
     println!("wrote {}/edges.png, input.png and histogram.csv", args.out.display());
-    cluster.shutdown().await;
     ensure!(differ == 0 && same_hist, "the tiled result differs from the whole-image filter");
     Ok(())
 }

@@ -63,17 +63,60 @@ impl LocalCluster {
     /// node sees all the others and the scheduler has run a task on each.
     ///
     /// Open the GPU actors before calling this: opening a device blocks the thread the
-    /// nodes' heartbeats run on.
+    /// nodes' heartbeats run on. On an error, the GPU actors given are shut down too.
     pub async fn start(
         dir: &Path,
         gpus: Vec<Option<GpuHandle>>,
         registry: impl Fn(usize) -> TaskRegistry,
         exec: ExecOptions,
     ) -> Result<Self, LocalError> {
-        let n = gpus.len();
-        if n == 0 {
+        if gpus.is_empty() {
             return Err(LocalError::Empty);
         }
+        let mut nodes = Vec::new();
+        if let Err(e) = Self::start_nodes(dir, gpus.len(), &mut nodes).await {
+            for g in gpus.iter().flatten() {
+                g.shutdown().await;
+            }
+            for n in &nodes {
+                n.shutdown().await;
+            }
+            return Err(e);
+        }
+        let names: Vec<String> = nodes.iter().map(|n| n.name().to_string()).collect();
+        for (i, node) in nodes.iter().enumerate() {
+            let r = registry(i);
+            r.register(PROBE, |_: TaskContext, _: TaskInput| -> TaskFuture {
+                Box::pin(async { Ok(TaskOutput::default()) })
+            });
+            let mut exec = exec.clone();
+            exec.labels.push((NODE_LABEL.into(), names[i].clone()));
+            ExecService::register(node, gpus[i].clone(), r, exec);
+        }
+        let scheduler = match SchedulerService::start(&nodes[0], SchedulerOptions::new(dir.join("journal"))).await {
+            Ok(s) => s,
+            Err(e) => {
+                for g in gpus.iter().flatten() {
+                    g.shutdown().await;
+                }
+                for n in &nodes {
+                    n.shutdown().await;
+                }
+                return Err(LocalError::Scheduler(e));
+            }
+        };
+        let client = TaskClient::member(nodes[0].clone(), &names[0]);
+        let cluster = Self { nodes, gpus, client, scheduler };
+        if let Err(e) = cluster.ready(&names).await {
+            cluster.shutdown().await;
+            return Err(e);
+        }
+        Ok(cluster)
+    }
+
+    /// Certificates and `n` nodes that all see each other, pushed onto `nodes` as they
+    /// start (so the caller can stop them after an error).
+    async fn start_nodes(dir: &Path, n: usize, nodes: &mut Vec<NodeHandle>) -> Result<(), LocalError> {
         let certs = dir.join("certs");
         tls::create_ca(&certs, "local")?;
         let names: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
@@ -87,33 +130,15 @@ impl LocalCluster {
             seed,
             ..Default::default()
         };
-        let mut nodes = vec![Node::start(config(&names[0], None)).await?];
+        nodes.push(Node::start(config(&names[0], None)).await?);
         let seed = nodes[0].local_addr().to_string();
         for name in &names[1..] {
             nodes.push(Node::start(config(name, Some(seed.clone()))).await?);
         }
-        for node in &nodes {
+        for node in nodes.iter() {
             node.wait_for_members(n, Duration::from_secs(20)).await?;
         }
-        for (i, node) in nodes.iter().enumerate() {
-            let r = registry(i);
-            r.register(PROBE, |_: TaskContext, _: TaskInput| -> TaskFuture {
-                Box::pin(async { Ok(TaskOutput::default()) })
-            });
-            let mut exec = exec.clone();
-            exec.labels.push((NODE_LABEL.into(), names[i].clone()));
-            ExecService::register(node, gpus[i].clone(), r, exec);
-        }
-        let scheduler = SchedulerService::start(&nodes[0], SchedulerOptions::new(dir.join("journal")))
-            .await
-            .map_err(LocalError::Scheduler)?;
-        let client = TaskClient::member(nodes[0].clone(), &names[0]);
-        let cluster = Self { nodes, gpus, client, scheduler };
-        if let Err(e) = cluster.ready(&names).await {
-            cluster.shutdown().await;
-            return Err(e);
-        }
-        Ok(cluster)
+        Ok(())
     }
 
     /// Waits until the scheduler places a task on every node: it learns of a node's

@@ -2,8 +2,8 @@
 //! Sobel edge map, reassembled, and reduced to an intensity histogram.
 //!
 //! A grey image (`[height, width]`, values 0..=255) is cut into tiles ([`grid`]); each
-//! travels with a halo of [`HALO`] pixels (the blur's radius 2 plus the Sobel's 1), zero
-//! outside the image ([`cut`]). The map task [`FILTER`] runs four convolutions on its
+//! travels with a halo of [`HALO`] pixels (the blur's radius 2 plus the Sobel's 1), the
+//! border pixels repeated beyond the image's edge ([`cut`]). The map task [`FILTER`] runs four convolutions on its
 //! node's GPU actor without padding, each shrinking the tile: the blur as a horizontal
 //! and a vertical pass of the binomial kernel `[1 4 6 4 1] / 16`, then the Sobel
 //! derivatives as a horizontal pass (`[-1 0 1]` and `[1 2 1]` into two channels) and a
@@ -17,8 +17,8 @@
 //! accumulator, in patch order, with fused multiply-adds; the patch length depends on
 //! the filter alone, not on the tile's size, so a pixel's sum does not depend on where
 //! its tile starts or how large it is. The whole-image reference is the same map task
-//! over one tile covering the image ([`Tile::whole`]), zero halo included, so both
-//! paths run the same kernels on the same numbers. The magnitude is IEEE single
+//! over one tile covering the image ([`Tile::whole`]), halo included, so both paths
+//! run the same kernels on the same numbers. The magnitude is IEEE single
 //! precision on the CPU (Rust does not contract `a * a + b * b` into an FMA). The
 //! histogram's counts are integers, exact in f32 below 2^24 per bin, and the [`SUM`]
 //! reduce adds them exactly. The tests check all of this on the test adapter.
@@ -135,22 +135,20 @@ pub fn grid(width: usize, height: usize, size: usize) -> Result<Vec<Tile>, TileE
     Ok(tiles)
 }
 
-/// The pixels of `tile` with a [`HALO`] around them, zero outside the image, as the
-/// `[1, 1, height + 6, width + 6]` input of [`FILTER`].
+/// The pixels of `tile` with a [`HALO`] around them, as the `[1, 1, height + 6,
+/// width + 6]` input of [`FILTER`]. Beyond the image's border the border pixels repeat
+/// (clamp to edge), so the border is no edge.
 pub fn cut(image: &HostTensor<f32>, tile: Tile) -> Result<HostTensor<f32>, TileError> {
     let (h, w) = dims(image)?;
     check(tile, w, h)?;
     let (th, tw) = (tile.height + 2 * HALO, tile.width + 2 * HALO);
-    let mut out = vec![0f32; th * tw];
     let src = image.data();
+    // The image column of each halo column, clamped to the image.
+    let cols: Vec<usize> = (0..tw).map(|c| (tile.x + c).saturating_sub(HALO).min(w - 1)).collect();
+    let mut out = Vec::with_capacity(th * tw);
     for r in 0..th {
-        // Image row of this halo row, if inside the image.
-        let Some(y) = (tile.y + r).checked_sub(HALO).filter(|&y| y < h) else { continue };
-        // Columns of the halo row that fall inside the image.
-        let c0 = HALO.saturating_sub(tile.x);
-        let c1 = tw.min(w + HALO - tile.x);
-        let x0 = tile.x + c0 - HALO;
-        out[r * tw + c0..r * tw + c1].copy_from_slice(&src[y * w + x0..y * w + x0 + (c1 - c0)]);
+        let row = &src[(tile.y + r).saturating_sub(HALO).min(h - 1) * w..][..w];
+        out.extend(cols.iter().map(|&x| row[x]));
     }
     Ok(HostTensor::new(vec![1, 1, th, tw], out).expect("sizes match"))
 }
@@ -272,7 +270,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tiles_cover_the_image_and_halos_are_zero_outside() {
+    fn tiles_cover_the_image_and_halos_repeat_the_border() {
         let tiles = grid(5, 3, 2).unwrap();
         assert_eq!(tiles.len(), 6);
         assert_eq!(tiles[2], Tile { x: 4, y: 0, width: 1, height: 2 });
@@ -281,11 +279,12 @@ mod tests {
         let c = cut(&image, tiles[5]).unwrap();
         assert_eq!(c.shape().dims(), [1, 1, 7, 7]);
         // Row 3 of the cut is image row 2; columns 0..3 are image columns 1..4, the rest
-        // lie beyond the right edge.
-        assert_eq!(&c.data()[3 * 7..4 * 7], &[12.0, 13.0, 14.0, 15.0, 0.0, 0.0, 0.0]);
-        assert!(c.data()[4 * 7..].iter().all(|&v| v == 0.0), "below the image");
+        // lie beyond the right edge and repeat column 4.
+        assert_eq!(&c.data()[3 * 7..4 * 7], &[12.0, 13.0, 14.0, 15.0, 15.0, 15.0, 15.0]);
+        assert_eq!(&c.data()[4 * 7..5 * 7], &c.data()[3 * 7..4 * 7], "below the image, row 2 again");
         let whole = cut(&image, Tile::whole(5, 3)).unwrap();
-        assert_eq!(&whole.data()[3 * 11..4 * 11], &[0., 0., 0., 1., 2., 3., 4., 5., 0., 0., 0.]);
+        assert_eq!(&whole.data()[..11], &[1., 1., 1., 1., 2., 3., 4., 5., 5., 5., 5.]);
+        assert_eq!(&whole.data()[3 * 11..4 * 11], &whole.data()[..11]);
         let e = cut(&image, Tile { x: 4, y: 0, width: 2, height: 1 }).unwrap_err();
         assert_eq!(e.to_string(), "tile 2x1 at (4, 0) reaches beyond the 5x3 image");
         assert_eq!(grid(5, 3, 0).unwrap_err(), TileError::ZeroTile);

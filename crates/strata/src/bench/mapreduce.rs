@@ -41,7 +41,6 @@ async fn time_job(
     options: &GpuOptions,
     iters: usize,
 ) -> Result<(f64, HostTensor<f32>)> {
-    let (h, w) = (image.shape().dims()[0], image.shape().dims()[1]);
     let gpus = (0..nodes)
         .map(|_| GpuHandle::start(options).map(Some))
         .collect::<Result<Vec<_>, _>>()
@@ -54,31 +53,31 @@ async fn time_job(
     };
     let exec = ExecOptions { gpu_slots: 2, ..ExecOptions::default() };
     let cluster = LocalCluster::start(dir.path(), gpus, registry, exec).await?;
+    // Shut the cluster down (and release the devices) whatever happened.
+    let result = runs(&cluster, image, iters).await;
+    cluster.shutdown().await;
+    let (mut times, last) = result?;
+    // The first run warms the pipelines and the pools.
+    let mut timed = times.split_off(1);
+    timed.sort_by(f64::total_cmp);
+    Ok((timed[timed.len() / 2], last))
+}
+
+/// Seconds of each of `iters + 1` runs of the tiles job, and the last run's edge image.
+async fn runs(cluster: &LocalCluster, image: &HostTensor<f32>, iters: usize) -> Result<(Vec<f64>, HostTensor<f32>)> {
+    let (h, w) = (image.shape().dims()[0], image.shape().dims()[1]);
     let grid = tiles::grid(w, h, tiles::TILE)?;
     let mut times = Vec::new();
     let mut last = None;
     for _ in 0..iters.max(1) + 1 {
         let t = Instant::now();
-        let out =
-            map_reduce(&cluster.client, tiles::shards(image, &grid)?, tiles::FILTER, mapreduce::SUM, &tiles::options())
-                .await;
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                cluster.shutdown().await;
-                return Err(e.into());
-            }
-        };
+        let shards = tiles::shards(image, &grid)?;
+        let out = map_reduce(&cluster.client, shards, tiles::FILTER, mapreduce::SUM, &tiles::options()).await?;
         let filtered: Vec<&HostTensor<f32>> = out.maps.iter().map(|m| &m.side[0]).collect();
-        let edges = tiles::assemble(w, h, &grid, &filtered)?;
+        last = Some(tiles::assemble(w, h, &grid, &filtered)?);
         times.push(t.elapsed().as_secs_f64());
-        last = Some(edges);
     }
-    cluster.shutdown().await;
-    // The first run warms the pipelines and the pools.
-    let mut timed = times.split_off(1);
-    timed.sort_by(f64::total_cmp);
-    Ok((timed[timed.len() / 2], last.expect("at least one run")))
+    Ok((times, last.expect("at least one run")))
 }
 
 /// The `mapreduce tiles` case: the tiles job over a `width` x `height` image on 2
