@@ -4,7 +4,7 @@
 //! byte (sum, memcpy), so criterion's `Gelem/s` reads as GFLOP/s or GB/s.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use strata::bench::cpu::{CpuConv, sgemm};
+use strata::cli::bench::cpu::{CpuConv, sgemm};
 use strata_gpu::Gpu;
 use strata_tensor::HostTensor;
 use strata_tensor::cpu::ReduceOp;

@@ -214,3 +214,29 @@ async fn a_restarted_scheduler_recovers_its_tasks_and_submitters_reattach() {
         n.shutdown().await;
     }
 }
+
+#[actix_rt::test]
+async fn a_submit_over_the_queue_bound_is_refused_naming_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 1).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    exec(&nodes[0], None, 1, &[], &log);
+    let journal = tempfile::tempdir().unwrap();
+    let mut options = SchedulerOptions::new(journal.path());
+    options.config.queue_bound = 2;
+    let _sched = SchedulerService::start(&nodes[0], options).await.unwrap();
+    let client = TaskClient::member(nodes[0].clone(), "node-0");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let one = || TaskRequest::function("sleep", b"400".to_vec(), &[]).demand(Demand::default().cpu_slots(1));
+    let running = client.submit(one()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = [client.submit(one()).await.unwrap(), client.submit(one()).await.unwrap()];
+    let e = client.submit(one()).await.unwrap_err().to_string();
+    assert!(e.ends_with("submit refused: the queue holds 2 tasks, its bound is 2"), "{e}");
+    // Room again once the queue drains.
+    for id in [running, queued[0], queued[1]] {
+        finished(client.wait(id, WAIT).await.unwrap());
+    }
+    finished(client.run(one(), WAIT).await.unwrap());
+    nodes[0].shutdown().await;
+}

@@ -361,8 +361,9 @@ impl Op {
                 ids.extend(srcs.iter_mut());
                 ids.push(out);
             }
-            Op::Split { src, .. } => {
+            Op::Split { src, outs } => {
                 ids.push(src);
+                ids.extend(outs.iter_mut().map(|(id, _)| id));
             }
             Op::Free { t } => {
                 ids.push(t);

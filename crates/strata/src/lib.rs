@@ -1,58 +1,41 @@
 //! Strata: a cross-vendor distributed GPU compute runtime.
 //!
-//! This crate re-exports the public API of the layers below and holds the code behind
-//! the `strata` binary's commands.
+//! An application depends on this crate and finds the whole cluster API here:
+//!
+//! - [`net`]: start or join a cluster ([`net::Node::start`], [`net::NodeConfig`]),
+//!   members, mailboxes, application services, and [`net::OperatorClient`] for tools.
+//! - [`gpu`]: the local GPU actor ([`gpu::GpuHandle`]) and its programs of [`gpu::Op`]s.
+//! - [`cluster`]: the cluster as one machine: the task queue ([`cluster::tasks`]: task
+//!   functions by name, priorities, resource demands, [`cluster::tasks::TaskClient`]),
+//!   remote GPU actors and map-reduce.
+//! - [`collective`]: all-reduce, broadcast, all-gather, reduce-scatter, send/recv.
+//! - [`nn`] and [`train`]: models, data, checkpoints, data-parallel training.
+//! - [`sched`]: the sans-IO scheduler under the task queue.
+//!
+//! [`prelude`] gathers the names most programs need. The `cli` module holds the code of
+//! the `strata` binary's commands and is not part of the API.
 
-pub mod bench;
-pub mod check;
-pub mod cluster;
-pub mod demo;
-pub mod plot;
-pub mod tasks;
-pub mod train;
+#[doc(hidden)]
+pub mod cli;
 
-/// Value parsers shared by the command line's options, so that an out-of-range value is
-/// a clear usage error from clap, never a panic or a division by zero later.
-pub mod args {
-    use clap::builder::{RangedU64ValueParser, ValueParser};
-
-    /// A count in `min..=max`.
-    pub fn count(min: u64, max: u64) -> RangedU64ValueParser<usize> {
-        RangedU64ValueParser::new().range(min..=max)
-    }
-
-    /// A count of at least 1.
-    pub fn positive() -> RangedU64ValueParser<usize> {
-        RangedU64ValueParser::new().range(1..)
-    }
-
-    /// A finite number in `[min, max]`, e.g. a momentum.
-    pub fn finite_in(min: f32, max: f32) -> ValueParser {
-        ValueParser::new(move |s: &str| -> Result<f32, String> {
-            let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
-            if v.is_finite() && (min..=max).contains(&v) {
-                Ok(v)
-            } else {
-                Err(format!("{v} is not a finite number in [{min}, {max}]"))
-            }
-        })
-    }
-
-    /// A finite number above 0 and at most `max`, e.g. a learning rate.
-    pub fn finite_positive(max: f32) -> ValueParser {
-        ValueParser::new(move |s: &str| -> Result<f32, String> {
-            let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
-            if v.is_finite() && v > 0.0 && v <= max {
-                Ok(v)
-            } else {
-                Err(format!("{v} is not a finite number above 0 and at most {max}"))
-            }
-        })
-    }
-}
-
+pub use strata_cluster as cluster;
 pub use strata_collective as collective;
 pub use strata_gpu as gpu;
 pub use strata_net as net;
+pub use strata_nn as nn;
+pub use strata_sched as sched;
 pub use strata_tensor as tensor;
+pub use strata_train as train;
 pub use strata_wire as wire;
+
+/// The names most cluster applications need.
+pub mod prelude {
+    pub use strata_cluster::tasks::{
+        Demand, ExecOptions, ExecService, SchedulerOptions, SchedulerService, TaskClient, TaskContext, TaskFuture,
+        TaskInput, TaskOutcome, TaskOutput, TaskRegistry, TaskRequest,
+    };
+    pub use strata_collective::{Group, GroupOptions, ReduceOp};
+    pub use strata_gpu::{GpuHandle, GpuOptions, Op, TensorId};
+    pub use strata_net::{Node, NodeConfig, NodeHandle, OperatorClient};
+    pub use strata_tensor::HostTensor;
+}

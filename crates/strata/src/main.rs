@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use strata::bench;
-use strata::cluster::NodeArgs;
+use strata::cli::bench;
+use strata::cli::node::NodeArgs;
 use strata_gpu::{AdapterRequest, Gpu, GpuOptions};
 use strata_net::MemberState;
 
@@ -56,12 +56,12 @@ enum Command {
     /// A 2-node cluster on loopback training the reference CNN on Fashion-MNIST.
     Demo {
         #[command(flatten)]
-        args: strata::demo::DemoArgs,
+        args: strata::cli::demo::DemoArgs,
     },
     /// Train a model, on one node or data-parallel across nodes.
     Train {
         #[command(flatten)]
-        args: Box<strata::train::TrainArgs>,
+        args: Box<strata::cli::train::TrainArgs>,
     },
     /// Run a cluster node until SIGINT/SIGTERM.
     Node {
@@ -77,13 +77,16 @@ enum Command {
         #[arg(long, requires = "scheduler")]
         journal: Option<PathBuf>,
         /// Tasks queued at most; a submit beyond is refused.
-        #[arg(long, requires = "scheduler", value_parser = strata::args::count(1, 10_000_000))]
+        #[arg(long, requires = "scheduler", value_parser = strata::cli::args::count(1, 10_000_000))]
         queue_bound: Option<usize>,
+        /// Labels this node's executor offers to tasks, KEY=VALUE (besides backend and device).
+        #[arg(long = "label", value_parser = strata::cli::tasks::parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// Submit a task to the cluster's scheduler (operator certificates only).
     Submit {
         #[command(flatten)]
-        op: strata::tasks::OperatorArgs,
+        op: strata::cli::tasks::OperatorArgs,
         /// Task function registered on the nodes (built in: noop, echo, sleep, fail).
         task: String,
         /// Arguments passed to the function, as text.
@@ -102,16 +105,16 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         gpu_mem_mib: u64,
         /// Labels the node must carry, KEY=VALUE (for example backend=vulkan).
-        #[arg(long = "label", value_parser = strata::tasks::parse_label)]
+        #[arg(long = "label", value_parser = strata::cli::tasks::parse_label)]
         labels: Vec<(String, String)>,
         /// The task expires this many ms after submission.
-        #[arg(long, value_parser = strata::args::count(1, 86_400_000))]
+        #[arg(long, value_parser = strata::cli::args::count(1, 86_400_000))]
         deadline_ms: Option<usize>,
         /// Extra attempts after the first.
-        #[arg(long, value_parser = strata::args::count(0, 1000))]
+        #[arg(long, value_parser = strata::cli::args::count(0, 1000))]
         retries: Option<usize>,
         /// Number of copies to submit.
-        #[arg(long, default_value_t = 1, value_parser = strata::args::count(1, 1_000_000))]
+        #[arg(long, default_value_t = 1, value_parser = strata::cli::args::count(1, 1_000_000))]
         count: usize,
         /// Wait for the outcomes and print them.
         #[arg(long)]
@@ -120,7 +123,7 @@ enum Command {
     /// List the scheduler's queued, running and finished tasks (operator certificates only).
     Queue {
         #[command(flatten)]
-        op: strata::tasks::OperatorArgs,
+        op: strata::cli::tasks::OperatorArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -128,7 +131,7 @@ enum Command {
     /// Cancel a task (operator certificates only).
     Cancel {
         #[command(flatten)]
-        op: strata::tasks::OperatorArgs,
+        op: strata::cli::tasks::OperatorArgs,
         /// The task's id.
         id: u64,
     },
@@ -186,10 +189,10 @@ enum WorkerCommand {
         #[command(flatten)]
         node: Box<NodeArgs>,
         /// Buffer sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = strata::args::count(1, 1024))]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = strata::cli::args::count(1, 1024))]
         sizes: Vec<usize>,
         /// Timed iterations per size.
-        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
+        #[arg(long, default_value_t = 7, value_parser = strata::cli::args::positive())]
         iters: usize,
         /// All-reduce the largest size until stopped.
         #[arg(long)]
@@ -214,7 +217,7 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Timed iterations per case (the median is reported).
-        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
+        #[arg(long, default_value_t = 7, value_parser = strata::cli::args::positive())]
         iters: usize,
         /// Run only the cases whose name contains this text.
         #[arg(long)]
@@ -232,6 +235,22 @@ enum BenchCommand {
         #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
         data: PathBuf,
     },
+    /// The task queue: placements of the sans-IO scheduler, and empty tasks between node
+    /// processes (one at a time and pipelined), each against a reference in the same run.
+    Sched {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Placements timed by the "placements" case.
+        #[arg(long, default_value_t = 1_000_000, value_parser = strata::cli::args::count(1000, 100_000_000))]
+        placements: usize,
+        /// Round trips timed one at a time.
+        #[arg(long, default_value_t = 300, value_parser = strata::cli::args::count(1, 1_000_000))]
+        round_trips: usize,
+        /// Tasks timed with 64 in flight.
+        #[arg(long, default_value_t = 5000, value_parser = strata::cli::args::count(64, 10_000_000))]
+        pipelined: usize,
+    },
     /// All-reduce across node processes on loopback (mutual TLS), against a plaintext TCP
     /// ring and PyTorch gloo measured in the same run.
     Allreduce {
@@ -239,13 +258,13 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Node counts.
-        #[arg(long, value_delimiter = ',', default_value = "2,4", value_parser = strata::args::count(2, 64))]
+        #[arg(long, value_delimiter = ',', default_value = "2,4", value_parser = strata::cli::args::count(2, 64))]
         worlds: Vec<usize>,
         /// Buffer sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = strata::args::count(1, 1024))]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = strata::cli::args::count(1, 1024))]
         sizes: Vec<usize>,
         /// Timed iterations per size (the median is reported).
-        #[arg(long, default_value_t = 7, value_parser = strata::args::positive())]
+        #[arg(long, default_value_t = 7, value_parser = strata::cli::args::positive())]
         iters: usize,
         /// Python with PyTorch for the gloo reference ("" skips it).
         #[arg(long, env = "STRATA_PYTHON", default_value = "python3")]
@@ -259,13 +278,24 @@ fn main() -> Result<()> {
     match &cli.command {
         Command::Info => info(&cli.device),
         Command::Check { json } => check(&cli.device, *json),
-        Command::Demo { args } => strata::demo::run(args),
+        Command::Demo { args } => strata::cli::demo::run(args),
         Command::Train { args } => {
             let started = std::time::Instant::now();
-            actix::System::new().block_on(strata::train::run((**args).clone(), cli.device.options(), started))
+            actix::System::new().block_on(strata::cli::train::run((**args).clone(), cli.device.options(), started))
         }
         Command::Bench { what: BenchCommand::Train { json, steps, data } } => {
-            print_figures(*json, |on| strata::demo::bench(data, *steps, on).map(|_| ()))
+            print_figures(*json, |on| strata::cli::demo::bench(data, *steps, on).map(|_| ()))
+        }
+        Command::Bench { what: BenchCommand::Sched { json, placements, round_trips, pipelined } } => {
+            let opts = bench::sched::SchedBench {
+                placements: *placements as u64,
+                round_trips: *round_trips,
+                pipelined: *pipelined,
+            };
+            print_figures(*json, |on| {
+                on(&bench::sched::placements(opts.placements));
+                actix::System::new().block_on(bench::sched::over_processes(&opts, on))
+            })
         }
         Command::Bench { what: BenchCommand::Kernels { json, iters, filter } } => {
             bench_kernels(&cli.device, *json, *iters, filter.clone())
@@ -288,7 +318,7 @@ fn main() -> Result<()> {
                 Ok(())
             })
         }
-        Command::Node { node, no_gpu, scheduler, journal, queue_bound } => {
+        Command::Node { node, no_gpu, scheduler, journal, queue_bound, labels } => {
             let config = node.config()?;
             let gpu = (!no_gpu).then(|| cli.device.options());
             let scheduler = scheduler.then(|| {
@@ -299,7 +329,8 @@ fn main() -> Result<()> {
                 }
                 o
             });
-            actix::System::new().block_on(strata::cluster::run_node(config, gpu, scheduler))
+            let exec = strata_cluster::tasks::ExecOptions { labels: labels.clone(), ..Default::default() };
+            actix::System::new().block_on(strata::cli::node::run_node(config, gpu, exec, scheduler))
         }
         Command::Submit {
             op,
@@ -330,10 +361,10 @@ fn main() -> Result<()> {
             if let Some(r) = retries {
                 req = req.retries(*r as u32);
             }
-            actix::System::new().block_on(strata::tasks::submit(op, req, *count, *wait))
+            actix::System::new().block_on(strata::cli::tasks::submit(op, req, *count, *wait))
         }
-        Command::Queue { op, json } => actix::System::new().block_on(strata::tasks::queue(op, *json)),
-        Command::Cancel { op, id } => actix::System::new().block_on(strata::tasks::cancel(op, *id)),
+        Command::Queue { op, json } => actix::System::new().block_on(strata::cli::tasks::queue(op, *json)),
+        Command::Cancel { op, id } => actix::System::new().block_on(strata::cli::tasks::cancel(op, *id)),
         Command::Cert { dir, cluster, operators, names } => cert(dir, cluster, operators, names),
         Command::Status { node, cert_dir, as_name, json } => status(node, cert_dir.as_deref(), as_name, *json),
         Command::Worker { what: WorkerCommand::Allreduce { node, sizes, iters, forever } } => {
@@ -386,7 +417,7 @@ fn check(device: &DeviceArgs, json: bool) -> Result<()> {
     if !json {
         println!("{}\n", gpu.info());
     }
-    let results = strata::check::run(&mut gpu)?;
+    let results = strata::cli::check::run(&mut gpu)?;
     let mut failed = 0;
     for r in &results {
         if json {

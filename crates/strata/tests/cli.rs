@@ -428,3 +428,184 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     assert!(text.contains("INFO") && text.contains("listening on"), "no info log line: {text}");
     assert!(!text.contains('\u{1b}'), "ANSI escape codes in piped logs: {text:?}");
 }
+
+/// Starts `strata node` processes named `names`, the first with the scheduler; returns
+/// them and the first's address. Logs go to `<name>.log` in `d`.
+fn task_cluster(d: &Path, names: &[&str]) -> (Procs, Vec<String>) {
+    let mut args = vec!["cert", "--dir", "certs"];
+    args.extend(names);
+    run(d, &args);
+    let addrs: Vec<String> = names.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut procs = Procs(Vec::new());
+    for (i, name) in names.iter().enumerate() {
+        procs.0.push(start_task_node(d, name, &addrs[i], (i > 0).then(|| addrs[0].as_str()), i == 0));
+    }
+    (procs, addrs)
+}
+
+fn start_task_node(d: &Path, name: &str, listen: &str, seed: Option<&str>, scheduler: bool) -> Child {
+    let mut args = vec!["node", "--name", name, "--listen", listen, "--cert-dir", "certs", "--no-gpu"];
+    args.extend(["--heartbeat-ms", "300", "--failure-timeout-ms", "3000"]);
+    if let Some(s) = seed {
+        args.extend(["--seed", s]);
+    }
+    if scheduler {
+        args.extend(["--scheduler", "--journal", "journal"]);
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join(format!("{name}.log"))).unwrap();
+    strata(d).args(&args).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap()
+}
+
+fn queue_rows(d: &Path, addr: &str) -> Vec<serde_json::Value> {
+    let out = strata(d).args(["queue", "--node", addr, "--cert-dir", "certs", "--json"]).output().unwrap();
+    if !out.status.success() {
+        return Vec::new();
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Waits until the scheduler lists `n` executors' worth of capacity: a no-op task finishes.
+fn wait_ready(d: &Path, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = strata(d)
+            .args(["submit", "--node", addr, "--cert-dir", "certs", "noop", "--wait", "--deadline-ms", "5000"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the scheduler never ran a task: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// 9,999 small tasks from 3 submitting processes over 3 node processes, one node killed
+/// with SIGKILL mid-run: every task's result arrives exactly once, and the tasks that were
+/// on the killed node ran again (attempts counted).
+#[test]
+fn thousands_of_tasks_survive_a_killed_node_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut procs, addrs) = task_cluster(d, &["node-1", "node-2", "node-3"]);
+    wait_ready(d, &addrs[0]);
+    let per = 3333;
+    let submitters: Vec<Child> = (0..3)
+        .map(|_| {
+            strata(d)
+                .args(["submit", "--node", &addrs[0], "--cert-dir", "certs", "sleep", "--args", "5", "--cpus", "1"])
+                .args(["--count", &per.to_string(), "--wait", "--retries", "3"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Kill node-3 once it has run a good share of the work.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = queue_rows(d, &addrs[0]);
+        let on3 = rows.iter().filter(|r| r["node"] == "node-3" && r["state"] == "finished").count();
+        if on3 >= 300 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-3 never ran 300 tasks");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    procs.0[2].kill().unwrap();
+    let mut seen = std::collections::HashMap::<u64, u32>::new();
+    let mut retried = 0;
+    // Read each submitter's output as it comes (thousands of lines fill a pipe).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pids: Vec<u32> = submitters.iter().map(Child::id).collect();
+    for s in submitters {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(s.wait_with_output());
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for _ in 0..3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(out) = rx.recv_timeout(left) else {
+            for pid in &pids {
+                // SAFETY: signalling our own children.
+                unsafe { libc_kill(*pid as i32, 9) };
+            }
+            panic!("the submitters did not finish within 240 s");
+        };
+        let out = out.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "a submitter failed: {}\n{}", String::from_utf8_lossy(&out.stderr), text);
+        for line in text.lines().filter(|l| l.contains(" finished on ")) {
+            // "task N finished on NODE (attempt K): "
+            let id: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let attempt: u32 = line.split("(attempt ").nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
+            *seen.entry(id).or_default() += 1;
+            if attempt > 1 {
+                retried += 1;
+            }
+        }
+    }
+    assert_eq!(seen.len(), 3 * per, "every task's result arrives");
+    assert!(seen.values().all(|&n| n == 1), "no result arrives twice");
+    assert!(retried > 0, "the killed node's running tasks ran again");
+    // The listing agrees: nothing lost, nothing pending.
+    let rows = queue_rows(d, &addrs[0]);
+    let sleeps: Vec<_> = rows.iter().filter(|r| r["label"] == "sleep").collect();
+    assert_eq!(sleeps.len(), 3 * per);
+    assert!(sleeps.iter().all(|r| r["state"] == "finished"));
+}
+
+/// The scheduler's process is killed with tasks queued and running, and restarted on
+/// its journal: every task finishes exactly once.
+#[test]
+fn a_killed_scheduler_restarts_on_its_journal_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut procs, addrs) = task_cluster(d, &["node-1", "node-2"]);
+    wait_ready(d, &addrs[0]);
+    let out = run(
+        d,
+        &[
+            "submit",
+            "--node",
+            &addrs[0],
+            "--cert-dir",
+            "certs",
+            "sleep",
+            "--args",
+            "300",
+            "--cpus",
+            "2",
+            "--count",
+            "12",
+        ],
+    );
+    let ids: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("submitted task ").map(|n| n.parse().unwrap()))
+        .collect();
+    assert_eq!(ids.len(), 12);
+    std::thread::sleep(Duration::from_millis(700));
+    procs.0[0].kill().unwrap();
+    let _ = procs.0[0].wait();
+    procs.0[0] = start_task_node(d, "node-1", &addrs[0], Some(&addrs[1]), true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = queue_rows(d, &addrs[0]);
+        let done: Vec<_> = rows.iter().filter(|r| r["label"] == "sleep" && r["state"] == "finished").collect();
+        if done.len() == ids.len() {
+            let mut got: Vec<u64> = done.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+            got.sort();
+            assert_eq!(got, ids, "each task once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tasks did not all finish after the restart: {rows:?}\n{}",
+            std::fs::read_to_string(d.join("node-1.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

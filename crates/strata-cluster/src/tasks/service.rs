@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
-use strata_net::{MembershipEvent, NodeHandle, Service, ServiceFuture, ServiceRequest, ServiceResponse};
+use strata_net::{MembershipEvent, NetError, NodeHandle, Service, ServiceFuture, ServiceRequest, ServiceResponse};
 use strata_sched::{
     Delivery, Demand, Event, JournalRecord, NodeResources, Scheduler, SchedulerConfig, TaskId, TaskSpec,
 };
@@ -54,8 +54,13 @@ pub(crate) enum SchedRequest {
         retries: Option<u32>,
         near: Vec<(String, u64)>,
     },
-    Wait { task: TaskId, timeout_ms: u64 },
-    Cancel { task: TaskId },
+    Wait {
+        task: TaskId,
+        timeout_ms: u64,
+    },
+    Cancel {
+        task: TaskId,
+    },
     List,
 }
 
@@ -106,6 +111,8 @@ impl SchedulerService {
             rows: rec.rows,
             waiters: HashMap::new(),
             inflight: HashSet::new(),
+            pending: Pending::default(),
+            last_flush: std::time::Instant::now(),
             options,
         }
         .start();
@@ -150,7 +157,10 @@ impl Service for SchedulerService {
                     };
                     SchedReply::Outcome(outcome)
                 }
-                other => actor.send(Request(other)).await.map_err(|_| "the scheduler stopped")??,
+                other => match actor.send(Request(other)).await.map_err(|_| "the scheduler stopped")?? {
+                    Answer::Now(r) => r,
+                    Answer::Later(rx) => rx.await.map_err(|_| "the scheduler stopped before journalling")?,
+                },
             };
             Ok(ServiceResponse { data: Vec::new(), payload: pack(&encode(&reply)) })
         })
@@ -166,6 +176,8 @@ struct SchedActor {
     waiters: HashMap<TaskId, Vec<oneshot::Sender<TaskOutcome>>>,
     /// Attempts sent to executors whose report this scheduler still waits for.
     inflight: HashSet<(TaskId, u32)>,
+    pending: Pending,
+    last_flush: std::time::Instant,
     options: SchedulerOptions,
 }
 
@@ -180,13 +192,36 @@ impl Actor for SchedActor {
     }
 }
 
+/// Decisions taken since the last commit, carried out once they are durable.
+#[derive(Default)]
+struct Pending {
+    records: Vec<JournalRecord>,
+    results: Vec<(TaskId, TaskOutcome)>,
+    rows: Vec<TaskId>,
+    placements: Vec<strata_sched::Placement>,
+    replies: Vec<(oneshot::Sender<SchedReply>, SchedReply)>,
+    /// A flush is scheduled.
+    scheduled: bool,
+}
+
+/// How long decisions may wait to share one durable commit (group commit): each commit
+/// costs an fsync, which would otherwise cap the queue at a few hundred tasks a second.
+const GROUP_COMMIT: Duration = Duration::from_millis(2);
+
 impl SchedActor {
-    /// Journals what the scheduler decided, then carries it out.
+    /// Collects what the scheduler decided; [`SchedActor::flush`] journals it, then
+    /// carries it out.
     fn drive(&mut self, ctx: &mut Context<Self>) {
         let now = now_ms();
-        let mut placements = Vec::new();
         while let Some(p) = self.sched.poll_placement(now) {
-            placements.push(p);
+            if let Some(row) = self.rows.get_mut(&p.task) {
+                row.state = "running".into();
+                row.node = Some(p.node.clone());
+                row.attempts = p.attempt;
+                row.wait_ms = now.saturating_sub(row.submitted_ms);
+                row.run_ms = Some(0);
+            }
+            self.pending.placements.push(p);
         }
         let mut ended: Vec<(TaskId, TaskOutcome)> = Vec::new();
         while let Some(ev) = self.sched.poll_event() {
@@ -201,54 +236,58 @@ impl SchedActor {
                 }
             }
         }
-        self.finish(ctx, now, Vec::new(), ended);
-        for p in placements {
-            if let Some(row) = self.rows.get_mut(&p.task) {
-                row.state = "running".into();
-                row.node = Some(p.node.clone());
-                row.attempts = p.attempt;
-                row.wait_ms = now.saturating_sub(row_submitted(row));
-                row.run_ms = Some(0);
+        for (task, outcome) in ended {
+            self.ended(now, task, outcome);
+        }
+        while let Some(r) = self.sched.poll_journal() {
+            self.pending.records.push(r);
+        }
+        if !self.pending.scheduled {
+            self.pending.scheduled = true;
+            // Idle: commit at once (latency). Busy: let decisions gather for a moment so
+            // that one commit covers many (throughput).
+            if self.last_flush.elapsed() >= GROUP_COMMIT {
+                ctx.notify(Flush);
+            } else {
+                ctx.run_later(GROUP_COMMIT, |act, ctx| act.flush(ctx));
             }
-            self.dispatch(ctx, p.task, p.attempt, p.node, now);
         }
     }
 
-    /// Journals the scheduler's records with `results` and ended tasks, then wakes waiters.
-    fn finish(
-        &mut self,
-        _ctx: &mut Context<Self>,
-        now: u64,
-        mut results: Vec<(TaskId, TaskOutcome)>,
-        ended: Vec<(TaskId, TaskOutcome)>,
-    ) {
-        results.extend(ended);
-        let mut records: Vec<JournalRecord> = Vec::new();
-        while let Some(r) = self.sched.poll_journal() {
-            records.push(r);
-        }
-        for (task, outcome) in &results {
-            if let Some(row) = self.rows.get_mut(task) {
-                row.state = match outcome {
-                    TaskOutcome::Finished(_) => "finished",
-                    TaskOutcome::Failed(_) => "failed",
-                    TaskOutcome::Expired => "expired",
-                    TaskOutcome::Cancelled => "cancelled",
-                }
-                .into();
-                if row.run_ms.is_some() {
-                    row.run_ms = Some(now.saturating_sub(row_submitted(row) + row.wait_ms));
-                }
+    /// Records a task's end (its row and result are journalled with the next commit).
+    fn ended(&mut self, now: u64, task: TaskId, outcome: TaskOutcome) {
+        if let Some(row) = self.rows.get_mut(&task) {
+            row.state = match outcome {
+                TaskOutcome::Finished(_) => "finished",
+                TaskOutcome::Failed(_) => "failed",
+                TaskOutcome::Expired => "expired",
+                TaskOutcome::Cancelled => "cancelled",
             }
+            .into();
+            if row.run_ms.is_some() {
+                row.run_ms = Some(now.saturating_sub(row.submitted_ms + row.wait_ms));
+            }
+            self.pending.rows.push(task);
         }
-        let rows: Vec<&TaskRow> = results.iter().filter_map(|(t, _)| self.rows.get(t)).collect();
-        if let Err(e) = self.journal.commit(&records, &results, &rows) {
+        self.pending.results.push((task, outcome));
+    }
+
+    /// Journals everything pending in one durable transaction, then acts on it: answers
+    /// submitters, wakes waiters and sends attempts to executors.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        self.last_flush = std::time::Instant::now();
+        let p = std::mem::take(&mut self.pending);
+        let rows: Vec<&TaskRow> = p.rows.iter().filter_map(|t| self.rows.get(t)).collect();
+        if let Err(e) = self.journal.commit(&p.records, &p.results, &rows) {
             // Without its journal the scheduler cannot promise anything: stop rather than
             // act on decisions a restart would not know.
             tracing::error!("scheduler on {}: {e}; stopping", self.node.name());
             std::process::abort();
         }
-        for (task, outcome) in results {
+        for (tx, reply) in p.replies {
+            let _ = tx.send(reply);
+        }
+        for (task, outcome) in p.results {
             for w in self.waiters.remove(&task).unwrap_or_default() {
                 let _ = w.send(outcome.clone());
             }
@@ -256,6 +295,10 @@ impl SchedActor {
         }
         while self.results.len() > self.options.keep_finished {
             self.results.pop_first();
+        }
+        let now = now_ms();
+        for pl in p.placements {
+            self.dispatch(ctx, pl.task, pl.attempt, pl.node, now);
         }
         if self.journal.since_compaction > 10_000 {
             let snap = self.sched.snapshot();
@@ -290,6 +333,12 @@ impl SchedActor {
         actix::spawn(async move {
             let reply = match node.call(&node_name, EXEC_SERVICE, "run", Vec::new(), &payload, limit).await {
                 Ok(r) => unpack(&r.payload).and_then(|b| decode::<RunReply>(&b)),
+                Err(e @ (NetError::NotConnected(_) | NetError::ConnectionLost { .. } | NetError::NodeGone)) => {
+                    // The node is unreachable: stop placing work there (each attempt would
+                    // fail at once and burn its task's retries) until it answers again.
+                    me.do_send(Unreachable(node_name.clone()));
+                    Err(e.to_string())
+                }
                 Err(e) => Err(e.to_string()),
             };
             me.do_send(AttemptEnded { task, attempt, reply });
@@ -301,8 +350,15 @@ impl SchedActor {
     }
 }
 
-fn row_submitted(row: &TaskRow) -> u64 {
-    row.submitted_ms
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+impl Handler<Flush> for SchedActor {
+    type Result = ();
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.flush(ctx);
+    }
 }
 
 #[derive(Message)]
@@ -369,6 +425,24 @@ impl Handler<NodeGone> for SchedActor {
     }
 }
 
+/// An executor could not be reached: its node is treated as lost, and probed again in a
+/// second (membership brings it back too when it rejoins).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Unreachable(String);
+
+impl Handler<Unreachable> for SchedActor {
+    type Result = ();
+    fn handle(&mut self, msg: Unreachable, ctx: &mut Context<Self>) {
+        if self.sched.node(&msg.0).is_some_and(|n| n.live) {
+            tracing::warn!("node {} is unreachable: its attempts go back to the queue", msg.0);
+            self.sched.node_lost(now_ms(), &msg.0);
+            self.drive(ctx);
+            ctx.run_later(Duration::from_secs(1), move |_, ctx| ctx.address().do_send(NodeSeen(msg.0)));
+        }
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 struct AttemptEnded {
@@ -381,6 +455,9 @@ impl Handler<AttemptEnded> for SchedActor {
     type Result = ();
     fn handle(&mut self, msg: AttemptEnded, ctx: &mut Context<Self>) {
         let now = now_ms();
+        // Deadlines first: an attempt cut off by its task's deadline expires the task
+        // rather than failing an attempt.
+        self.sched.tick(now);
         self.inflight.remove(&(msg.task, msg.attempt));
         let node = self.rows.get(&msg.task).and_then(|r| r.node.clone()).unwrap_or_default();
         let delivery = match msg.reply {
@@ -388,7 +465,7 @@ impl Handler<AttemptEnded> for SchedActor {
                 let d = self.sched.task_finished(now, msg.task, msg.attempt);
                 if d == Delivery::Deliver {
                     let result = TaskResult { node, attempt: msg.attempt, data, tensors };
-                    self.finish(ctx, now, vec![(msg.task, TaskOutcome::Finished(result))], Vec::new());
+                    self.ended(now, msg.task, TaskOutcome::Finished(result));
                 }
                 d
             }
@@ -420,7 +497,9 @@ impl Handler<Wait> for SchedActor {
         if let Some(o) = self.results.get(&msg.0) {
             return Ok(Waiting::Done(o.clone()));
         }
-        if self.sched.task(msg.0).is_none() {
+        // A task that just ended waits for the next commit with its result pending.
+        let ending = self.pending.results.iter().any(|(t, _)| *t == msg.0);
+        if self.sched.task(msg.0).is_none() && !ending {
             return Err(format!("no task {} (never submitted, or ended too long ago)", msg.0));
         }
         let (tx, rx) = oneshot::channel();
@@ -429,12 +508,18 @@ impl Handler<Wait> for SchedActor {
     }
 }
 
+/// An answer now, or once the next commit is durable.
+enum Answer {
+    Now(SchedReply),
+    Later(oneshot::Receiver<SchedReply>),
+}
+
 #[derive(Message)]
-#[rtype(result = "Result<SchedReply, String>")]
+#[rtype(result = "Result<Answer, String>")]
 struct Request(SchedRequest);
 
 impl Handler<Request> for SchedActor {
-    type Result = Result<SchedReply, String>;
+    type Result = Result<Answer, String>;
     fn handle(&mut self, msg: Request, ctx: &mut Context<Self>) -> Self::Result {
         let now = now_ms();
         let reply = match msg.0 {
@@ -466,15 +551,12 @@ impl Handler<Request> for SchedActor {
                 while self.rows.len() > self.options.keep_finished {
                     self.rows.pop_first();
                 }
-                // The submission is journalled before the submitter hears its id.
-                let rows = [self.rows.get(&id).expect("just inserted")];
-                let mut records = Vec::new();
-                while let Some(r) = self.sched.poll_journal() {
-                    records.push(r);
-                }
-                self.journal.commit(&records, &[], &rows)?;
+                // The submitter hears its id once the submission is journalled.
+                self.pending.rows.push(id);
+                let (tx, rx) = oneshot::channel();
+                self.pending.replies.push((tx, SchedReply::Submitted(id)));
                 self.drive(ctx);
-                SchedReply::Submitted(id)
+                return Ok(Answer::Later(rx));
             }
             SchedRequest::Cancel { task } => {
                 self.sched.cancel(now, task).map_err(|e| e.to_string())?;
@@ -494,7 +576,7 @@ impl Handler<Request> for SchedActor {
             }
             SchedRequest::Wait { .. } => return Err("wait is answered by the service".into()),
         };
-        Ok(reply)
+        Ok(Answer::Now(reply))
     }
 }
 

@@ -14,7 +14,7 @@ use strata_nn::{ModelSpec, Optimizer};
 use strata_tensor::cpu::{AdamParams, SgdParams};
 use strata_train::{StepTimes, TrainConfig, Trainer};
 
-use crate::cluster::NodeArgs;
+use crate::cli::node::NodeArgs;
 
 /// Settings of `strata train`.
 #[derive(clap::Args, Clone, Debug)]
@@ -29,23 +29,23 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub epochs: u64,
     /// Samples per step on each worker.
-    #[arg(long, default_value_t = 64, value_parser = crate::args::count(1, 1 << 20))]
+    #[arg(long, default_value_t = 64, value_parser = crate::cli::args::count(1, 1 << 20))]
     pub batch_size: usize,
     /// `adam` or `sgd` (with momentum).
     #[arg(long, default_value = "adam")]
     pub optimizer: String,
     /// Learning rate (default: 1e-3 for Adam, 1e-2 for SGD).
-    #[arg(long, value_parser = crate::args::finite_positive(1e3))]
+    #[arg(long, value_parser = crate::cli::args::finite_positive(1e3))]
     pub lr: Option<f32>,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9, value_parser = crate::args::finite_in(0.0, 1.0))]
+    #[arg(long, default_value_t = 0.9, value_parser = crate::cli::args::finite_in(0.0, 1.0))]
     pub momentum: f32,
     /// Seed of the shuffling and of the initialisation (`--seed` names the member to
     /// join through, as for `strata node`).
     #[arg(long, default_value_t = 0)]
     pub shuffle_seed: u64,
     /// Number of nodes (default: WORLD_SIZE, else 1).
-    #[arg(long, value_parser = crate::args::count(1, u64::from(u32::MAX)))]
+    #[arg(long, value_parser = crate::cli::args::count(1, u64::from(u32::MAX)))]
     pub nodes: Option<usize>,
     /// Directory for one checkpoint per epoch (safetensors).
     #[arg(long)]
@@ -54,10 +54,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Train on the first N training samples only.
-    #[arg(long, value_parser = crate::args::positive())]
+    #[arg(long, value_parser = crate::cli::args::positive())]
     pub train_limit: Option<usize>,
     /// Evaluate on the first N test samples only.
-    #[arg(long, value_parser = crate::args::positive())]
+    #[arg(long, value_parser = crate::cli::args::positive())]
     pub test_limit: Option<usize>,
     /// Write a PNG plot of loss and accuracy per epoch here (rank 0).
     #[arg(long)]
@@ -166,7 +166,7 @@ async fn train_on(
 ) -> Result<()> {
     let (group, node) = if let Some(mut config) = node_config {
         config.world_size = Some(u32::try_from(world).context("node count")?);
-        let (node, _) = crate::cluster::start(config, None).await?;
+        let (node, _) = crate::cli::node::start(config, None).await?;
         let g = Group::form(node.clone(), world, Duration::from_secs(60), GroupOptions::default()).await?;
         (Some(g), Some(node))
     } else {
@@ -287,7 +287,7 @@ async fn epochs(
     if rank == 0
         && let Some(path) = &args.plot
     {
-        crate::plot::loss_and_accuracy(path, &history)?;
+        crate::cli::plot::loss_and_accuracy(path, &history)?;
         if !args.json {
             println!("plot {}", path.display());
         }

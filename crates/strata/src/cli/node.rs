@@ -137,11 +137,18 @@ pub async fn start(config: NodeConfig, gpu_options: Option<GpuOptions>) -> Resul
 pub async fn run_node(
     config: NodeConfig,
     gpu_options: Option<GpuOptions>,
+    exec: strata_cluster::tasks::ExecOptions,
     scheduler: Option<strata_cluster::tasks::SchedulerOptions>,
 ) -> Result<()> {
     let (node, gpu) = start(config, gpu_options).await?;
-    use strata_cluster::tasks::{ExecOptions, ExecService, SchedulerService, TaskRegistry};
-    ExecService::register(&node, gpu.clone(), TaskRegistry::with_builtins(), ExecOptions::default());
+    use strata_cluster::tasks::{ExecService, SchedulerService, TaskRegistry};
+    ExecService::register(&node, gpu.clone(), TaskRegistry::with_builtins(), exec);
+    // Members and operators reach this node's GPU as a remote GPU actor.
+    if let Some(g) = &gpu {
+        strata_cluster::remote_gpu::GpuService::register(&node, g.clone(), Default::default())
+            .await
+            .map_err(|e| anyhow::anyhow!("serving the GPU: {e}"))?;
+    }
     let _scheduler = match scheduler {
         Some(o) => {
             let dir = o.journal_dir.display().to_string();

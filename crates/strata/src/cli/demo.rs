@@ -6,18 +6,18 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::Figure;
-use crate::train::BenchLine;
+use crate::cli::bench::Figure;
+use crate::cli::train::BenchLine;
 
 /// Settings of the demo.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DemoArgs {
     /// Training samples (the full Fashion-MNIST set is 60000; the default keeps the demo
     /// to a few minutes on a 2-core machine with lavapipe).
-    #[arg(long, default_value_t = 12000, value_parser = crate::args::positive())]
+    #[arg(long, default_value_t = 12000, value_parser = crate::cli::args::positive())]
     pub train_limit: usize,
     /// Test samples (the full set is 10000).
-    #[arg(long, default_value_t = 10000, value_parser = crate::args::positive())]
+    #[arg(long, default_value_t = 10000, value_parser = crate::cli::args::positive())]
     pub test_limit: usize,
     /// Epochs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]

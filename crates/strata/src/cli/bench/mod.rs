@@ -5,6 +5,7 @@ pub mod allreduce;
 pub mod cpu;
 pub mod kernels;
 pub mod mapreduce;
+pub mod sched;
 pub mod tcp_ring;
 
 use std::time::Instant;
@@ -33,11 +34,17 @@ pub struct Figure {
 }
 
 impl Figure {
+    /// Whether the value meets target `t`: at most `t` for times (`ms`), at least `t` for
+    /// rates.
+    pub fn meets(&self, t: f64) -> bool {
+        if self.unit == "ms" { self.value <= t } else { self.value >= t }
+    }
+
     /// One human-readable line.
     pub fn line(&self) -> String {
-        let target = self.target.map_or(String::new(), |t| {
-            format!("  target {t:.2} {}", if self.value >= t { "(met)" } else { "(missed)" })
-        });
+        let target = self
+            .target
+            .map_or(String::new(), |t| format!("  target {t:.2} {}", if self.meets(t) { "(met)" } else { "(missed)" }));
         format!(
             "{:<44} {:>8.2} {:<8} ({:>8.2} ms)  ref {:>8.2} {}  ratio {:.2}{target}",
             self.case,

@@ -42,33 +42,56 @@ async fn client(op: &OperatorArgs) -> Result<TaskClient> {
     Ok(TaskClient::operator(Arc::new(c)))
 }
 
-/// Submits `count` copies of `req`; with `wait`, prints each outcome.
+/// Requests kept in flight at once by `submit --count`.
+const IN_FLIGHT: usize = 64;
+
+/// Submits `count` copies of `req`, up to 64 at a time; with `wait`, prints each outcome.
 pub async fn submit(op: &OperatorArgs, req: TaskRequest, count: usize, wait: bool) -> Result<()> {
     let c = client(op).await?;
     let mut ids = Vec::with_capacity(count);
+    let mut set = tokio::task::JoinSet::new();
     for _ in 0..count {
-        let id = c.submit(req.clone()).await?;
-        println!("submitted task {id}");
-        ids.push(id);
+        while set.len() >= IN_FLIGHT {
+            ids.push(set.join_next().await.expect("a submit in flight")??);
+        }
+        let (c, req) = (c.clone(), req.clone());
+        set.spawn_local(async move { c.submit(req).await });
     }
-    if wait {
-        let mut failed = 0;
-        for id in ids {
-            match c.wait(id, Duration::from_secs(24 * 3600)).await? {
-                TaskOutcome::Finished(r) => println!(
-                    "task {id} finished on {} (attempt {}): {}",
-                    r.node,
-                    r.attempt,
-                    String::from_utf8_lossy(&r.data)
-                ),
-                other => {
-                    failed += 1;
-                    println!("task {id} {}", describe(&other));
-                }
+    while let Some(r) = set.join_next().await {
+        ids.push(r??);
+    }
+    ids.sort();
+    for id in &ids {
+        println!("submitted task {id}");
+    }
+    if !wait {
+        return Ok(());
+    }
+    let mut failed = 0;
+    let mut waits = tokio::task::JoinSet::new();
+    let mut pending = ids.into_iter();
+    loop {
+        while waits.len() < IN_FLIGHT {
+            let Some(id) = pending.next() else { break };
+            let c = c.clone();
+            waits.spawn_local(async move { (id, c.wait(id, Duration::from_secs(24 * 3600)).await) });
+        }
+        let Some(done) = waits.join_next().await else { break };
+        let (id, outcome) = done?;
+        match outcome? {
+            TaskOutcome::Finished(r) => println!(
+                "task {id} finished on {} (attempt {}): {}",
+                r.node,
+                r.attempt,
+                String::from_utf8_lossy(&r.data)
+            ),
+            other => {
+                failed += 1;
+                println!("task {id} {}", describe(&other));
             }
         }
-        anyhow::ensure!(failed == 0, "{failed} task(s) did not finish");
     }
+    anyhow::ensure!(failed == 0, "{failed} task(s) did not finish");
     Ok(())
 }
 

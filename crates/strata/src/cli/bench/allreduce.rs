@@ -69,7 +69,7 @@ pub fn tuned_options() -> GroupOptions {
 /// one JSON report per line.
 pub async fn worker(config: NodeConfig, plan: WorkerPlan) -> Result<()> {
     let world = config.world_size.context("the worker needs WORLD_SIZE")? as usize;
-    let (node, _) = crate::cluster::start(config, None).await?;
+    let (node, _) = crate::cli::node::start(config, None).await?;
     let group = Group::form(node.clone(), world, Duration::from_secs(30), tuned_options()).await?;
     let barrier = || async { group.all_reduce(vec![0.0], ReduceOp::Sum).await.map(|_| ()) };
     if plan.forever {
@@ -200,7 +200,7 @@ impl Default for AllReduceBench {
 }
 
 /// `scripts/gloo_allreduce.py`, built in so the benchmark finds it from any directory.
-const GLOO_SCRIPT: &str = include_str!("../../../../scripts/gloo_allreduce.py");
+const GLOO_SCRIPT: &str = include_str!("../../../../../scripts/gloo_allreduce.py");
 
 /// Name of the plaintext TCP ring reference in figures.
 pub const TCP_RING: &str = "tcp ring (plaintext, same algorithm), same run";
