@@ -1,4 +1,5 @@
-//! Cluster compute for applications: the task queue and remote GPU actors.
+//! Cluster compute for applications: the task queue, remote GPU actors and map-reduce.
 
+mod mapreduce;
 mod remote_gpu;
 mod tasks;

@@ -4,6 +4,7 @@
 pub mod allreduce;
 pub mod cpu;
 pub mod kernels;
+pub mod mapreduce;
 pub mod sched;
 pub mod tcp_ring;
 
