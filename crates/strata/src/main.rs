@@ -250,6 +250,12 @@ enum BenchCommand {
         /// Tasks timed with 64 in flight.
         #[arg(long, default_value_t = 5000, value_parser = strata::cli::args::count(64, 10_000_000))]
         pipelined: usize,
+        /// Image size of the map-reduce tiles case, WIDTHxHEIGHT.
+        #[arg(long, default_value = "1920x1080", value_parser = strata::cli::tasks::parse_size)]
+        image: (usize, usize),
+        /// Timed runs of the map-reduce case (the median is reported).
+        #[arg(long, default_value_t = 3, value_parser = strata::cli::args::positive())]
+        iters: usize,
     },
     /// All-reduce across node processes on loopback (mutual TLS), against a plaintext TCP
     /// ring and PyTorch gloo measured in the same run.
@@ -286,7 +292,7 @@ fn main() -> Result<()> {
         Command::Bench { what: BenchCommand::Train { json, steps, data } } => {
             print_figures(*json, |on| strata::cli::demo::bench(data, *steps, on).map(|_| ()))
         }
-        Command::Bench { what: BenchCommand::Sched { json, placements, round_trips, pipelined } } => {
+        Command::Bench { what: BenchCommand::Sched { json, placements, round_trips, pipelined, image, iters } } => {
             let opts = bench::sched::SchedBench {
                 placements: *placements as u64,
                 round_trips: *round_trips,
@@ -294,7 +300,12 @@ fn main() -> Result<()> {
             };
             print_figures(*json, |on| {
                 on(&bench::sched::placements(opts.placements));
-                actix::System::new().block_on(bench::sched::over_processes(&opts, on))
+                actix::System::new().block_on(bench::sched::over_processes(&opts, on))?;
+                let gpu = cli.device.options();
+                let tiles = actix::System::new()
+                    .block_on(bench::mapreduce::mapreduce_tiles_case(image.0, image.1, *iters, &gpu))?;
+                on(&tiles);
+                Ok(())
             })
         }
         Command::Bench { what: BenchCommand::Kernels { json, iters, filter } } => {

@@ -26,6 +26,16 @@ pub struct OperatorArgs {
     pub cluster: String,
 }
 
+/// Parses `WIDTHxHEIGHT` (each 1 to 16384).
+pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s.split_once('x').ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT"))?;
+    let num = |v: &str| match v.parse::<usize>() {
+        Ok(n) if (1..=16384).contains(&n) => Ok(n),
+        _ => Err(format!("{v:?} in {s:?} is not a size from 1 to 16384")),
+    };
+    Ok((num(w)?, num(h)?))
+}
+
 /// Parses `KEY=VALUE`.
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

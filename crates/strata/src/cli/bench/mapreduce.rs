@@ -93,7 +93,7 @@ pub async fn mapreduce_tiles_case(width: usize, height: usize, iters: usize, gpu
     let mpx = (width * height) as f64 / 1e6;
     let tiles = tiles::grid(width, height, tiles::TILE)?.len();
     Ok(Figure {
-        case: format!("mapreduce_tiles {width}x{height} ({tiles} tiles) 2 in-process nodes"),
+        case: format!("mapreduce tiles {width}x{height} ({tiles} tiles) 2 in-process nodes"),
         unit: "Mpx/s",
         value: mpx / two_s,
         seconds: two_s,
