@@ -346,64 +346,16 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
     rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
 }
 
-/// The tensor ids an operation names, to renumber them, and the shapes it carries, to
-/// check them. Exhaustive: a new [`Op`] variant must say which ids it has.
-pub(crate) fn operands(op: &mut Op) -> (Vec<&mut TensorId>, Vec<&Shape>) {
-    use Op::*;
-    match op {
-        Add { a, b, out } | Sub { a, b, out } | Mul { a, b, out } => (vec![a, b, out], vec![]),
-        Scale { x, out, .. } | Relu { x, out } | LogSoftmax { x, out } | Copy { src: x, out } => (vec![x, out], vec![]),
-        Axpy { x, y, .. } => (vec![x, y], vec![]),
-        ReluBackward { x, dy, out } | LogSoftmaxBackward { y: x, dy, out } => (vec![x, dy, out], vec![]),
-        AddChannelBias { x, bias, out } => (vec![x, bias, out], vec![]),
-        MatMul { a, b, out, .. } => (vec![a, b, out], vec![]),
-        Linear { x, w, bias, out, .. } => {
-            let mut ids = vec![x, w, out];
-            ids.extend(bias.as_mut());
-            (ids, vec![])
-        }
-        LinearBackward { x, w, dy, dx, dw, db } => (vec![x, w, dy, dx, dw, db], vec![]),
-        Conv2d { x, w, bias, out, col, .. } => {
-            let mut ids = vec![x, w, out];
-            ids.extend(bias.as_mut());
-            ids.extend(col.as_mut());
-            (ids, vec![])
-        }
-        Conv2dBackward { x, w, dy, dx, dw, db, col, .. } => {
-            let mut ids = vec![x, w, dy, dw, db];
-            ids.extend(dx.as_mut());
-            ids.extend(col.as_mut());
-            (ids, vec![])
-        }
-        MaxPool2d { x, out, indices, .. } => (vec![x, out, indices], vec![]),
-        MaxPool2dBackward { dy, indices, input_shape, out, relu_output, .. } => {
-            let mut ids = vec![dy, indices, out];
-            ids.extend(relu_output.as_mut());
-            (ids, vec![&*input_shape])
-        }
-        NllLoss { logp, targets, out } | NllLossBackward { logp, targets, out } => (vec![logp, targets, out], vec![]),
-        CorrectCount { logits, targets, out } => (vec![logits, targets, out], vec![]),
-        Reduce { x, out, .. } => (vec![x, out], vec![]),
-        AdamStep { param, grad, m, v, .. } => (vec![param, grad, m, v], vec![]),
-        SgdStep { param, grad, buf, .. } => (vec![param, grad, buf], vec![]),
-        Reshape { x, shape, out } => (vec![x, out], vec![&*shape]),
-        Fill { t, .. } | Free { t } => (vec![t], vec![]),
-        Zeros { shape, out, .. } => (vec![out], vec![&*shape]),
-        Concat { srcs, out } => {
-            let mut ids: Vec<&mut TensorId> = srcs.iter_mut().collect();
-            ids.push(out);
-            (ids, vec![])
-        }
-        Split { src, outs } => {
-            let mut ids = vec![src];
-            let mut shapes = Vec::new();
-            for (id, shape) in outs.iter_mut() {
-                ids.push(id);
-                shapes.push(&*shape);
-            }
-            (ids, shapes)
-        }
-    }
+/// The tensor ids an operation names, to renumber them ([`Op::tensor_ids_mut`]), and the
+/// shapes it carries, to check them before anything is allocated.
+pub(crate) fn operands(op: &mut Op) -> (Vec<&mut TensorId>, Vec<Shape>) {
+    let shapes = match &*op {
+        Op::MaxPool2dBackward { input_shape, .. } => vec![input_shape.clone()],
+        Op::Reshape { shape, .. } | Op::Zeros { shape, .. } => vec![shape.clone()],
+        Op::Split { outs, .. } => outs.iter().map(|(_, s)| s.clone()).collect(),
+        _ => Vec::new(),
+    };
+    (op.tensor_ids_mut(), shapes)
 }
 
 #[cfg(test)]
