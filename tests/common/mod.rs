@@ -96,3 +96,26 @@ pub fn init_logging() {
         }
     });
 }
+
+/// Joins futures concurrently, preserving order.
+pub async fn futures_join<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let futs: Vec<_> = futs.into_iter().collect();
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut outs: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..set.len()).collect();
+    std::future::poll_fn(|cx| {
+        pending.retain(|&i| match set[i].as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => {
+                outs[i] = Some(v);
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        if pending.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    outs.into_iter().map(|o| o.expect("all polled to completion")).collect()
+}

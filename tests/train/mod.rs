@@ -12,6 +12,8 @@ use strata_tensor::cpu::AdamParams;
 use strata_tensor::{HostTensor, SplitMix64};
 use strata_train::{TrainConfig, Trainer};
 
+mod pipeline;
+
 use crate::common;
 use crate::net::helpers::cluster;
 

@@ -59,8 +59,13 @@ impl Layer {
         }
     }
 
+    /// Number of parameters (weights and biases).
+    pub fn param_count(&self) -> usize {
+        self.params().iter().map(|p| p.1.numel()).sum()
+    }
+
     /// Parameter shapes: `(suffix, shape, fan_in)`.
-    fn params(&self) -> Vec<(&'static str, Shape, usize)> {
+    pub(crate) fn params(&self) -> Vec<(&'static str, Shape, usize)> {
         match *self {
             Layer::Conv2d { in_channels, out_channels, kernel, .. } => {
                 let fan_in = in_channels * kernel * kernel;
@@ -231,7 +236,7 @@ impl ModelSpec {
     }
 }
 
-fn conv_params(layer: &Layer) -> Conv2dParams {
+pub(crate) fn conv_params(layer: &Layer) -> Conv2dParams {
     match layer {
         Layer::Conv2d { stride, padding, .. } => Conv2dParams::new(*stride, *padding),
         _ => unreachable!("only convolutions have convolution parameters"),
@@ -515,8 +520,8 @@ impl Model {
                     dy,
                     params: conv_params(layer),
                     dx: (i > self.first_param_layer).then_some(dx),
-                    dw: self.params[p[0]].grad,
-                    db: self.params[p[1]].grad,
+                    dw: Some(self.params[p[0]].grad),
+                    db: Some(self.params[p[1]].grad),
                     col: Some(self.cols[i]),
                 }),
                 Layer::MaxPool2d { kernel, stride } => {
@@ -545,9 +550,9 @@ impl Model {
                     x,
                     w: self.params[p[0]].value,
                     dy,
-                    dx,
-                    dw: self.params[p[0]].grad,
-                    db: self.params[p[1]].grad,
+                    dx: Some(dx),
+                    dw: Some(self.params[p[0]].grad),
+                    db: Some(self.params[p[1]].grad),
                 }),
                 Layer::LogSoftmax => ops.push(Op::LogSoftmaxBackward { y: self.acts[i + 1], dy, out: dx }),
             }

@@ -8,6 +8,7 @@
 //! replicas are compared by checksum every few steps.
 
 mod error;
+pub mod pipeline;
 mod trainer;
 
 pub use error::TrainError;

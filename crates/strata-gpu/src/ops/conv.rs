@@ -56,6 +56,15 @@ pub struct Conv2dGrads {
     pub db: GpuTensor,
 }
 
+/// What [`Gpu::conv2d_backward_parts`] and [`Gpu::linear_backward_parts`] computed.
+#[derive(Debug)]
+pub struct BackwardParts {
+    /// Gradient with respect to the input, when requested.
+    pub dx: Option<GpuTensor>,
+    /// Gradients with respect to the weight and the bias, when requested.
+    pub weight: Option<(GpuTensor, GpuTensor)>,
+}
+
 struct Plan {
     g: ConvGeometry,
     /// Images per chunk.
@@ -251,6 +260,25 @@ impl Gpu {
         input_grad: bool,
         saved_col: Option<&GpuTensor>,
     ) -> Result<Conv2dGrads> {
+        let parts = self.conv2d_backward_parts(x, w, dy, params, input_grad, true, saved_col)?;
+        let (dw, db) = parts.weight.expect("weight gradients were requested");
+        Ok(Conv2dGrads { dx: parts.dx, dw, db })
+    }
+
+    /// The two halves of [`Gpu::conv2d_backward_with`], each optional: the input gradient
+    /// (which the previous pipeline stage waits for) and the weight and bias gradients
+    /// (which a zero-bubble schedule defers). Each half costs only its own GEMMs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d_backward_parts(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        dy: &GpuTensor,
+        params: Conv2dParams,
+        input_grad: bool,
+        weight_grad: bool,
+        saved_col: Option<&GpuTensor>,
+    ) -> Result<BackwardParts> {
         const OP: &str = "conv2d_backward";
         let g = geometry::conv2d(x.shape(), w.shape(), None, params)?;
         if *dy.shape() != g.output_shape() {
@@ -269,12 +297,13 @@ impl Gpu {
         let col = match reuse {
             Some(c) => c,
             None => {
-                fresh = self.empty([k, plan.p_ld], DType::F32)?;
+                // The patch matrix serves only the weight gradient.
+                fresh = self.empty(if weight_grad { [k, plan.p_ld] } else { [1, 1] }, DType::F32)?;
                 &fresh
             }
         };
-        let dyt = self.empty([plan.p_ld, co_ld], DType::F32)?;
-        let dwt = self.empty([k, co_ld], DType::F32)?;
+        let dyt = self.empty(if weight_grad { [plan.p_ld, co_ld] } else { [1, 1] }, DType::F32)?;
+        let dwt = self.empty(if weight_grad { [k, co_ld] } else { [1, 1] }, DType::F32)?;
         let dx = if input_grad { Some(self.empty(x.shape().clone(), DType::F32)?) } else { None };
         // W^T [k, co_ld] for dcol = W^T @ dY'.
         let wt_dcol = if input_grad {
@@ -290,21 +319,23 @@ impl Gpu {
         for (i, (n0, nb)) in plan.chunks().enumerate() {
             let p = plan.params(n0, nb);
             let np = nb * pix;
-            if reuse.is_none() {
-                self.im2col(OP, &plan, x, col, n0, nb)?;
+            if weight_grad {
+                if reuse.is_none() {
+                    self.im2col(OP, &plan, x, col, n0, nb)?;
+                }
+                self.dispatch(OP, (FILE, "nchw_to_pc"), &[], &p, &[dy.arg(), dyt.arg()], self.plane_grid(pix, 1, nb))?;
+                // dW^T [k, co] (+)= col [k, np] @ dY^T [np, co]
+                self.gemm_into(
+                    OP,
+                    k,
+                    g.co,
+                    np,
+                    Mat::rows(col, plan.p_ld),
+                    Mat::rows(&dyt, co_ld),
+                    Mat::rows(&dwt, co_ld),
+                    i > 0,
+                )?;
             }
-            self.dispatch(OP, (FILE, "nchw_to_pc"), &[], &p, &[dy.arg(), dyt.arg()], self.plane_grid(pix, 1, nb))?;
-            // dW^T [k, co] (+)= col [k, np] @ dY^T [np, co]
-            self.gemm_into(
-                OP,
-                k,
-                g.co,
-                np,
-                Mat::rows(col, plan.p_ld),
-                Mat::rows(&dyt, co_ld),
-                Mat::rows(&dwt, co_ld),
-                i > 0,
-            )?;
             if let (Some((wt, dcp, dcol)), Some(dx)) = (&wt_dcol, &dx) {
                 if direct {
                     // dcol = W^T @ dY', reading dY' straight out of NCHW dy.
@@ -347,11 +378,14 @@ impl Gpu {
                 )?;
             }
         }
+        if !weight_grad {
+            return Ok(BackwardParts { dx, weight: None });
+        }
         let dw = self.empty(w.shape().clone(), DType::F32)?;
         self.pack_into(OP, Mat::transposed(&dwt, co_ld), g.co, k, &dw, 0, k, g.co, k)?;
         let db = self.empty([g.co], DType::F32)?;
         let p = plan.params(0, g.n);
         self.dispatch(OP, (FILE, "bias_grad"), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
-        Ok(Conv2dGrads { dx, dw, db })
+        Ok(BackwardParts { dx, weight: Some((dw, db)) })
     }
 }

@@ -11,7 +11,7 @@ mod optim;
 mod pool;
 mod reduce;
 
-pub use conv::{Conv2dGrads, ConvForward};
+pub use conv::{BackwardParts, Conv2dGrads, ConvForward};
 
 use strata_tensor::DType;
 
