@@ -125,6 +125,24 @@ impl ModelSpec {
         }
     }
 
+    /// A multilayer perceptron: flatten, then `depth` linear layers of `hidden` features
+    /// with ReLUs (`fc1`..), a linear layer to the classes and log-softmax. With as many
+    /// input features as `hidden`, its layers cost the same, which makes it the model of
+    /// the pipeline benchmark (stages of equal work).
+    pub fn mlp(input: [usize; 3], hidden: usize, depth: usize, classes: usize) -> Self {
+        let features = input.iter().product();
+        let mut layers = vec![("flatten".to_string(), Layer::Flatten)];
+        for k in 1..=depth {
+            let in_features = if k == 1 { features } else { hidden };
+            layers.push((format!("fc{k}"), Layer::Linear { in_features, out_features: hidden }));
+            layers.push((format!("relu{k}"), Layer::Relu));
+        }
+        let in_features = if depth == 0 { features } else { hidden };
+        layers.push((format!("fc{}", depth + 1), Layer::Linear { in_features, out_features: classes }));
+        layers.push(("log_softmax".into(), Layer::LogSoftmax));
+        Self { name: format!("mlp-{hidden}x{depth}"), input, classes, layers }
+    }
+
     fn layer_err(&self, layer: &str, source: TensorError) -> NnError {
         NnError::Layer { model: self.name.clone(), layer: layer.to_string(), source }
     }

@@ -294,6 +294,11 @@ impl PipelineTrainer {
         (self.s, self.r, self.config.stages, self.replicas)
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
     /// The cut.
     pub fn cut(&self) -> &Cut {
         &self.cut
@@ -528,7 +533,7 @@ impl PipelineTrainer {
             None => {
                 let mut ops = self.stage.finish_gradients(scale, false);
                 ops.extend(self.stage.apply(&self.config.optimizer, step_no, false));
-                self.gpu.run(ops).await?;
+                run_on(&self.gpu, Vec::new(), Vec::new(), ops, Vec::new()).await?;
             }
         }
         ev(EventKind::Optimizer, 0, t0);
@@ -765,7 +770,8 @@ fn unflatten(flat: &[f32], shapes: &[Shape]) -> Vec<HostTensor> {
         .collect()
 }
 
-/// Uploads, runs and downloads in one message to the GPU actor.
+/// Uploads, runs and downloads in one message to the GPU actor; returns when the work is
+/// done.
 async fn run_on(
     gpu: &GpuHandle,
     f32_in: Vec<(TensorId, HostTensor)>,
@@ -782,6 +788,11 @@ async fn run_on(
                 ex.upload(*id, t)?;
             }
             ex.run(&ops)?;
+            if out.is_empty() {
+                // Wait for the work, so that the timeline charges it to this action rather
+                // than to the next one that reads something back.
+                ex.gpu().sync()?;
+            }
             out.iter().map(|&id| ex.download::<f32>(id).map(HostTensor::into_data)).collect::<strata_gpu::Result<_>>()
         })
         .await??;

@@ -28,6 +28,10 @@ pub struct DemoArgs {
     /// Data directory.
     #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
     pub data: PathBuf,
+    /// Train as a 2-stage pipeline (one stage per process, zero-bubble schedule) and write
+    /// its timeline (Chrome trace JSON and a PNG Gantt chart) next to the plot.
+    #[arg(long)]
+    pub pipeline: bool,
 }
 
 fn certs(dir: &Path, world: usize) -> Result<()> {
@@ -40,6 +44,16 @@ fn certs(dir: &Path, world: usize) -> Result<()> {
 
 /// Starts `world` `strata train` processes torchrun-style and waits for them.
 fn launch(world: usize, args: &[String], rank0_stdout: Stdio) -> Result<Vec<std::process::Output>> {
+    launch_env(world, args, rank0_stdout, &[])
+}
+
+/// [`launch`] with extra environment variables for every process.
+pub(crate) fn launch_env(
+    world: usize,
+    args: &[String],
+    rank0_stdout: Stdio,
+    env: &[(&str, &str)],
+) -> Result<Vec<std::process::Output>> {
     let exe = std::env::current_exe()?;
     let tmp = tempfile::tempdir()?;
     if world > 1 {
@@ -50,7 +64,7 @@ fn launch(world: usize, args: &[String], rank0_stdout: Stdio) -> Result<Vec<std:
     let mut rank0_stdout = Some(rank0_stdout);
     for r in 0..world {
         let mut c = Command::new(&exe);
-        c.arg("train").args(args);
+        c.arg("train").args(args).envs(env.iter().copied());
         if world > 1 {
             c.arg("--cert-dir").arg(tmp.path()).env("RANK", r.to_string()).env("WORLD_SIZE", world.to_string());
             c.env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
@@ -84,9 +98,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             args.data.display()
         );
     }
-    println!(
-        "strata demo: 2 nodes on 127.0.0.1 (two processes, mutual TLS with certificates made for this run) train the reference CNN on Fashion-MNIST"
-    );
+    if args.pipeline {
+        println!(
+            "strata demo --pipeline: 2 nodes on 127.0.0.1 (two processes, mutual TLS) train the reference CNN on Fashion-MNIST as a 2-stage pipeline (zero-bubble schedule, 4 micro-batches per step, stages balanced by measured layer times)"
+        );
+    } else {
+        println!(
+            "strata demo: 2 nodes on 127.0.0.1 (two processes, mutual TLS with certificates made for this run) train the reference CNN on Fashion-MNIST"
+        );
+    }
     if args.train_limit < 60000 {
         println!(
             "training on the first {} of the 60000 training images for {} epoch(s) to stay within a few minutes; pass --train-limit 60000 for the full set",
@@ -95,7 +115,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     let ck = args.out.join("checkpoints");
     let plot = args.out.join("training.png");
-    let a = vec![
+    let mut a = vec![
         "--data".into(),
         args.data.display().to_string(),
         "--epochs".into(),
@@ -109,6 +129,24 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "--plot".into(),
         plot.display().to_string(),
     ];
+    if args.pipeline {
+        let timeline = args.out.join("timeline.json");
+        a.extend(
+            ["--pipeline-stages", "2", "--micro-batches", "4", "--schedule", "zb", "--timeline"]
+                .map(String::from)
+                .into_iter()
+                .chain([timeline.display().to_string()]),
+        );
+        launch(2, &a, Stdio::inherit())?;
+        println!(
+            "done: stage checkpoints in {} (merge with `strata checkpoint merge`), plot in {}, timeline in {} (open in https://ui.perfetto.dev or chrome://tracing) and {}",
+            ck.display(),
+            plot.display(),
+            timeline.display(),
+            timeline.with_extension("png").display()
+        );
+        return Ok(());
+    }
     launch(2, &a, Stdio::inherit())?;
     println!("done: checkpoints in {}, plot in {}", ck.display(), plot.display());
     Ok(())

@@ -22,7 +22,8 @@ pub struct TrainArgs {
     /// Directory with IDX (MNIST, Fashion-MNIST) or CIFAR-10 binary files.
     #[arg(long, default_value = data::FASHION_MNIST_DIR)]
     pub data: PathBuf,
-    /// Model (only the reference CNN for now).
+    /// Model: reference-cnn, or mlp (6 hidden layers of 512 features, whose equal layers
+    /// make balanced pipeline stages).
     #[arg(long, default_value = "reference-cnn")]
     pub model: String,
     /// Epochs to train (counting epochs already in a resumed checkpoint).
@@ -71,6 +72,9 @@ pub struct TrainArgs {
     /// One JSON object per epoch instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Pipeline parallelism.
+    #[command(flatten)]
+    pub pipeline: crate::cli::pipeline::PipelineArgs,
     /// Cluster settings for multi-node training (certificates, torchrun variables).
     #[command(flatten)]
     pub node: NodeArgs,
@@ -109,7 +113,7 @@ pub struct BenchLine {
     pub first_step_seconds: f64,
 }
 
-fn optimizer(args: &TrainArgs) -> Result<Optimizer> {
+pub(crate) fn optimizer(args: &TrainArgs) -> Result<Optimizer> {
     Ok(match args.optimizer.as_str() {
         "adam" => Optimizer::Adam(AdamParams { lr: args.lr.unwrap_or(1e-3), ..Default::default() }),
         "sgd" => {
@@ -139,11 +143,12 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
     if let Some(n) = args.test_limit {
         test = test.truncate(n);
     }
-    if args.model != "reference-cnn" {
-        bail!("unknown model {:?} (reference-cnn)", args.model);
-    }
     let [c, h, w] = train.sample;
-    let spec = ModelSpec::reference_cnn(c, h, w, train.classes);
+    let spec = match args.model.as_str() {
+        "reference-cnn" => ModelSpec::reference_cnn(c, h, w, train.classes),
+        "mlp" => ModelSpec::mlp(train.sample, 512, 6, train.classes),
+        other => bail!("unknown model {other:?} (reference-cnn or mlp)"),
+    };
     // A model that does not fit the data fails here, before any step.
     spec.check_data(train.sample, train.classes)?;
     let gpu = GpuHandle::start(&gpu_options).context("opening the GPU")?;
@@ -172,6 +177,13 @@ async fn train_on(
     } else {
         (None, None)
     };
+    if args.pipeline.pipeline_stages.is_some() {
+        let result = crate::cli::pipeline::run(args, group, gpu, spec, train, test, started).await;
+        if let Some(n) = node {
+            n.shutdown().await;
+        }
+        return result;
+    }
     let rank = group.as_ref().map_or(0, |g| g.rank());
     let config = TrainConfig {
         batch: args.batch_size,
@@ -222,6 +234,7 @@ async fn epochs(
         return bench(trainer, &train, steps, world, started).await;
     }
     let mut history: Vec<(u64, f64, f64, f64)> = Vec::new();
+    let mut step_losses: Vec<f32> = Vec::new();
     while trainer.epoch() < args.epochs {
         let epoch = trainer.epoch() + 1;
         let per_rank = train.len().div_ceil(world);
@@ -230,6 +243,7 @@ async fn epochs(
         let t0 = Instant::now();
         let (loss, acc, samples, train_time, times) = trainer
             .train_epoch(&train, |s| {
+                step_losses.push(s.loss);
                 done += (s.samples * world) as u64;
                 if let Some(b) = &bar {
                     b.set_position(done);
@@ -287,7 +301,7 @@ async fn epochs(
     if rank == 0
         && let Some(path) = &args.plot
     {
-        crate::cli::plot::loss_and_accuracy(path, &history)?;
+        crate::cli::plot::training(path, &history, &step_losses)?;
         if !args.json {
             println!("plot {}", path.display());
         }
@@ -300,7 +314,7 @@ fn share(t: &StepTimes, part: Duration) -> f64 {
     if total > 0.0 { part.as_secs_f64() / total * 100.0 } else { 0.0 }
 }
 
-fn progress(total: u64, epoch: u64, epochs: u64) -> indicatif::ProgressBar {
+pub(crate) fn progress(total: u64, epoch: u64, epochs: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
     let style = indicatif::ProgressStyle::with_template(&format!(
         "epoch {epoch}/{epochs} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}}]"
