@@ -208,6 +208,17 @@ async fn mistakes_are_refused_before_the_first_step() {
         let e = err(o);
         assert!(e.contains("2 split points given for 2 stages"), "{e}");
     }
+    // Stages that disagree on the settings (here the micro-batch count) refuse to start.
+    let gs = groups(&nodes, GroupOptions::default()).await;
+    let outs = futures_join(gs.into_iter().zip(&gpus).enumerate().map(|(i, (g, gpu))| {
+        let c = config(2, 2 + 2 * i, Schedule::GPipe, &["conv2"], adam());
+        PipelineTrainer::new(gpu.clone(), Some(g), spec(), c)
+    }))
+    .await;
+    for o in outs {
+        let e = err(o);
+        assert!(e.contains("runs another model or other pipeline settings than this node"), "{e}");
+    }
     for n in &nodes {
         n.shutdown().await;
     }

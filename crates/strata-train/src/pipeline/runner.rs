@@ -141,6 +141,9 @@ impl PipelineTrainer {
             )));
         }
         spec.shapes(config.micro_batch)?;
+        if let Some(w) = world.as_ref().filter(|w| w.world() > 1) {
+            agree(w, &spec, &config).await?;
+        }
         let (s, r, replicas) = (rank % stages, rank / stages, n / stages);
         // Subgroups: this replica's stages in order, and this stage's replicas.
         let (pipe, dp) = match &world {
@@ -747,6 +750,33 @@ impl PipelineTrainer {
         }
         Ok(Timeline { stages: self.config.stages, replicas: self.replicas, events })
     }
+}
+
+/// Checks that every node runs the same model and pipeline settings: a stage of another
+/// model would send activations of other shapes, and other settings a different schedule.
+async fn agree(world: &Group, spec: &ModelSpec, c: &PipelineConfig) -> Result<()> {
+    let text = format!(
+        "{}|{}|{}|{}|{}|{:?}",
+        serde_json::to_string(spec).unwrap_or_default(),
+        c.stages,
+        c.micro_batches,
+        c.micro_batch,
+        c.schedule,
+        c.split
+    );
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let words = [h as u32, (h >> 32) as u32].map(f32::from_bits);
+    let all = world.all_gather(&words).await?;
+    for (r, theirs) in all.chunks(2).enumerate() {
+        if theirs.iter().zip(&words).any(|(a, b)| a.to_bits() != b.to_bits()) {
+            return Err(TrainError::Config(format!(
+                "node {} (rank {r}) runs another model or other pipeline settings than this node (rank {}): every node must give the same model, stages, micro-batches, batch size, schedule and split",
+                world.members()[r],
+                world.rank()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn stage_dir(dir: &Path, s: usize) -> PathBuf {

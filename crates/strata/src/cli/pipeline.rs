@@ -106,7 +106,6 @@ pub async fn run(
     };
     let mut t = PipelineTrainer::new(gpu.clone(), group, spec, config).await?;
     let (train, test) = (Arc::new(train), Arc::new(test));
-    let last = t.position().0 + 1 == stages;
     if rank == 0 && !args.json && bench.is_none() {
         println!(
             "training {} on {} ({} train / {} test samples) as a {stages}-stage pipeline x {} replica(s) on {world} node(s): schedule {}, {} micro-batches of {} per replica per step, cut before {:?}, {} on {}",
@@ -132,7 +131,8 @@ pub async fn run(
     let mut history: Vec<(u64, f64, f64, f64)> = Vec::new();
     while t.epoch() < args.epochs {
         let epoch = t.epoch() + 1;
-        let bar = (last && t.position().1 == 0 && !args.json).then(|| {
+        // Rank 0 (stage 0) shows progress; only the last stage knows the loss.
+        let bar = (rank == 0 && !args.json).then(|| {
             crate::cli::train::progress((train.len() / t.global_batch() * t.global_batch()) as u64, epoch, args.epochs)
         });
         let t0 = Instant::now();
@@ -142,11 +142,12 @@ pub async fn run(
                 done += s.samples as u64;
                 if let Some(b) = &bar {
                     b.set_position(done);
-                    b.set_message(format!(
-                        "loss {:.4}  {:.0} samples/s",
-                        s.loss,
-                        done as f64 / t0.elapsed().as_secs_f64()
-                    ));
+                    let rate = done as f64 / t0.elapsed().as_secs_f64();
+                    b.set_message(if s.loss.is_finite() {
+                        format!("loss {:.4}  {rate:.0} samples/s", s.loss)
+                    } else {
+                        format!("{rate:.0} samples/s")
+                    });
                 }
             })
             .await?;
