@@ -132,7 +132,13 @@ async fn every_schedule_and_cut_equals_single_node_training() {
         assert_eq!(r.losses[stages - 1], want.losses[0], "{schedule} S={stages} m={m}: losses");
         for (s, &peak) in r.peaks.iter().enumerate() {
             let bound = schedule.activation_bound(stages, s, m);
-            assert_eq!(peak, bound, "{schedule} S={stages} m={m}: stage {s} held {peak}, bound {bound}");
+            // GPipe and 1F1B reach their bound whatever the timing; ZB holds at least
+            // 1F1B's count and defers more weight work only when a stage would wait.
+            let least = if schedule == Schedule::ZeroBubble { (stages - s).min(m) } else { bound };
+            assert!(
+                (least..=bound).contains(&peak),
+                "{schedule} S={stages} m={m}: stage {s} held {peak}, expected {least}..={bound}"
+            );
         }
     }
     // 1F1B's bound is S - i per stage; GPipe holds every micro-batch.
