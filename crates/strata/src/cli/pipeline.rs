@@ -36,6 +36,10 @@ pub struct PipelineArgs {
     /// are balanced by each layer's time measured on each stage's own adapter.
     #[arg(long, value_delimiter = ',')]
     pub split: Vec<String>,
+    /// Memory each stage may use (parameters, gradients, optimiser state and the
+    /// activations it holds), MiB; the balanced cut keeps to it.
+    #[arg(long, value_parser = crate::cli::args::count(1, 1 << 30))]
+    pub stage_memory_mib: Option<usize>,
     /// Write the pipeline's timeline here as Chrome trace JSON (Perfetto,
     /// chrome://tracing), and a Gantt chart of it next to it (same name, .png).
     #[arg(long)]
@@ -96,7 +100,7 @@ pub async fn run(
         micro_batch: args.batch_size / p.micro_batches,
         schedule: p.schedule,
         split: (!p.split.is_empty()).then(|| p.split.clone()),
-        stage_memory_bytes: None,
+        stage_memory_bytes: p.stage_memory_mib.map(|m| m as u64 * (1 << 20)),
         optimizer: crate::cli::train::optimizer(args)?,
         seed: args.shuffle_seed,
         checkpoint_dir: args.checkpoint_dir.clone(),
@@ -295,7 +299,8 @@ fn synthetic_idx(dir: &Path, n: usize) -> Result<()> {
 
 /// `strata bench pipeline`: every schedule with `stages` stages (one process each, one
 /// lavapipe thread each) and `micro` micro-batches of 32 samples, training the MLP (equal
-/// layers, cut evenly), against the schedule's bubble formula.
+/// layers, cut evenly; SGD, whose step is cheap next to the micro-batches' work, as the
+/// formulas leave the optimiser out), against the schedule's bubble formula.
 pub fn bench(
     stage_counts: &[usize],
     micro: usize,
@@ -322,6 +327,8 @@ pub fn bench(
                 &dir.path().display().to_string(),
                 "--model",
                 "mlp",
+                "--optimizer",
+                "sgd",
                 "--batch-size",
                 &(micro * 32).to_string(),
                 "--pipeline-stages",
