@@ -156,7 +156,7 @@ impl Balancer {
         let (weights, adapt) = match balance {
             Balance::Fixed(w) if w.len() != world => {
                 return Err(TrainError::Config(format!(
-                    "balance {balance} gives {} weights for {world} ranks",
+                    "balance {balance} gives {} weights for a world of {world}",
                     w.len()
                 )));
             }
@@ -251,7 +251,7 @@ mod tests {
         assert_eq!(e, "training: rank 0 has weight 0; weights must be finite and positive");
         assert!(split(8, &[]).is_err());
         let e = Balancer::new(&Balance::Fixed(vec![3.0, 1.0]), 3).unwrap_err().to_string();
-        assert_eq!(e, "training: balance 3:1 gives 2 weights for 3 ranks");
+        assert_eq!(e, "training: balance 3:1 gives 2 weights for a world of 3");
     }
 
     #[test]

@@ -157,6 +157,7 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
     };
     // Cluster settings are checked before the data loads, so a mistake there fails at once.
     let node_config = if world > 1 { Some(args.node.config()?) } else { None };
+    strata_train::balance::Balancer::new(&args.balance, world)?;
     let (mut train, mut test) =
         data::load_dir(&args.data).with_context(|| format!("loading data from {}", args.data.display()))?;
     if let Some(n) = args.train_limit {
