@@ -92,8 +92,9 @@ pub struct StepStats {
     pub samples: usize,
     /// Where the time went.
     pub times: StepTimes,
-    /// Time the GPU actor spent on this rank's forward and backward passes (and the
-    /// gradient downloads): the throughput measurement of `Balance::Measured`.
+    /// This rank's own work in the step: all of it but the waits for the all-reduce and
+    /// the replica check (the throughput measurement of `Balance::Measured`; the fixed
+    /// costs, such as the optimiser, count too, so the split evens out whole steps).
     pub busy: Duration,
 }
 
@@ -254,6 +255,11 @@ impl Trainer {
     /// This rank and the world size.
     pub fn rank_world(&self) -> (usize, usize) {
         self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()))
+    }
+
+    /// The group of ranks, when training data-parallel.
+    pub fn group(&self) -> Option<&Group> {
+        self.group.as_ref()
     }
 
     /// The GPU actor.
@@ -423,14 +429,11 @@ impl Trainer {
         first.extend(segments.next().expect("a model has at least one bucket"));
         let model = &self.model;
         let mut exposed = Duration::ZERO;
-        let busy_start = Instant::now();
-        let mut busy = Duration::ZERO;
         if distributed {
             let group = self.group.as_ref().expect("distributed");
             let op = reduce_op(weight);
             gpu.run(first).await?;
             let mut flat = self.download_many(vec![model.buckets[0].flat]).await?.remove(0).into_data();
-            busy += busy_start.elapsed();
             for k in 0..model.buckets.len() {
                 let next = segments.next();
                 let next_bucket = model.buckets.get(k + 1).map(|b| b.flat);
@@ -449,10 +452,8 @@ impl Trainer {
                     let r = group.all_reduce(weigh(std::mem::take(&mut flat), weight), op).await;
                     (r, Instant::now())
                 };
-                let part_start = Instant::now();
                 let (gpu_result, (reduced, comm_done)) = tokio::join!(gpu_part, comm_part);
                 let (next_flat, gpu_done) = gpu_result?;
-                busy += gpu_done.saturating_duration_since(part_start);
                 let reduced = reduced?;
                 exposed += comm_done.saturating_duration_since(gpu_done);
                 gpu.upload_as(
@@ -467,12 +468,12 @@ impl Trainer {
         } else {
             first.extend(segments.flatten());
             gpu.run(first).await?;
-            busy = busy_start.elapsed();
         }
         self.step += 1;
         gpu.run(model.apply(&self.config.optimizer, self.step as u32, distributed)).await?;
         let out = self.download_many(vec![model.loss, model.correct]).await?;
         let (loss, correct) = (out[0].data()[0], out[1].data()[0] as u32);
+        let busy = start.elapsed().saturating_sub(exposed);
         if self.config.checksum_every > 0 && self.step.is_multiple_of(self.config.checksum_every) {
             self.verify_replicas().await?;
         }

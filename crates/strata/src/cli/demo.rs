@@ -219,11 +219,13 @@ pub fn bench(data: &Path, steps: u64, heterogeneous: bool, mut on_figure: impl F
     ] {
         emit(Figure {
             case: format!(
-                "train reference CNN x2 nodes, Vulkan + GL, {} split {:?}{} ({}; sum of the two alone {:.1})",
+                "train reference CNN x2 nodes, Vulkan + GL, {} split {:?}{} ({}; per node compute {:.0?} ms, exposed comm {:.0?} ms; sum of the two alone {:.1})",
                 l.balance,
                 l.split,
                 if l.rates.is_empty() { String::new() } else { format!(" from measured {:.1?} samples/s", l.rates) },
                 step_text(l),
+                l.node_compute_seconds.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
+                l.node_comm_exposed_seconds.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
                 ideal
             ),
             unit: "samples/s",

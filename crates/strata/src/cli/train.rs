@@ -129,6 +129,12 @@ pub struct BenchLine {
     /// forward and backward passes).
     #[serde(default)]
     pub rates: Vec<f64>,
+    /// Mean compute seconds per step of each node.
+    #[serde(default)]
+    pub node_compute_seconds: Vec<f64>,
+    /// Mean exposed all-reduce seconds per step of each node (waiting for the others).
+    #[serde(default)]
+    pub node_comm_exposed_seconds: Vec<f64>,
 }
 
 fn parse_balance(s: &str) -> Result<Balance, String> {
@@ -374,6 +380,13 @@ async fn bench(
             eprintln!("  {kernel:<36} {calls:>6} calls {:>10.1} ms", secs * 1e3);
         }
     }
+    // Every node's own split of its step, for the report.
+    let mine =
+        [(times.compute.as_secs_f64() / steps as f64) as f32, (times.comm_exposed.as_secs_f64() / steps as f64) as f32];
+    let per_node = match trainer.group().filter(|g| g.world() > 1) {
+        Some(g) => g.all_gather(&mine).await?,
+        None => mine.to_vec(),
+    };
     if rank == 0 {
         let n = steps as f64;
         let line = BenchLine {
@@ -387,6 +400,8 @@ async fn bench(
             balance: args.balance.to_string(),
             split: trainer.split(),
             rates: trainer.balancer().rates().map(<[f64]>::to_vec).unwrap_or_default(),
+            node_compute_seconds: per_node.chunks_exact(2).map(|c| f64::from(c[0])).collect(),
+            node_comm_exposed_seconds: per_node.chunks_exact(2).map(|c| f64::from(c[1])).collect(),
         };
         println!("{}", serde_json::to_string(&line)?);
     }
