@@ -260,14 +260,20 @@ enum BenchCommand {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// Training throughput of the reference CNN on 1 and 2 node processes.
+    /// Training throughput of the reference CNN on 1 and 2 node processes, and on 2 nodes
+    /// of different speed (one on the Vulkan adapter, one on the GL adapter) with an equal
+    /// and a measured split of the global batch.
     Train {
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
-        /// Timed steps per configuration (after 2 warm-up steps).
+        /// Timed steps per configuration (after 2 warm-up steps; 8 with a measured split,
+        /// which settles in two rounds of 3 steps).
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
         steps: u64,
+        /// Leave out the heterogeneous nodes (three runs with a node on the slower GL adapter).
+        #[arg(long)]
+        skip_heterogeneous: bool,
         /// Data directory.
         #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
         data: PathBuf,
@@ -347,8 +353,8 @@ fn main() -> Result<()> {
             println!("merged {} into {}", dir.display(), path.display());
             Ok(())
         }
-        Command::Bench { what: BenchCommand::Train { json, steps, data } } => {
-            print_figures(*json, |on| strata::cli::demo::bench(data, *steps, on).map(|_| ()))
+        Command::Bench { what: BenchCommand::Train { json, steps, data, skip_heterogeneous } } => {
+            print_figures(*json, |on| strata::cli::demo::bench(data, *steps, !skip_heterogeneous, on).map(|_| ()))
         }
         Command::Bench { what: BenchCommand::Sched { json, placements, round_trips, pipelined, image, iters } } => {
             let opts = bench::sched::SchedBench {

@@ -358,6 +358,17 @@ fn out_of_range_values_and_missing_files_are_refused_with_clear_errors() {
         (&["train", "--data", "data", "--lr", "NaN"], &[], "NaN is not a finite number above 0"),
         (&["train", "--data", "data", "--momentum=-1"], &[], "-1 is not a finite number in [0, 1]"),
         (
+            &["train", "--data", "data", "--balance", "3:0"],
+            &[],
+            "balance \"3:0\" is not equal, measured or positive weights such as 3:1",
+        ),
+        (
+            &["train", "--data", "data", "--balance", "3:1"],
+            &[],
+            "training: balance 3:1 gives 2 weights for a world of 1",
+        ),
+        (&["train", "--data", "data", "--rebalance-every", "0"], &[], "invalid value '0' for '--rebalance-every"),
+        (
             &[
                 "train",
                 "--data",

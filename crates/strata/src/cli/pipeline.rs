@@ -350,7 +350,8 @@ pub fn bench(
                 let path = dir.join(format!("pipeline-{}-S{stages}-m{micro}.json", schedule.name()));
                 a.extend(["--timeline".to_string(), path.display().to_string()]);
             }
-            let outs = crate::cli::demo::launch_env(stages, &a, Stdio::piped(), &[("LP_NUM_THREADS", "1")])?;
+            let outs =
+                crate::cli::demo::launch(stages, &a, |_| vec![("LP_NUM_THREADS", "1".to_string())], Stdio::piped())?;
             let text = String::from_utf8_lossy(&outs[0].stdout).to_string();
             let line: PipelineBenchLine = text
                 .lines()
