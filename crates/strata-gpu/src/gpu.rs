@@ -12,6 +12,7 @@ use strata_tensor::{DType, Element, HostTensor, Shape};
 
 use crate::device::{self, AdapterRequest, DeviceInfo};
 use crate::kernels::Kernels;
+use crate::ops::{ConvAlgo, ConvChoice, ConvKey};
 use crate::pool::{Pool, PoolStats};
 use crate::{GpuError, GpuTensor, Result};
 
@@ -50,13 +51,17 @@ pub struct GpuOptions {
     /// `STRATA_GPU_TIMEOUT_MS`). A hung device then fails its work with
     /// [`GpuError::Timeout`] instead of hanging its node.
     pub timeout: Option<std::time::Duration>,
+    /// How 3x3 stride-1 convolutions are computed; `None` for [`ConvAlgo::Auto`] (also
+    /// `STRATA_CONV_ALGO=auto|im2col|winograd`).
+    pub conv_algo: Option<ConvAlgo>,
 }
 
 /// How long a device wait or a GPU actor call may take unless configured otherwise.
 pub const DEVICE_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl GpuOptions {
-    /// Options from the environment (`STRATA_BACKEND`, `STRATA_ADAPTER`, `STRATA_GEMM`).
+    /// Options from the environment (`STRATA_BACKEND`, `STRATA_ADAPTER`, `STRATA_GEMM`,
+    /// `STRATA_GPU_TIMEOUT_MS`, `STRATA_CONV_ALGO`).
     pub fn from_env() -> Self {
         let gemm = match std::env::var("STRATA_GEMM").as_deref() {
             Ok("tiled") => Some(GemmKernel::Tiled),
@@ -68,7 +73,8 @@ impl GpuOptions {
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&ms| ms > 0)
             .map(std::time::Duration::from_millis);
-        Self { adapter: AdapterRequest::from_env(), memory_budget_bytes: None, gemm, timeout }
+        let conv_algo = std::env::var("STRATA_CONV_ALGO").ok().and_then(|v| ConvAlgo::from_name(&v));
+        Self { adapter: AdapterRequest::from_env(), memory_budget_bytes: None, gemm, timeout, conv_algo }
     }
 
     /// The device timeout in force.
@@ -82,6 +88,8 @@ struct ParamArena {
     chunk: usize,
     used: usize,
     align: usize,
+    /// While set, a flush keeps the slots written so far (see [`Gpu::isolated`]).
+    hold: bool,
 }
 
 impl ParamArena {
@@ -113,8 +121,10 @@ impl ParamArena {
                 queue.write_buffer(&self.chunks[i].0, 0, &self.chunks[i].1[..len]);
             }
         }
-        self.chunk = 0;
-        self.used = 0;
+        if !self.hold {
+            self.chunk = 0;
+            self.used = 0;
+        }
     }
 }
 
@@ -177,6 +187,10 @@ pub struct Gpu {
     pub(crate) profile_tag: Option<String>,
     /// Limit on every wait for the device.
     timeout: std::time::Duration,
+    /// How 3x3 stride-1 convolutions are computed.
+    pub(crate) conv_algo: ConvAlgo,
+    /// Choices [`ConvAlgo::Auto`] made by measurement, per geometry and direction.
+    pub(crate) conv_choices: std::collections::HashMap<ConvKey, ConvChoice>,
 }
 
 impl Gpu {
@@ -217,6 +231,7 @@ impl Gpu {
                 chunk: 0,
                 used: 0,
                 align: limits.min_uniform_buffer_offset_alignment as usize,
+                hold: false,
             },
             gemm,
             errors,
@@ -230,6 +245,8 @@ impl Gpu {
             profile: std::env::var_os("STRATA_PROFILE").map(|_| Default::default()),
             profile_tag: None,
             timeout: options.timeout(),
+            conv_algo: options.conv_algo.unwrap_or(ConvAlgo::Auto),
+            conv_choices: Default::default(),
             info,
         })
     }
@@ -416,6 +433,25 @@ impl Gpu {
             Err(wgpu::PollError::Timeout) => Err(GpuError::Timeout { op, millis: self.timeout.as_millis() as u64 }),
             Err(e) => Err(GpuError::Wgpu(e.to_string())),
         }
+    }
+
+    /// Runs `f` (which records, submits and waits for work of its own, such as a timing
+    /// trial) without touching the work recorded so far: that work stays unsubmitted,
+    /// its parameter slots are kept, and `f` gets no buffer freed before it started
+    /// (pending commands may still read those), so a program stays atomic. Work `f`
+    /// leaves unsubmitted is dropped. Profiling pauses meanwhile.
+    pub(crate) fn isolated<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        let pending = self.encoder.take();
+        let (chunk, used, hold) = (self.arena.chunk, self.arena.used, self.arena.hold);
+        let profile = self.profile.take();
+        self.arena.hold = true;
+        self.pool.isolate(true);
+        let r = f(self);
+        self.encoder = pending;
+        self.pool.isolate(false);
+        (self.arena.chunk, self.arena.used, self.arena.hold) = (chunk, used, hold);
+        self.profile = profile;
+        r
     }
 
     /// Drops everything recorded since the last flush (used to make a failed program

@@ -472,6 +472,17 @@ fn bench_kernels(device: &DeviceArgs, json: bool, iters: usize, filter: Option<S
             println!("{}", f.line());
         }
     })?;
+    // What the `auto` cases chose, and the times they chose on.
+    for c in gpu.conv_choices() {
+        let line = format!(
+            "conv algorithm for {}: {} (im2col {:.1} ms, winograd {:.1} ms)",
+            c.case,
+            c.algo.name(),
+            c.im2col_s * 1e3,
+            c.winograd_s * 1e3
+        );
+        if json { eprintln!("{line}") } else { println!("{line}") }
+    }
     let profile = gpu.profile();
     if !profile.is_empty() {
         println!("\nper-kernel wall time (STRATA_PROFILE):");

@@ -56,12 +56,12 @@ pub struct Conv2dGrads {
     pub db: GpuTensor,
 }
 
-struct Plan {
-    g: ConvGeometry,
+pub(super) struct Plan {
+    pub(super) g: ConvGeometry,
     /// Images per chunk.
-    nb: usize,
+    pub(super) nb: usize,
     /// Row stride of the patch matrix for a full chunk.
-    p_ld: usize,
+    pub(super) p_ld: usize,
 }
 
 impl Plan {
@@ -90,7 +90,7 @@ impl Plan {
     }
 
     /// `(first image, images)` of each chunk.
-    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+    pub(super) fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..self.g.n).step_by(self.nb).map(|n0| (n0, self.nb.min(self.g.n - n0)))
     }
 }
@@ -102,7 +102,7 @@ impl Gpu {
         self.gemm == GemmKernel::Subgroup8 && pixels.is_multiple_of(4)
     }
 
-    fn conv_plan(&self, op: &'static str, g: ConvGeometry) -> Result<Plan> {
+    pub(super) fn conv_plan(&self, op: &'static str, g: ConvGeometry) -> Result<Plan> {
         let limit = (self.info().max_storage_binding_bytes as usize).min(self.scratch_bytes_max);
         let pix = g.ho * g.wo;
         let rows = g.patch_len().max(g.co);
@@ -128,7 +128,7 @@ impl Gpu {
         Ok(())
     }
 
-    fn im2col(
+    pub(super) fn im2col(
         &mut self,
         op: &'static str,
         plan: &Plan,
@@ -157,7 +157,9 @@ impl Gpu {
     }
 
     /// [`Gpu::conv2d`] with a fused ReLU and, with `keep_col`, the patch matrix returned
-    /// for [`Gpu::conv2d_backward_with`] (when the batch fitted one chunk; else `None`).
+    /// for [`Gpu::conv2d_backward_with`] (when the batch fitted one chunk and the
+    /// forward pass ran im2col; else `None`). A 3x3 stride-1 convolution may run
+    /// Winograd instead (see [`Gpu::set_conv_algo`]).
     pub fn conv2d_with(
         &mut self,
         x: &GpuTensor,
@@ -169,9 +171,13 @@ impl Gpu {
         const OP: &str = "conv2d";
         let g = geometry::conv2d(x.shape(), w.shape(), bias.map(|b| b.shape()), params)?;
         self.check_conv_operands(OP, &[("input", x), ("weight", w)])?;
-        let plan = self.conv_plan(OP, g)?;
-        let y = self.empty(g.output_shape(), DType::F32)?;
-        expect_binding(OP, "output", &y, self.info().max_storage_binding_bytes)?;
+        // Fails before anything is recorded when the patch matrix cannot be bound.
+        self.conv_plan(OP, g)?;
+        let limit_bytes = self.info().max_storage_binding_bytes;
+        let bytes = (g.output_shape().numel() as u64 * 4).next_multiple_of(16);
+        if bytes > limit_bytes {
+            return Err(GpuError::BindingTooLarge { op: OP, what: "output", bytes, limit_bytes });
+        }
         let zero_bias;
         let bias = match bias {
             Some(b) => b,
@@ -180,6 +186,26 @@ impl Gpu {
                 &zero_bias
             }
         };
+        if self.conv_uses_winograd(&g, false, opts.keep_col, opts.relu) {
+            return Ok((self.conv2d_winograd(&g, x, w, bias, opts.relu)?, None));
+        }
+        self.conv2d_im2col(&g, x, w, bias, opts.relu, opts.keep_col)
+    }
+
+    /// The forward pass by im2col + GEMM.
+    pub(super) fn conv2d_im2col(
+        &mut self,
+        g: &ConvGeometry,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        bias: &GpuTensor,
+        relu: bool,
+        keep_col: bool,
+    ) -> Result<(GpuTensor, Option<GpuTensor>)> {
+        const OP: &str = "conv2d";
+        let g = *g;
+        let plan = self.conv_plan(OP, g)?;
+        let y = self.empty(g.output_shape(), DType::F32)?;
         let k = g.patch_len();
         let pix = g.ho * g.wo;
         let col = self.empty([k, plan.p_ld], DType::F32)?;
@@ -198,8 +224,7 @@ impl Gpu {
             for (n0, nb) in plan.chunks() {
                 self.im2col(OP, &plan, x, &col, n0, nb)?;
                 let c = Mat { t: &y, off: n0 * g.co * pix, ld: pix, trans: false };
-                let fused =
-                    Fused { c_batch: Some((pix4, img4)), bias: Some(bias), relu: opts.relu, ..Fused::default() };
+                let fused = Fused { c_batch: Some((pix4, img4)), bias: Some(bias), relu, ..Fused::default() };
                 self.gemm_subgroup(OP, g.co, nb * pix, k, a, Mat::rows(&col, plan.p_ld), c, false, fused)?;
             }
         } else {
@@ -217,14 +242,14 @@ impl Gpu {
                     Mat::rows(&ycp, plan.p_ld),
                     false,
                 )?;
-                let p = Params { relu: u32::from(opts.relu), ..plan.params(n0, nb) };
+                let p = Params { relu: u32::from(relu), ..plan.params(n0, nb) };
                 let (entry, items) = if pix % 4 == 0 { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
                 let groups = self.plane_grid(items, 4, nb * g.co);
                 self.dispatch(OP, (FILE, entry), &[], &p, &[ycp.arg(), bias.arg(), y.arg()], groups)?;
             }
         }
         let single_chunk = plan.nb >= g.n;
-        Ok((y, (opts.keep_col && single_chunk).then_some(col)))
+        Ok((y, (keep_col && single_chunk).then_some(col)))
     }
 
     /// Gradients of [`Gpu::conv2d`] given the output gradient `dy`; `input_grad: false`
@@ -263,8 +288,14 @@ impl Gpu {
         let k = g.patch_len();
         let pix = g.ho * g.wo;
         let co_ld = g.co.next_multiple_of(4);
-        let direct = self.gemm_reads_nchw(pix);
         let reuse = saved_col.filter(|c| plan.nb >= g.n && c.shape().dims() == [k, plan.p_ld]);
+        let dx = match input_grad {
+            true if self.conv_uses_winograd(&g, true, false, false) => {
+                Some(self.conv2d_input_grad_winograd(&g, w, dy)?)
+            }
+            true => Some(self.conv2d_input_grad_im2col(&plan, w, dy)?),
+            false => None,
+        };
         let fresh;
         let col = match reuse {
             Some(c) => c,
@@ -275,21 +306,8 @@ impl Gpu {
         };
         let dyt = self.empty([plan.p_ld, co_ld], DType::F32)?;
         let dwt = self.empty([k, co_ld], DType::F32)?;
-        let dx = if input_grad { Some(self.empty(x.shape().clone(), DType::F32)?) } else { None };
-        // W^T [k, co_ld] for dcol = W^T @ dY'.
-        let wt_dcol = if input_grad {
-            let wt = self.empty([k, co_ld], DType::F32)?;
-            self.pack_into(OP, Mat::transposed(w, k), k, g.co, &wt, 0, co_ld, k, co_ld)?;
-            // The subgroup GEMM reads dY' from dy in place; only the tiled path needs a copy.
-            let dcp = self.empty(if direct { [1, 1] } else { [g.co, plan.p_ld] }, DType::F32)?;
-            let dcol = self.empty([k, plan.p_ld], DType::F32)?;
-            Some((wt, dcp, dcol))
-        } else {
-            None
-        };
         for (i, (n0, nb)) in plan.chunks().enumerate() {
             let p = plan.params(n0, nb);
-            let np = nb * pix;
             if reuse.is_none() {
                 self.im2col(OP, &plan, x, col, n0, nb)?;
             }
@@ -299,53 +317,12 @@ impl Gpu {
                 OP,
                 k,
                 g.co,
-                np,
+                nb * pix,
                 Mat::rows(col, plan.p_ld),
                 Mat::rows(&dyt, co_ld),
                 Mat::rows(&dwt, co_ld),
                 i > 0,
             )?;
-            if let (Some((wt, dcp, dcol)), Some(dx)) = (&wt_dcol, &dx) {
-                if direct {
-                    // dcol = W^T @ dY', reading dY' straight out of NCHW dy.
-                    let b = Mat { t: dy, off: n0 * g.co * pix, ld: pix, trans: false };
-                    let fused = Fused { b_batch: Some((pix / 4, g.co * pix / 4)), ..Fused::default() };
-                    self.gemm_subgroup(
-                        OP,
-                        k,
-                        np,
-                        g.co,
-                        Mat::rows(wt, co_ld),
-                        b,
-                        Mat::rows(dcol, plan.p_ld),
-                        false,
-                        fused,
-                    )?;
-                } else {
-                    let (entry, items) = if pix % 4 == 0 { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
-                    let groups = self.plane_grid(items, 4, nb * g.co);
-                    self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dcp.arg()], groups)?;
-                    // dcol [k, np] = W^T [k, co] @ dY' [co, np]
-                    self.gemm_into(
-                        OP,
-                        k,
-                        np,
-                        g.co,
-                        Mat::rows(wt, co_ld),
-                        Mat::rows(dcp, plan.p_ld),
-                        Mat::rows(dcol, plan.p_ld),
-                        false,
-                    )?;
-                }
-                self.dispatch(
-                    OP,
-                    (FILE, "col2im"),
-                    &[],
-                    &p,
-                    &[dcol.arg(), dx.arg()],
-                    self.plane_grid(g.h, 1, nb * g.ci),
-                )?;
-            }
         }
         let dw = self.empty(w.shape().clone(), DType::F32)?;
         self.pack_into(OP, Mat::transposed(&dwt, co_ld), g.co, k, &dw, 0, k, g.co, k)?;
@@ -353,5 +330,60 @@ impl Gpu {
         let p = plan.params(0, g.n);
         self.dispatch(OP, (FILE, "bias_grad"), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
         Ok(Conv2dGrads { dx, dw, db })
+    }
+
+    /// The input gradient by im2col + GEMM: dcol = W^T @ dY', then col2im.
+    pub(super) fn conv2d_input_grad_im2col(&mut self, plan: &Plan, w: &GpuTensor, dy: &GpuTensor) -> Result<GpuTensor> {
+        const OP: &str = "conv2d_backward";
+        let g = plan.g;
+        let k = g.patch_len();
+        let pix = g.ho * g.wo;
+        let co_ld = g.co.next_multiple_of(4);
+        let direct = self.gemm_reads_nchw(pix);
+        let dx = self.empty([g.n, g.ci, g.h, g.w], DType::F32)?;
+        // W^T [k, co_ld] for dcol = W^T @ dY'.
+        let wt = self.empty([k, co_ld], DType::F32)?;
+        self.pack_into(OP, Mat::transposed(w, k), k, g.co, &wt, 0, co_ld, k, co_ld)?;
+        // The subgroup GEMM reads dY' from dy in place; only the tiled path needs a copy.
+        let dcp = self.empty(if direct { [1, 1] } else { [g.co, plan.p_ld] }, DType::F32)?;
+        let dcol = self.empty([k, plan.p_ld], DType::F32)?;
+        for (n0, nb) in plan.chunks() {
+            let p = plan.params(n0, nb);
+            let np = nb * pix;
+            if direct {
+                // dcol = W^T @ dY', reading dY' straight out of NCHW dy.
+                let b = Mat { t: dy, off: n0 * g.co * pix, ld: pix, trans: false };
+                let fused = Fused { b_batch: Some((pix / 4, g.co * pix / 4)), ..Fused::default() };
+                self.gemm_subgroup(
+                    OP,
+                    k,
+                    np,
+                    g.co,
+                    Mat::rows(&wt, co_ld),
+                    b,
+                    Mat::rows(&dcol, plan.p_ld),
+                    false,
+                    fused,
+                )?;
+            } else {
+                let (entry, items) = if pix % 4 == 0 { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
+                let groups = self.plane_grid(items, 4, nb * g.co);
+                self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dcp.arg()], groups)?;
+                // dcol [k, np] = W^T [k, co] @ dY' [co, np]
+                self.gemm_into(
+                    OP,
+                    k,
+                    np,
+                    g.co,
+                    Mat::rows(&wt, co_ld),
+                    Mat::rows(&dcp, plan.p_ld),
+                    Mat::rows(&dcol, plan.p_ld),
+                    false,
+                )?;
+            }
+            let groups = self.plane_grid(g.h, 1, nb * g.ci);
+            self.dispatch(OP, (FILE, "col2im"), &[], &p, &[dcol.arg(), dx.arg()], groups)?;
+        }
+        Ok(dx)
     }
 }

@@ -10,8 +10,11 @@ mod loss;
 mod optim;
 mod pool;
 mod reduce;
+mod winograd;
 
 pub use conv::{Conv2dGrads, ConvForward};
+pub(crate) use winograd::ConvKey;
+pub use winograd::{ConvAlgo, ConvChoice};
 
 use strata_tensor::DType;
 
