@@ -216,10 +216,11 @@ fn conv2d_matches_reference_with_both_kernels_and_algorithms() {
             let opts = strata_gpu::ConvForward { relu: true, keep_col: true };
             let (yr, col) = g.conv2d_with(&gx, &gw, Some(&gb), params, opts).unwrap();
             assert_close(&format!("{what} relu"), &down(&mut g, &yr), &cpu::relu(&want), 1e-4, 1e-5 * k.sqrt());
-            // Winograd keeps no patch matrix; the backward pass then builds it.
+            // im2col keeps its patch matrix, Winograd its input transform.
             let winograd = algo == ConvAlgo::Winograd && ws[2..] == [3, 3] && s == 1;
-            assert_eq!(col.is_none(), winograd, "{what}: a patch matrix is kept exactly when im2col ran");
-            let again = g.conv2d_backward_with(&gx, &gw, &gdy, params, true, col.as_ref()).unwrap();
+            let col = col.expect("small batches fit one chunk");
+            assert_eq!(col.shape().rank(), if winograd { 3 } else { 2 }, "{what}: kept {}", col.shape());
+            let again = g.conv2d_backward_with(&gx, &gw, &gdy, params, true, Some(&col)).unwrap();
             assert_close(
                 &format!("{what} dw from kept patches"),
                 &down(&mut g, &again.dw),
@@ -294,9 +295,12 @@ fn winograd_matches_reference_forward_and_input_gradient() {
                 let want = cpu::conv2d(&x, &w, Some(&b), params).unwrap();
                 let k = (xs[1] * 9) as f32;
                 let opts = strata_gpu::ConvForward { relu: true, keep_col: true };
-                let (y, col) = g.conv2d_with(&gx, &gw, Some(&gb), params, opts).unwrap();
-                assert!(col.is_none(), "{what}: winograd keeps no patch matrix");
+                let (y, kept) = g.conv2d_with(&gx, &gw, Some(&gb), params, opts).unwrap();
                 assert_close(&what, &down(&mut g, &y), &cpu::relu(&want), 1e-4, 1e-5 * k.sqrt());
+                match &kept {
+                    Some(v) => assert_eq!(v.shape().dims()[..2], [36, xs[1]], "{what}: kept {}", v.shape()),
+                    None => assert!(chunked, "{what}: one chunk keeps the input transform"),
+                }
                 let y = g.conv2d(&gx, &gw, None, params).unwrap();
                 let want = cpu::conv2d(&x, &w, None, params).unwrap();
                 assert_close(&format!("{what} no bias"), &down(&mut g, &y), &want, 1e-4, 1e-5 * k.sqrt());
@@ -308,6 +312,15 @@ fn winograd_matches_reference_forward_and_input_gradient() {
                 assert_close(&format!("{what} dx"), &dx, &r.dx, 1e-4, 1e-5 * (co as f32 * k).sqrt());
                 let pix = (want.shape().dim(0) * want.shape().dim(2) * want.shape().dim(3)) as f32;
                 assert_close(&format!("{what} dw"), &down(&mut g, &grads.dw), &r.dw, 1e-4, 1e-5 * pix.sqrt());
+                assert_close(&format!("{what} db"), &down(&mut g, &grads.db), &r.db, 1e-4, 1e-5 * pix.sqrt());
+                let again = g.conv2d_backward_with(&gx, &gw, &gdy, params, false, kept.as_ref()).unwrap();
+                assert_close(
+                    &format!("{what} dw from kept V"),
+                    &down(&mut g, &again.dw),
+                    &r.dw,
+                    1e-4,
+                    1e-5 * pix.sqrt(),
+                );
             }
         }
     }
@@ -335,18 +348,17 @@ fn conv_algo_auto_times_each_geometry_once_and_keeps_programs_atomic() {
     let grads = g.conv2d_backward(&gx, &gw, &gdy, params, true).unwrap();
     let r = cpu::conv2d_backward(&x, &w, &dy, params).unwrap();
     assert_close("auto dx", &down(&mut g, grads.dx.as_ref().unwrap()), &r.dx, 1e-4, 1e-5 * (16.0 * 72f32).sqrt());
+    assert_close("auto dw", &down(&mut g, &grads.dw), &r.dw, 1e-4, 1e-5 * 200f32.sqrt());
     let cases: Vec<String> = g.conv_choices().into_iter().map(|c| c.case).collect();
-    assert_eq!(
-        cases,
-        ["[2,8,10,10] -> 16, padding (1, 1), forward", "[2,8,10,10] -> 16, padding (1, 1), input gradient"]
-    );
+    let geometry = "[2,8,10,10] -> 16, padding (1, 1)";
+    assert_eq!(cases, ["forward", "input gradient", "weight gradient"].map(|d| format!("{geometry}, {d}")));
     // Known geometries are not timed again; other filters are never timed.
     g.conv2d(&gx, &gw, None, params).unwrap();
     g.conv2d_backward(&gx, &gw, &gdy, params, true).unwrap();
     g.conv2d(&gx, &gw, None, Conv2dParams::new(2, 1)).unwrap();
     let w1 = up(&mut g, &HostTensor::random([4, 8, 1, 1], 4));
     g.conv2d(&gx, &w1, None, Conv2dParams::new(1, 0)).unwrap();
-    assert_eq!(g.conv_choices().len(), 2);
+    assert_eq!(g.conv_choices().len(), 3);
 
     // A program whose Adam step precedes a first-use convolution and which then fails
     // leaves the parameter unchanged: the timing runs submitted none of its work.
@@ -364,7 +376,7 @@ fn conv_algo_auto_times_each_geometry_once_and_keeps_programs_atomic() {
         Op::Add { a: t(6), b: t(99), out: t(8) },
     ];
     assert!(ex.run(&program).is_err());
-    assert_eq!(ex.gpu().conv_choices().len(), 3, "the new geometry was timed");
+    assert_eq!(ex.gpu().conv_choices().len(), 4, "the new geometry was timed");
     assert_eq!(ex.download::<f32>(t(1)).unwrap(), param, "a failed program changed a parameter");
     assert!(ex.get(t(6)).is_err());
 }

@@ -163,6 +163,34 @@ pub struct GpuStats {
     pub submits: u64,
 }
 
+/// Time spent in one kernel while profiling (see [`Gpu::set_profiling`]).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KernelTime {
+    /// `file:entry`, with sizes where the kernel gives them.
+    pub kernel: String,
+    /// Dispatches.
+    pub calls: u64,
+    /// Wall-clock seconds from submission to completion.
+    pub wall_s: f64,
+    /// CPU seconds of the whole process meanwhile (on a CPU adapter, the kernel's own
+    /// work, and less disturbed than wall time by other load on a shared machine); NaN
+    /// where the platform does not report it.
+    pub cpu_s: f64,
+}
+
+/// CPU seconds used by this process so far, all threads.
+fn process_cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid timespec for clock_gettime to write.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+    }
+    f64::NAN
+}
+
 /// One GPU device: its queue, kernels, buffer pool and the command encoder being recorded.
 pub struct Gpu {
     pub(crate) device: wgpu::Device,
@@ -181,8 +209,8 @@ pub struct Gpu {
     pub(crate) scratch_bytes_max: usize,
     /// Lanes per workgroup of the grid-stride kernels (the `WG` override).
     pub(crate) wg: u32,
-    /// Per-kernel wall time when profiling: (calls, seconds) by `file:entry`.
-    profile: Option<std::collections::BTreeMap<String, (u64, f64)>>,
+    /// Per-kernel times when profiling, by `file:entry`.
+    profile: Option<std::collections::BTreeMap<String, KernelTime>>,
     /// Extra label for the next profiled dispatch (e.g. GEMM sizes).
     pub(crate) profile_tag: Option<String>,
     /// Limit on every wait for the device.
@@ -294,9 +322,9 @@ impl Gpu {
         self.profile.is_some()
     }
 
-    /// Calls and seconds per kernel (`file:entry`) since profiling was turned on.
-    pub fn profile(&self) -> Vec<(String, u64, f64)> {
-        self.profile.iter().flatten().map(|(k, (n, s))| (k.clone(), *n, *s)).collect()
+    /// Calls and times per kernel (`file:entry` and sizes) since profiling was turned on.
+    pub fn profile(&self) -> Vec<KernelTime> {
+        self.profile.iter().flatten().map(|(_, t)| t.clone()).collect()
     }
 
     /// Releases idle pool buffers.
@@ -559,16 +587,23 @@ impl Gpu {
         drop(pass);
         self.dispatches += 1;
         if self.profile.is_some() {
-            let start = std::time::Instant::now();
+            let (start, cpu_start) = (std::time::Instant::now(), process_cpu_seconds());
             self.sync()?;
             let secs = start.elapsed().as_secs_f64();
+            let cpu = process_cpu_seconds() - cpu_start;
             let label = match self.profile_tag.take() {
                 Some(t) => format!("{}:{} {t}", kernel.0, kernel.1),
                 None => format!("{}:{}", kernel.0, kernel.1),
             };
-            let e = self.profile.as_mut().expect("checked").entry(label).or_default();
-            e.0 += 1;
-            e.1 += secs;
+            let e = self
+                .profile
+                .as_mut()
+                .expect("checked")
+                .entry(label.clone())
+                .or_insert_with(|| KernelTime { kernel: label, ..KernelTime::default() });
+            e.calls += 1;
+            e.wall_s += secs;
+            e.cpu_s += cpu;
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ mod tensor;
 pub use actor::{Download, Free, GpuActor, GpuHandle, Info, Run, Shutdown, Stats, Upload, With};
 pub use device::{AdapterRequest, DeviceInfo, list_adapters};
 pub use error::{GpuError, Result};
-pub use gpu::{DEVICE_TIMEOUT_DEFAULT, GemmKernel, Gpu, GpuOptions, GpuStats};
+pub use gpu::{DEVICE_TIMEOUT_DEFAULT, GemmKernel, Gpu, GpuOptions, GpuStats, KernelTime};
 pub use ops::{Conv2dGrads, ConvAlgo, ConvChoice, ConvForward};
 pub use pool::PoolStats;
 pub use program::{Executor, Op, Program, TensorId};

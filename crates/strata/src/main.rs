@@ -486,8 +486,14 @@ fn bench_kernels(device: &DeviceArgs, json: bool, iters: usize, filter: Option<S
     let profile = gpu.profile();
     if !profile.is_empty() {
         println!("\nper-kernel wall time (STRATA_PROFILE):");
-        for (kernel, calls, secs) in profile {
-            println!("  {kernel:<36} {calls:>6} calls {:>10.1} ms", secs * 1e3);
+        for k in profile {
+            println!(
+                "  {:<56} {:>6} calls {:>10.1} ms wall {:>10.1} ms cpu",
+                k.kernel,
+                k.calls,
+                k.wall_s * 1e3,
+                k.cpu_s * 1e3
+            );
         }
     }
     Ok(())

@@ -8,6 +8,7 @@ use strata_tensor::geometry::{self, Conv2dParams, ConvGeometry};
 use strata_tensor::{DType, TensorError};
 
 use super::gemm::{Fused, Mat};
+use super::winograd::Direction;
 use super::{expect_binding, expect_dtype, u};
 use crate::{GemmKernel, Gpu, GpuError, GpuTensor, Result};
 
@@ -41,7 +42,8 @@ struct Params {
 pub struct ConvForward {
     /// Apply ReLU to the output (fused into the output pass).
     pub relu: bool,
-    /// Keep the patch matrix for the backward pass.
+    /// Keep what the backward pass can reuse: the patch matrix (im2col) or the input
+    /// transform (Winograd).
     pub keep_col: bool,
 }
 
@@ -156,10 +158,10 @@ impl Gpu {
         Ok(self.conv2d_with(x, w, bias, params, ConvForward::default())?.0)
     }
 
-    /// [`Gpu::conv2d`] with a fused ReLU and, with `keep_col`, the patch matrix returned
-    /// for [`Gpu::conv2d_backward_with`] (when the batch fitted one chunk and the
-    /// forward pass ran im2col; else `None`). A 3x3 stride-1 convolution may run
-    /// Winograd instead (see [`Gpu::set_conv_algo`]).
+    /// [`Gpu::conv2d`] with a fused ReLU and, with `keep_col`, what the backward pass can
+    /// reuse (when the batch fitted one chunk; else `None`): the patch matrix, or for a
+    /// 3x3 stride-1 convolution that ran Winograd (see [`Gpu::set_conv_algo`]) its input
+    /// transform. [`Gpu::conv2d_backward_with`] tells the two apart by shape.
     pub fn conv2d_with(
         &mut self,
         x: &GpuTensor,
@@ -186,8 +188,8 @@ impl Gpu {
                 &zero_bias
             }
         };
-        if self.conv_uses_winograd(&g, false, opts.keep_col, opts.relu) {
-            return Ok((self.conv2d_winograd(&g, x, w, bias, opts.relu)?, None));
+        if self.conv_uses_winograd(&g, Direction::Forward) {
+            return self.conv2d_winograd(&g, x, w, bias, opts.relu, opts.keep_col);
         }
         self.conv2d_im2col(&g, x, w, bias, opts.relu, opts.keep_col)
     }
@@ -265,8 +267,9 @@ impl Gpu {
         self.conv2d_backward_with(x, w, dy, params, input_grad, None)
     }
 
-    /// [`Gpu::conv2d_backward`] reusing the patch matrix the forward pass kept (see
-    /// [`Gpu::conv2d_with`]) instead of building it again.
+    /// [`Gpu::conv2d_backward`] reusing what the forward pass kept (see
+    /// [`Gpu::conv2d_with`]) instead of building it again, when the weight gradient
+    /// runs the same algorithm as that forward pass did.
     pub fn conv2d_backward_with(
         &mut self,
         x: &GpuTensor,
@@ -274,7 +277,7 @@ impl Gpu {
         dy: &GpuTensor,
         params: Conv2dParams,
         input_grad: bool,
-        saved_col: Option<&GpuTensor>,
+        saved: Option<&GpuTensor>,
     ) -> Result<Conv2dGrads> {
         const OP: &str = "conv2d_backward";
         let g = geometry::conv2d(x.shape(), w.shape(), None, params)?;
@@ -285,17 +288,39 @@ impl Gpu {
         }
         self.check_conv_operands(OP, &[("input", x), ("weight", w), ("output gradient", dy)])?;
         let plan = self.conv_plan(OP, g)?;
-        let k = g.patch_len();
-        let pix = g.ho * g.wo;
-        let co_ld = g.co.next_multiple_of(4);
-        let reuse = saved_col.filter(|c| plan.nb >= g.n && c.shape().dims() == [k, plan.p_ld]);
         let dx = match input_grad {
-            true if self.conv_uses_winograd(&g, true, false, false) => {
+            true if self.conv_uses_winograd(&g, Direction::InputGrad) => {
                 Some(self.conv2d_input_grad_winograd(&g, w, dy)?)
             }
             true => Some(self.conv2d_input_grad_im2col(&plan, w, dy)?),
             false => None,
         };
+        let dw = if self.conv_uses_winograd(&g, Direction::WeightGrad) {
+            self.conv2d_weight_grad_winograd(&g, x, dy, saved)?
+        } else {
+            self.conv2d_weight_grad_im2col(&plan, x, dy, saved)?
+        };
+        let db = self.empty([g.co], DType::F32)?;
+        let p = plan.params(0, g.n);
+        self.dispatch(OP, (FILE, "bias_grad"), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
+        Ok(Conv2dGrads { dx, dw, db })
+    }
+
+    /// The weight gradient by im2col + GEMM, reusing the patch matrix `saved` when it
+    /// has the right shape: dW^T += col @ dY^T per chunk, then transposed.
+    pub(super) fn conv2d_weight_grad_im2col(
+        &mut self,
+        plan: &Plan,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        saved: Option<&GpuTensor>,
+    ) -> Result<GpuTensor> {
+        const OP: &str = "conv2d_backward";
+        let g = plan.g;
+        let k = g.patch_len();
+        let pix = g.ho * g.wo;
+        let co_ld = g.co.next_multiple_of(4);
+        let reuse = saved.filter(|c| plan.nb >= g.n && c.shape().dims() == [k, plan.p_ld]);
         let fresh;
         let col = match reuse {
             Some(c) => c,
@@ -309,7 +334,7 @@ impl Gpu {
         for (i, (n0, nb)) in plan.chunks().enumerate() {
             let p = plan.params(n0, nb);
             if reuse.is_none() {
-                self.im2col(OP, &plan, x, col, n0, nb)?;
+                self.im2col(OP, plan, x, col, n0, nb)?;
             }
             self.dispatch(OP, (FILE, "nchw_to_pc"), &[], &p, &[dy.arg(), dyt.arg()], self.plane_grid(pix, 1, nb))?;
             // dW^T [k, co] (+)= col [k, np] @ dY^T [np, co]
@@ -324,12 +349,9 @@ impl Gpu {
                 i > 0,
             )?;
         }
-        let dw = self.empty(w.shape().clone(), DType::F32)?;
+        let dw = self.empty([g.co, g.ci, g.kh, g.kw], DType::F32)?;
         self.pack_into(OP, Mat::transposed(&dwt, co_ld), g.co, k, &dw, 0, k, g.co, k)?;
-        let db = self.empty([g.co], DType::F32)?;
-        let p = plan.params(0, g.n);
-        self.dispatch(OP, (FILE, "bias_grad"), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
-        Ok(Conv2dGrads { dx, dw, db })
+        Ok(dw)
     }
 
     /// The input gradient by im2col + GEMM: dcol = W^T @ dY', then col2im.

@@ -265,7 +265,7 @@ impl Gpu {
         self.dispatch(op, ("gemm_tiled.wgsl", "gemm"), &[], &p, &[a.t.arg(), b.t.arg(), c.t.arg()], groups)
     }
 
-    /// `batch.count` products `C_z = A_z @ B_z` in one dispatch, with operands already in
+    /// `batch.count` products `C_z (+)= A_z @ B_z` in one dispatch, with operands already in
     /// the layout of the device's GEMM kernel: for the subgroup kernel, A, B and C
     /// row-major with vec4-aligned rows, offsets and batch strides, and C's rows at least
     /// `n` rounded up to 4 long (the padding columns are written).
@@ -280,14 +280,15 @@ impl Gpu {
         a: Mat<'_>,
         b: Mat<'_>,
         c: Mat<'_>,
+        accumulate: bool,
     ) -> Result<()> {
         assert!(k > 0 && m > 0 && n > 0 && batch.count > 0, "gemm_batched needs non-empty products");
         match self.gemm {
-            GemmKernel::Tiled => self.gemm_tiled(op, m, n, k, a, b, c, false, batch),
+            GemmKernel::Tiled => self.gemm_tiled(op, m, n, k, a, b, c, accumulate, batch),
             GemmKernel::Subgroup8 => {
                 debug_assert!([batch.a, batch.b, batch.c].iter().all(|s| s.is_multiple_of(4)));
                 let fused = Fused { batch, ..Fused::default() };
-                self.gemm_subgroup(op, m, n.next_multiple_of(4), k, a, b, c, false, fused)
+                self.gemm_subgroup(op, m, n.next_multiple_of(4), k, a, b, c, accumulate, fused)
             }
         }
     }

@@ -10,7 +10,7 @@ mod loss;
 mod optim;
 mod pool;
 mod reduce;
-mod winograd;
+pub(crate) mod winograd;
 
 pub use conv::{Conv2dGrads, ConvForward};
 pub(crate) use winograd::ConvKey;

@@ -4,8 +4,10 @@
 //! A 3x3 convolution at stride 1 computes each 4x4 output tile from the 6x6 input patch
 //! under it with 36 multiplies per (input, output) channel pair instead of 144, as 36
 //! matrix products over channels run as one batched GEMM. The input gradient is the
-//! same convolution of the output gradient with the filter rotated and transposed; the
-//! weight gradient stays on the im2col path.
+//! same convolution of the output gradient with the filter rotated and transposed. The
+//! weight gradient is the adjoint: the input transform V (kept by the forward pass),
+//! the output gradient's tiles through the transposed output transform, a batched GEMM
+//! summing over tiles, and the transposed filter transform.
 //!
 //! Rounding differs from im2col (the transforms add and scale), within the tolerances
 //! the tests hold both paths to, and it depends on a pixel's position in its tile, so
@@ -35,12 +37,12 @@ const TRIALS: usize = 3;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ConvAlgo {
     /// Time both at the first use of each geometry and direction (forward, input
-    /// gradient) and keep the faster for the rest of the process.
+    /// gradient, weight gradient) and keep the faster for the rest of the process.
     #[default]
     Auto,
     /// im2col + GEMM.
     Im2col,
-    /// Winograd F(4x4, 3x3) for the forward pass and the input gradient.
+    /// Winograd F(4x4, 3x3) for the forward pass and both gradients.
     Winograd,
 }
 
@@ -65,6 +67,24 @@ impl ConvAlgo {
     }
 }
 
+/// One of the three products of a convolution's training step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Direction {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::InputGrad => "input gradient",
+            Self::WeightGrad => "weight gradient",
+        }
+    }
+}
+
 /// A convolution geometry and direction, the key of [`ConvAlgo::Auto`]'s choices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct ConvKey {
@@ -74,10 +94,7 @@ pub(crate) struct ConvKey {
     w: usize,
     co: usize,
     padding: (usize, usize),
-    /// The input gradient rather than the forward pass.
-    input_grad: bool,
-    /// Forward pass whose patch matrix is kept: Winograd leaves it to the backward pass.
-    keep_col: bool,
+    direction: Direction,
 }
 
 /// One choice [`ConvAlgo::Auto`] made, with the times it was made on.
@@ -89,8 +106,7 @@ pub struct ConvChoice {
     pub algo: ConvAlgo,
     /// Fastest im2col run, seconds.
     pub im2col_s: f64,
-    /// Fastest Winograd run, seconds (including the patch matrix the backward pass then
-    /// builds, for a forward pass that was asked to keep it).
+    /// Fastest Winograd run, seconds.
     pub winograd_s: f64,
 }
 
@@ -176,25 +192,23 @@ impl Gpu {
         let binding = self.info().max_storage_binding_bytes as usize;
         let (th, tw) = s.tiles();
         let tiles = th * tw;
-        let per_image = POSITIONS * tiles * s.c.max(s.co) * 4;
+        // V, M (forward) and dM^T (weight gradient) rows, whichever is widest.
+        let rows = s.c.max(s.co.next_multiple_of(4));
+        let per_image = POSITIONS * tiles * rows * 4;
         let nb = (binding.min(self.scratch_bytes_max) / per_image.max(1)).clamp(1, s.n);
         let p_ld = (nb * tiles).next_multiple_of(4);
-        let fits = POSITIONS * s.c.max(s.co) * p_ld * 4 <= binding
-            && POSITIONS * s.co * s.c.next_multiple_of(4) * 4 <= binding;
+        let fits = POSITIONS * rows * p_ld * 4 <= binding
+            && POSITIONS * s.co.next_multiple_of(4) * s.c.next_multiple_of(4) * 4 <= binding;
         fits.then_some((nb, p_ld))
     }
 
-    /// Whether the forward pass (`input_grad: false`) or the input gradient of `g` runs
-    /// Winograd, measuring both algorithms at the first use of a geometry under
-    /// [`ConvAlgo::Auto`].
-    pub(crate) fn conv_uses_winograd(
-        &mut self,
-        g: &ConvGeometry,
-        input_grad: bool,
-        keep_col: bool,
-        relu: bool,
-    ) -> bool {
-        let shape = if input_grad { Shape3::input_grad(g) } else { Shape3::forward(g) };
+    /// Whether `direction` of `g` runs Winograd, measuring both algorithms at the first
+    /// use of a geometry and direction under [`ConvAlgo::Auto`].
+    pub(crate) fn conv_uses_winograd(&mut self, g: &ConvGeometry, direction: Direction) -> bool {
+        let shape = match direction {
+            Direction::InputGrad => Shape3::input_grad(g),
+            Direction::Forward | Direction::WeightGrad => Shape3::forward(g),
+        };
         if !applies(g) || self.winograd_plan(&shape).is_none() {
             return false;
         }
@@ -202,30 +216,13 @@ impl Gpu {
             ConvAlgo::Im2col => false,
             ConvAlgo::Winograd => true,
             ConvAlgo::Auto => {
-                let key = ConvKey {
-                    n: g.n,
-                    ci: g.ci,
-                    h: g.h,
-                    w: g.w,
-                    co: g.co,
-                    padding: g.params.padding,
-                    input_grad,
-                    keep_col: keep_col && !input_grad,
-                };
+                let (n, ci, h, w, co, padding) = (g.n, g.ci, g.h, g.w, g.co, g.params.padding);
+                let key = ConvKey { n, ci, h, w, co, padding, direction };
                 if let Some(c) = self.conv_choices.get(&key) {
                     return c.algo == ConvAlgo::Winograd;
                 }
-                let case = format!(
-                    "[{},{},{},{}] -> {}, padding {:?}, {}",
-                    g.n,
-                    g.ci,
-                    g.h,
-                    g.w,
-                    g.co,
-                    g.params.padding,
-                    if input_grad { "input gradient" } else { "forward" }
-                );
-                let choice = match self.isolated(|gpu| gpu.time_conv_algos(g, input_grad, key.keep_col, relu)) {
+                let case = format!("[{n},{ci},{h},{w}] -> {co}, padding {padding:?}, {}", direction.name());
+                let choice = match self.isolated(|gpu| gpu.time_conv_algos(g, direction)) {
                     Ok((im2col_s, winograd_s)) => {
                         let algo = if winograd_s < im2col_s { ConvAlgo::Winograd } else { ConvAlgo::Im2col };
                         ConvChoice { case, algo, im2col_s, winograd_s }
@@ -250,14 +247,10 @@ impl Gpu {
     }
 
     /// Fastest of [`TRIALS`] runs of each algorithm on stand-in operands (run inside
-    /// [`Gpu::isolated`]), interleaved so a change in machine load hits both.
-    fn time_conv_algos(
-        &mut self,
-        g: &ConvGeometry,
-        input_grad: bool,
-        keep_col: bool,
-        relu: bool,
-    ) -> Result<(f64, f64)> {
+    /// [`Gpu::isolated`]), interleaved so a change in machine load hits both. Nothing
+    /// is reused from a forward pass: each weight-gradient candidate builds its own
+    /// input transform.
+    fn time_conv_algos(&mut self, g: &ConvGeometry, direction: Direction) -> Result<(f64, f64)> {
         let filled = |gpu: &mut Gpu, shape: strata_tensor::Shape, v: f32| -> Result<GpuTensor> {
             let t = gpu.empty(shape, DType::F32)?;
             gpu.fill(&t, v)?;
@@ -269,28 +262,19 @@ impl Gpu {
         let dy = filled(self, g.output_shape(), 0.5)?;
         let run = |gpu: &mut Gpu, winograd: bool| -> Result<f64> {
             let start = Instant::now();
-            match (input_grad, winograd) {
-                (false, false) => {
-                    gpu.conv2d_im2col(g, &x, &w, &b, relu, keep_col)?;
-                }
-                (false, true) => {
-                    gpu.conv2d_winograd(g, &x, &w, &b, relu)?;
-                    if keep_col {
-                        // The backward pass then builds the patch matrix itself.
-                        let plan = gpu.conv_plan("conv2d", *g)?;
-                        let col = gpu.empty([g.patch_len(), plan.p_ld], DType::F32)?;
-                        for (n0, nb) in plan.chunks() {
-                            gpu.im2col("conv2d", &plan, &x, &col, n0, nb)?;
-                        }
-                    }
-                }
-                (true, false) => {
+            match (direction, winograd) {
+                (Direction::Forward, false) => drop(gpu.conv2d_im2col(g, &x, &w, &b, false, true)?),
+                (Direction::Forward, true) => drop(gpu.conv2d_winograd(g, &x, &w, &b, false, true)?),
+                (Direction::InputGrad, false) => {
                     let plan = gpu.conv_plan("conv2d_backward", *g)?;
                     gpu.conv2d_input_grad_im2col(&plan, &w, &dy)?;
                 }
-                (true, true) => {
-                    gpu.conv2d_input_grad_winograd(g, &w, &dy)?;
+                (Direction::InputGrad, true) => drop(gpu.conv2d_input_grad_winograd(g, &w, &dy)?),
+                (Direction::WeightGrad, false) => {
+                    let plan = gpu.conv_plan("conv2d_backward", *g)?;
+                    gpu.conv2d_weight_grad_im2col(&plan, &x, &dy, None)?;
                 }
+                (Direction::WeightGrad, true) => drop(gpu.conv2d_weight_grad_winograd(g, &x, &dy, None)?),
             }
             gpu.sync()?;
             Ok(start.elapsed().as_secs_f64())
@@ -317,9 +301,57 @@ impl Gpu {
         Ok(t)
     }
 
-    /// `y` = Winograd convolution of `src` with the transformed filter `u`, plus `bias`
+    /// The input transform V `[36, c, p_ld]` of images `n0..n0 + nb` of `src` into `v`.
+    fn winograd_input(
+        &mut self,
+        op: &'static str,
+        s: &Shape3,
+        src: &GpuTensor,
+        v: &GpuTensor,
+        n0: usize,
+        nb: usize,
+        p_ld: usize,
+    ) -> Result<()> {
+        let p = self.winograd_params(s, n0, nb, p_ld, false);
+        // Four tiles per lane.
+        let groups = self.plane_grid(p_ld / 4, 1, s.c);
+        self.dispatch(op, (FILE, "wino_input"), &[], &p, &[src.arg(), v.arg()], groups)
+    }
+
+    fn winograd_params(&self, s: &Shape3, n0: usize, nb: usize, p_ld: usize, relu: bool) -> Params {
+        let (th, tw) = s.tiles();
+        Params {
+            c: u(s.c),
+            h: u(s.h),
+            w: u(s.w),
+            ho: u(s.ho),
+            wo: u(s.wo),
+            th: u(th),
+            tw: u(tw),
+            pad_h: s.pad.0,
+            pad_w: s.pad.1,
+            n0: u(n0),
+            nb: u(nb),
+            p_ld: u(p_ld),
+            co: u(s.co),
+            k_ld: u(s.c.next_multiple_of(4)),
+            relu: u32::from(relu),
+            flip: 0,
+        }
+    }
+
+    fn winograd_plan_or_err(&self, op: &'static str, s: &Shape3) -> Result<(usize, usize)> {
+        self.winograd_plan(s).ok_or_else(|| GpuError::BindingTooLarge {
+            op,
+            what: "winograd transforms of one image",
+            bytes: (POSITIONS * s.tiles().0 * s.tiles().1 * s.c.max(s.co.next_multiple_of(4)) * 4) as u64,
+            limit_bytes: self.info().max_storage_binding_bytes,
+        })
+    }
+
+    /// `y` = Winograd convolution of `src` with the transformed filter `ut`, plus `bias`
     /// per output channel, then ReLU when `relu`; images in chunks that fit the scratch
-    /// limit.
+    /// limit. With `keep`, returns V when the batch fitted one chunk.
     #[allow(clippy::too_many_arguments)]
     fn winograd_run(
         &mut self,
@@ -330,15 +362,9 @@ impl Gpu {
         bias: &GpuTensor,
         relu: bool,
         y: &GpuTensor,
-    ) -> Result<()> {
-        let Some((nb, p_ld)) = self.winograd_plan(s) else {
-            return Err(GpuError::BindingTooLarge {
-                op,
-                what: "winograd transforms of one image",
-                bytes: (POSITIONS * s.tiles().0 * s.tiles().1 * s.c.max(s.co) * 4) as u64,
-                limit_bytes: self.info().max_storage_binding_bytes,
-            });
-        };
+        keep: bool,
+    ) -> Result<Option<GpuTensor>> {
+        let (nb, p_ld) = self.winograd_plan_or_err(op, s)?;
         let (th, tw) = s.tiles();
         let k_ld = s.c.next_multiple_of(4);
         let v = self.empty([POSITIONS, s.c, p_ld], DType::F32)?;
@@ -346,44 +372,19 @@ impl Gpu {
         for n0 in (0..s.n).step_by(nb) {
             let nbc = nb.min(s.n - n0);
             let cols = nbc * th * tw;
-            let p = Params {
-                c: u(s.c),
-                h: u(s.h),
-                w: u(s.w),
-                ho: u(s.ho),
-                wo: u(s.wo),
-                th: u(th),
-                tw: u(tw),
-                pad_h: s.pad.0,
-                pad_w: s.pad.1,
-                n0: u(n0),
-                nb: u(nbc),
-                p_ld: u(p_ld),
-                co: u(s.co),
-                k_ld: u(k_ld),
-                relu: u32::from(relu),
-                flip: 0,
-            };
-            let groups = self.plane_grid(cols.next_multiple_of(4), 1, s.c);
-            self.dispatch(op, (FILE, "wino_input"), &[], &p, &[src.arg(), v.arg()], groups)?;
+            self.winograd_input(op, s, src, &v, n0, nbc, p_ld)?;
             let batch = Batch { count: POSITIONS, a: s.co * k_ld, b: s.c * p_ld, c: s.co * p_ld };
-            self.gemm_batched(
-                op,
-                batch,
-                s.co,
-                cols,
-                s.c,
-                Mat::rows(ut, k_ld),
-                Mat::rows(&v, p_ld),
-                Mat::rows(&m, p_ld),
-            )?;
-            let groups = self.plane_grid(cols, 1, s.co);
+            let (a, b, c) = (Mat::rows(ut, k_ld), Mat::rows(&v, p_ld), Mat::rows(&m, p_ld));
+            self.gemm_batched(op, batch, s.co, cols, s.c, a, b, c, false)?;
+            let p = self.winograd_params(s, n0, nbc, p_ld, relu);
+            let groups = self.plane_grid(cols.div_ceil(4), 1, s.co);
             self.dispatch(op, (FILE, "wino_output"), &[], &p, &[m.arg(), bias.arg(), y.arg()], groups)?;
         }
-        Ok(())
+        Ok((keep && nb >= s.n).then_some(v))
     }
 
-    /// The forward pass of a 3x3 stride-1 convolution by Winograd.
+    /// The forward pass of a 3x3 stride-1 convolution by Winograd; with `keep`, also
+    /// the input transform for [`Gpu::conv2d_weight_grad_winograd`] (one chunk only).
     pub(crate) fn conv2d_winograd(
         &mut self,
         g: &ConvGeometry,
@@ -391,14 +392,14 @@ impl Gpu {
         w: &GpuTensor,
         bias: &GpuTensor,
         relu: bool,
-    ) -> Result<GpuTensor> {
+        keep: bool,
+    ) -> Result<(GpuTensor, Option<GpuTensor>)> {
         const OP: &str = "conv2d";
         let s = Shape3::forward(g);
         let ut = self.winograd_filter(OP, w, &s, false)?;
         let y = self.empty(g.output_shape(), DType::F32)?;
-        expect_binding(OP, "output", &y, self.info().max_storage_binding_bytes)?;
-        self.winograd_run(OP, &s, x, &ut, bias, relu, &y)?;
-        Ok(y)
+        let v = self.winograd_run(OP, &s, x, &ut, bias, relu, &y, keep)?;
+        Ok((y, v))
     }
 
     /// The input gradient of a 3x3 stride-1 convolution by Winograd.
@@ -413,7 +414,53 @@ impl Gpu {
         let ut = self.winograd_filter(OP, w, &s, true)?;
         let dx = self.empty([g.n, g.ci, g.h, g.w], DType::F32)?;
         let zero = self.zeros([g.ci], DType::F32)?;
-        self.winograd_run(OP, &s, dy, &ut, &zero, false, &dx)?;
+        self.winograd_run(OP, &s, dy, &ut, &zero, false, &dx, false)?;
         Ok(dx)
+    }
+
+    /// The weight gradient `[co, ci, 3, 3]` of a 3x3 stride-1 convolution by Winograd,
+    /// reusing the forward pass's input transform `saved` when it has the right shape.
+    pub(crate) fn conv2d_weight_grad_winograd(
+        &mut self,
+        g: &ConvGeometry,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        saved: Option<&GpuTensor>,
+    ) -> Result<GpuTensor> {
+        const OP: &str = "conv2d_backward";
+        let s = Shape3::forward(g);
+        let (nb, p_ld) = self.winograd_plan_or_err(OP, &s)?;
+        let (th, tw) = s.tiles();
+        let co_ld = s.co.next_multiple_of(4);
+        let reuse = saved.filter(|v| nb >= s.n && v.shape().dims() == [POSITIONS, s.c, p_ld]);
+        let fresh;
+        let v = match reuse {
+            Some(v) => v,
+            None => {
+                fresh = self.empty([POSITIONS, s.c, p_ld], DType::F32)?;
+                &fresh
+            }
+        };
+        let dmt = self.empty([POSITIONS, p_ld, co_ld], DType::F32)?;
+        let dut = self.empty([POSITIONS, s.c, co_ld], DType::F32)?;
+        for (i, n0) in (0..s.n).step_by(nb).enumerate() {
+            let nbc = nb.min(s.n - n0);
+            let cols = nbc * th * tw;
+            if reuse.is_none() {
+                self.winograd_input(OP, &s, x, v, n0, nbc, p_ld)?;
+            }
+            let p = Params { k_ld: u(co_ld), ..self.winograd_params(&s, n0, nbc, p_ld, false) };
+            let groups = self.plane_grid(co_ld / 4, 1, p_ld);
+            self.dispatch(OP, (FILE, "wino_dy"), &[], &p, &[dy.arg(), dmt.arg()], groups)?;
+            // dU^T_t [c, co] (+)= V_t [c, tiles] @ dM^T_t [tiles, co]
+            let batch = Batch { count: POSITIONS, a: s.c * p_ld, b: p_ld * co_ld, c: s.c * co_ld };
+            let (a, b, c) = (Mat::rows(v, p_ld), Mat::rows(&dmt, co_ld), Mat::rows(&dut, co_ld));
+            self.gemm_batched(OP, batch, s.c, s.co, cols, a, b, c, i > 0)?;
+        }
+        let dw = self.empty([g.co, g.ci, 3, 3], DType::F32)?;
+        let p = Params { c: u(s.c), co: u(s.co), k_ld: u(co_ld), ..Params::zeroed() };
+        let groups = self.plane_grid(s.co, 1, s.c);
+        self.dispatch(OP, (FILE, "wino_filter_grad"), &[], &p, &[dut.arg(), dw.arg()], groups)?;
+        Ok(dw)
     }
 }
