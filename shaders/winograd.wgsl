@@ -10,6 +10,10 @@
 //   U [36][co][k_ld]   filter transform, k_ld = input channels rounded up to 4
 //   V [36][c][p_ld]    input transform, one column per tile of the chunk's images
 //   M [36][co][p_ld]   products; the output transform turns them into NCHW pixels
+// Position t's matrix starts t * stride elements in, with stride padded to 16 floats
+// past a multiple of 1024: a transform reads or writes all 36 at once, and at a stride
+// of a multiple of 4 KiB those 36 streams would share one cache set (measured: the
+// transforms ran about 3x slower than their loads and stores warrant).
 // The input gradient is the same convolution of dy with the filter rotated by 180
 // degrees and its channels swapped (`flip`), padded by 2 - padding.
 //
@@ -34,6 +38,12 @@ struct Params {
     k_ld: u32,    // row stride of U: c rounded up to 4
     relu: u32,    // output: apply ReLU after the bias
     flip: u32,    // filter: rotate and swap channels (input gradient)
+    stride: u32,  // elements between positions of the planar array the kernel writes or
+                  // reads (a multiple of 4, padded so that the 36 streams fall into
+                  // different cache sets)
+    st4: u32,     // wino_output: vec4 (t, o, q4) of M is at t * st4 + o * sr4 + q4 * sq4
+    sr4: u32,
+    sq4: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -61,7 +71,7 @@ fn g6(g0: f32, g1: f32, g2: f32) -> array<f32, 6> {
 // Grid: y walks output channels, x walks input channels. Runs once per pass: cheap.
 @compute @workgroup_size(WG)
 fn wino_filter(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
-    let plane = p.co * p.k_ld;
+    let plane = p.stride;
     for (var o = wg.y; o < p.co; o += ng.y) {
         for (var i = gid.x; i < p.k_ld; i += ng.x * WG) {
             let inside = i < p.c;
@@ -113,114 +123,48 @@ fn next_tile(t: Tile) -> Tile {
     return r;
 }
 
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> v4: array<vec4<f32>>;
 
-// B^T d B of one tile of input channel ci (zero for a tile past the chunk, `live` false).
-fn input_tile(ci: u32, t: Tile, live: bool) -> array<f32, 36> {
-    let last_h = i32(p.h) - 1;
-    let last_w = i32(p.w) - 1;
-    let ih0 = i32(t.ty * 4u) - p.pad_h;
-    let iw0 = i32(t.tx * 4u) - p.pad_w;
-    let base = ((p.n0 + min(t.nl, p.nb - 1u)) * p.c + ci) * p.h * p.w;
-    // Taps outside the image load a clamped address and are replaced by zero.
-    let ra0 = live && ih0 + 0 >= 0 && ih0 + 0 <= last_h;
-    let ia0 = base + u32(clamp(ih0 + 0, 0, last_h)) * p.w;
-    let ra1 = live && ih0 + 1 >= 0 && ih0 + 1 <= last_h;
-    let ia1 = base + u32(clamp(ih0 + 1, 0, last_h)) * p.w;
-    let ra2 = live && ih0 + 2 >= 0 && ih0 + 2 <= last_h;
-    let ia2 = base + u32(clamp(ih0 + 2, 0, last_h)) * p.w;
-    let ra3 = live && ih0 + 3 >= 0 && ih0 + 3 <= last_h;
-    let ia3 = base + u32(clamp(ih0 + 3, 0, last_h)) * p.w;
-    let ra4 = live && ih0 + 4 >= 0 && ih0 + 4 <= last_h;
-    let ia4 = base + u32(clamp(ih0 + 4, 0, last_h)) * p.w;
-    let ra5 = live && ih0 + 5 >= 0 && ih0 + 5 <= last_h;
-    let ia5 = base + u32(clamp(ih0 + 5, 0, last_h)) * p.w;
-    let cb0 = iw0 + 0 >= 0 && iw0 + 0 <= last_w;
-    let ib0 = u32(clamp(iw0 + 0, 0, last_w));
-    let cb1 = iw0 + 1 >= 0 && iw0 + 1 <= last_w;
-    let ib1 = u32(clamp(iw0 + 1, 0, last_w));
-    let cb2 = iw0 + 2 >= 0 && iw0 + 2 <= last_w;
-    let ib2 = u32(clamp(iw0 + 2, 0, last_w));
-    let cb3 = iw0 + 3 >= 0 && iw0 + 3 <= last_w;
-    let ib3 = u32(clamp(iw0 + 3, 0, last_w));
-    let cb4 = iw0 + 4 >= 0 && iw0 + 4 <= last_w;
-    let ib4 = u32(clamp(iw0 + 4, 0, last_w));
-    let cb5 = iw0 + 5 >= 0 && iw0 + 5 <= last_w;
-    let ib5 = u32(clamp(iw0 + 5, 0, last_w));
-    let d00 = select(0.0, x[ia0 + ib0], ra0 && cb0);
-    let d01 = select(0.0, x[ia0 + ib1], ra0 && cb1);
-    let d02 = select(0.0, x[ia0 + ib2], ra0 && cb2);
-    let d03 = select(0.0, x[ia0 + ib3], ra0 && cb3);
-    let d04 = select(0.0, x[ia0 + ib4], ra0 && cb4);
-    let d05 = select(0.0, x[ia0 + ib5], ra0 && cb5);
-    let d10 = select(0.0, x[ia1 + ib0], ra1 && cb0);
-    let d11 = select(0.0, x[ia1 + ib1], ra1 && cb1);
-    let d12 = select(0.0, x[ia1 + ib2], ra1 && cb2);
-    let d13 = select(0.0, x[ia1 + ib3], ra1 && cb3);
-    let d14 = select(0.0, x[ia1 + ib4], ra1 && cb4);
-    let d15 = select(0.0, x[ia1 + ib5], ra1 && cb5);
-    let d20 = select(0.0, x[ia2 + ib0], ra2 && cb0);
-    let d21 = select(0.0, x[ia2 + ib1], ra2 && cb1);
-    let d22 = select(0.0, x[ia2 + ib2], ra2 && cb2);
-    let d23 = select(0.0, x[ia2 + ib3], ra2 && cb3);
-    let d24 = select(0.0, x[ia2 + ib4], ra2 && cb4);
-    let d25 = select(0.0, x[ia2 + ib5], ra2 && cb5);
-    let d30 = select(0.0, x[ia3 + ib0], ra3 && cb0);
-    let d31 = select(0.0, x[ia3 + ib1], ra3 && cb1);
-    let d32 = select(0.0, x[ia3 + ib2], ra3 && cb2);
-    let d33 = select(0.0, x[ia3 + ib3], ra3 && cb3);
-    let d34 = select(0.0, x[ia3 + ib4], ra3 && cb4);
-    let d35 = select(0.0, x[ia3 + ib5], ra3 && cb5);
-    let d40 = select(0.0, x[ia4 + ib0], ra4 && cb0);
-    let d41 = select(0.0, x[ia4 + ib1], ra4 && cb1);
-    let d42 = select(0.0, x[ia4 + ib2], ra4 && cb2);
-    let d43 = select(0.0, x[ia4 + ib3], ra4 && cb3);
-    let d44 = select(0.0, x[ia4 + ib4], ra4 && cb4);
-    let d45 = select(0.0, x[ia4 + ib5], ra4 && cb5);
-    let d50 = select(0.0, x[ia5 + ib0], ra5 && cb0);
-    let d51 = select(0.0, x[ia5 + ib1], ra5 && cb1);
-    let d52 = select(0.0, x[ia5 + ib2], ra5 && cb2);
-    let d53 = select(0.0, x[ia5 + ib3], ra5 && cb3);
-    let d54 = select(0.0, x[ia5 + ib4], ra5 && cb4);
-    let d55 = select(0.0, x[ia5 + ib5], ra5 && cb5);
+// B^T d B of a 6x6 patch d (row-major).
+fn transform_in(d: array<f32, 36>) -> array<f32, 36> {
     // d B along each row, then B^T down each column.
-    let e00 = 4.0 * d00 - 5.0 * d02 + d04;
-    let e01 = d03 + d04 - 4.0 * (d01 + d02);
-    let e02 = 4.0 * (d01 - d02) - d03 + d04;
-    let e03 = 2.0 * (d03 - d01) - d02 + d04;
-    let e04 = 2.0 * (d01 - d03) - d02 + d04;
-    let e05 = 4.0 * d01 - 5.0 * d03 + d05;
-    let e10 = 4.0 * d10 - 5.0 * d12 + d14;
-    let e11 = d13 + d14 - 4.0 * (d11 + d12);
-    let e12 = 4.0 * (d11 - d12) - d13 + d14;
-    let e13 = 2.0 * (d13 - d11) - d12 + d14;
-    let e14 = 2.0 * (d11 - d13) - d12 + d14;
-    let e15 = 4.0 * d11 - 5.0 * d13 + d15;
-    let e20 = 4.0 * d20 - 5.0 * d22 + d24;
-    let e21 = d23 + d24 - 4.0 * (d21 + d22);
-    let e22 = 4.0 * (d21 - d22) - d23 + d24;
-    let e23 = 2.0 * (d23 - d21) - d22 + d24;
-    let e24 = 2.0 * (d21 - d23) - d22 + d24;
-    let e25 = 4.0 * d21 - 5.0 * d23 + d25;
-    let e30 = 4.0 * d30 - 5.0 * d32 + d34;
-    let e31 = d33 + d34 - 4.0 * (d31 + d32);
-    let e32 = 4.0 * (d31 - d32) - d33 + d34;
-    let e33 = 2.0 * (d33 - d31) - d32 + d34;
-    let e34 = 2.0 * (d31 - d33) - d32 + d34;
-    let e35 = 4.0 * d31 - 5.0 * d33 + d35;
-    let e40 = 4.0 * d40 - 5.0 * d42 + d44;
-    let e41 = d43 + d44 - 4.0 * (d41 + d42);
-    let e42 = 4.0 * (d41 - d42) - d43 + d44;
-    let e43 = 2.0 * (d43 - d41) - d42 + d44;
-    let e44 = 2.0 * (d41 - d43) - d42 + d44;
-    let e45 = 4.0 * d41 - 5.0 * d43 + d45;
-    let e50 = 4.0 * d50 - 5.0 * d52 + d54;
-    let e51 = d53 + d54 - 4.0 * (d51 + d52);
-    let e52 = 4.0 * (d51 - d52) - d53 + d54;
-    let e53 = 2.0 * (d53 - d51) - d52 + d54;
-    let e54 = 2.0 * (d51 - d53) - d52 + d54;
-    let e55 = 4.0 * d51 - 5.0 * d53 + d55;
+    let e00 = 4.0 * d[0] - 5.0 * d[2] + d[4];
+    let e01 = d[3] + d[4] - 4.0 * (d[1] + d[2]);
+    let e02 = 4.0 * (d[1] - d[2]) - d[3] + d[4];
+    let e03 = 2.0 * (d[3] - d[1]) - d[2] + d[4];
+    let e04 = 2.0 * (d[1] - d[3]) - d[2] + d[4];
+    let e05 = 4.0 * d[1] - 5.0 * d[3] + d[5];
+    let e10 = 4.0 * d[6] - 5.0 * d[8] + d[10];
+    let e11 = d[9] + d[10] - 4.0 * (d[7] + d[8]);
+    let e12 = 4.0 * (d[7] - d[8]) - d[9] + d[10];
+    let e13 = 2.0 * (d[9] - d[7]) - d[8] + d[10];
+    let e14 = 2.0 * (d[7] - d[9]) - d[8] + d[10];
+    let e15 = 4.0 * d[7] - 5.0 * d[9] + d[11];
+    let e20 = 4.0 * d[12] - 5.0 * d[14] + d[16];
+    let e21 = d[15] + d[16] - 4.0 * (d[13] + d[14]);
+    let e22 = 4.0 * (d[13] - d[14]) - d[15] + d[16];
+    let e23 = 2.0 * (d[15] - d[13]) - d[14] + d[16];
+    let e24 = 2.0 * (d[13] - d[15]) - d[14] + d[16];
+    let e25 = 4.0 * d[13] - 5.0 * d[15] + d[17];
+    let e30 = 4.0 * d[18] - 5.0 * d[20] + d[22];
+    let e31 = d[21] + d[22] - 4.0 * (d[19] + d[20]);
+    let e32 = 4.0 * (d[19] - d[20]) - d[21] + d[22];
+    let e33 = 2.0 * (d[21] - d[19]) - d[20] + d[22];
+    let e34 = 2.0 * (d[19] - d[21]) - d[20] + d[22];
+    let e35 = 4.0 * d[19] - 5.0 * d[21] + d[23];
+    let e40 = 4.0 * d[24] - 5.0 * d[26] + d[28];
+    let e41 = d[27] + d[28] - 4.0 * (d[25] + d[26]);
+    let e42 = 4.0 * (d[25] - d[26]) - d[27] + d[28];
+    let e43 = 2.0 * (d[27] - d[25]) - d[26] + d[28];
+    let e44 = 2.0 * (d[25] - d[27]) - d[26] + d[28];
+    let e45 = 4.0 * d[25] - 5.0 * d[27] + d[29];
+    let e50 = 4.0 * d[30] - 5.0 * d[32] + d[34];
+    let e51 = d[33] + d[34] - 4.0 * (d[31] + d[32]);
+    let e52 = 4.0 * (d[31] - d[32]) - d[33] + d[34];
+    let e53 = 2.0 * (d[33] - d[31]) - d[32] + d[34];
+    let e54 = 2.0 * (d[31] - d[33]) - d[32] + d[34];
+    let e55 = 4.0 * d[31] - 5.0 * d[33] + d[35];
     return array<f32, 36>(
         4.0 * e00 - 5.0 * e20 + e40,
         4.0 * e01 - 5.0 * e21 + e41,
@@ -261,60 +205,279 @@ fn input_tile(ci: u32, t: Tile, live: bool) -> array<f32, 36> {
     );
 }
 
+// The input transform of one tile of input channel ci, element by element (each load
+// a vec4 access): for tile rows that do not split into groups of 4.
+fn input_tile(ci: u32, t: Tile) -> array<f32, 36> {
+    let last_h = i32(p.h) - 1;
+    let last_w = i32(p.w) - 1;
+    let ih0 = i32(t.ty * 4u) - p.pad_h;
+    let iw0 = i32(t.tx * 4u) - p.pad_w;
+    let base = ((p.n0 + min(t.nl, p.nb - 1u)) * p.c + ci) * p.h * p.w;
+    // Taps outside the image load a clamped address and are replaced by zero.
+    let ra0 = ih0 + 0 >= 0 && ih0 + 0 <= last_h;
+    let ia0 = base + u32(clamp(ih0 + 0, 0, last_h)) * p.w;
+    let ra1 = ih0 + 1 >= 0 && ih0 + 1 <= last_h;
+    let ia1 = base + u32(clamp(ih0 + 1, 0, last_h)) * p.w;
+    let ra2 = ih0 + 2 >= 0 && ih0 + 2 <= last_h;
+    let ia2 = base + u32(clamp(ih0 + 2, 0, last_h)) * p.w;
+    let ra3 = ih0 + 3 >= 0 && ih0 + 3 <= last_h;
+    let ia3 = base + u32(clamp(ih0 + 3, 0, last_h)) * p.w;
+    let ra4 = ih0 + 4 >= 0 && ih0 + 4 <= last_h;
+    let ia4 = base + u32(clamp(ih0 + 4, 0, last_h)) * p.w;
+    let ra5 = ih0 + 5 >= 0 && ih0 + 5 <= last_h;
+    let ia5 = base + u32(clamp(ih0 + 5, 0, last_h)) * p.w;
+    let cb0 = iw0 + 0 >= 0 && iw0 + 0 <= last_w;
+    let ib0 = u32(clamp(iw0 + 0, 0, last_w));
+    let cb1 = iw0 + 1 >= 0 && iw0 + 1 <= last_w;
+    let ib1 = u32(clamp(iw0 + 1, 0, last_w));
+    let cb2 = iw0 + 2 >= 0 && iw0 + 2 <= last_w;
+    let ib2 = u32(clamp(iw0 + 2, 0, last_w));
+    let cb3 = iw0 + 3 >= 0 && iw0 + 3 <= last_w;
+    let ib3 = u32(clamp(iw0 + 3, 0, last_w));
+    let cb4 = iw0 + 4 >= 0 && iw0 + 4 <= last_w;
+    let ib4 = u32(clamp(iw0 + 4, 0, last_w));
+    let cb5 = iw0 + 5 >= 0 && iw0 + 5 <= last_w;
+    let ib5 = u32(clamp(iw0 + 5, 0, last_w));
+    return transform_in(array<f32, 36>(
+        select(0.0, x4[(ia0 + ib0) >> 2u][(ia0 + ib0) & 3u], ra0 && cb0),
+        select(0.0, x4[(ia0 + ib1) >> 2u][(ia0 + ib1) & 3u], ra0 && cb1),
+        select(0.0, x4[(ia0 + ib2) >> 2u][(ia0 + ib2) & 3u], ra0 && cb2),
+        select(0.0, x4[(ia0 + ib3) >> 2u][(ia0 + ib3) & 3u], ra0 && cb3),
+        select(0.0, x4[(ia0 + ib4) >> 2u][(ia0 + ib4) & 3u], ra0 && cb4),
+        select(0.0, x4[(ia0 + ib5) >> 2u][(ia0 + ib5) & 3u], ra0 && cb5),
+        select(0.0, x4[(ia1 + ib0) >> 2u][(ia1 + ib0) & 3u], ra1 && cb0),
+        select(0.0, x4[(ia1 + ib1) >> 2u][(ia1 + ib1) & 3u], ra1 && cb1),
+        select(0.0, x4[(ia1 + ib2) >> 2u][(ia1 + ib2) & 3u], ra1 && cb2),
+        select(0.0, x4[(ia1 + ib3) >> 2u][(ia1 + ib3) & 3u], ra1 && cb3),
+        select(0.0, x4[(ia1 + ib4) >> 2u][(ia1 + ib4) & 3u], ra1 && cb4),
+        select(0.0, x4[(ia1 + ib5) >> 2u][(ia1 + ib5) & 3u], ra1 && cb5),
+        select(0.0, x4[(ia2 + ib0) >> 2u][(ia2 + ib0) & 3u], ra2 && cb0),
+        select(0.0, x4[(ia2 + ib1) >> 2u][(ia2 + ib1) & 3u], ra2 && cb1),
+        select(0.0, x4[(ia2 + ib2) >> 2u][(ia2 + ib2) & 3u], ra2 && cb2),
+        select(0.0, x4[(ia2 + ib3) >> 2u][(ia2 + ib3) & 3u], ra2 && cb3),
+        select(0.0, x4[(ia2 + ib4) >> 2u][(ia2 + ib4) & 3u], ra2 && cb4),
+        select(0.0, x4[(ia2 + ib5) >> 2u][(ia2 + ib5) & 3u], ra2 && cb5),
+        select(0.0, x4[(ia3 + ib0) >> 2u][(ia3 + ib0) & 3u], ra3 && cb0),
+        select(0.0, x4[(ia3 + ib1) >> 2u][(ia3 + ib1) & 3u], ra3 && cb1),
+        select(0.0, x4[(ia3 + ib2) >> 2u][(ia3 + ib2) & 3u], ra3 && cb2),
+        select(0.0, x4[(ia3 + ib3) >> 2u][(ia3 + ib3) & 3u], ra3 && cb3),
+        select(0.0, x4[(ia3 + ib4) >> 2u][(ia3 + ib4) & 3u], ra3 && cb4),
+        select(0.0, x4[(ia3 + ib5) >> 2u][(ia3 + ib5) & 3u], ra3 && cb5),
+        select(0.0, x4[(ia4 + ib0) >> 2u][(ia4 + ib0) & 3u], ra4 && cb0),
+        select(0.0, x4[(ia4 + ib1) >> 2u][(ia4 + ib1) & 3u], ra4 && cb1),
+        select(0.0, x4[(ia4 + ib2) >> 2u][(ia4 + ib2) & 3u], ra4 && cb2),
+        select(0.0, x4[(ia4 + ib3) >> 2u][(ia4 + ib3) & 3u], ra4 && cb3),
+        select(0.0, x4[(ia4 + ib4) >> 2u][(ia4 + ib4) & 3u], ra4 && cb4),
+        select(0.0, x4[(ia4 + ib5) >> 2u][(ia4 + ib5) & 3u], ra4 && cb5),
+        select(0.0, x4[(ia5 + ib0) >> 2u][(ia5 + ib0) & 3u], ra5 && cb0),
+        select(0.0, x4[(ia5 + ib1) >> 2u][(ia5 + ib1) & 3u], ra5 && cb1),
+        select(0.0, x4[(ia5 + ib2) >> 2u][(ia5 + ib2) & 3u], ra5 && cb2),
+        select(0.0, x4[(ia5 + ib3) >> 2u][(ia5 + ib3) & 3u], ra5 && cb3),
+        select(0.0, x4[(ia5 + ib4) >> 2u][(ia5 + ib4) & 3u], ra5 && cb4),
+        select(0.0, x4[(ia5 + ib5) >> 2u][(ia5 + ib5) & 3u], ra5 && cb5),
+    ));
+}
+
+// The 18 input columns under 4 horizontally adjacent tiles, one input row: 6 aligned
+// vec4 loads and a per-lane shift (the row need not start on a vec4 boundary), zero
+// outside the image. `e0` is the element index of the first column, `iw0` its column.
+struct Row18 {
+    c0: f32,
+    c1: f32,
+    c2: f32,
+    c3: f32,
+    c4: f32,
+    c5: f32,
+    c6: f32,
+    c7: f32,
+    c8: f32,
+    c9: f32,
+    c10: f32,
+    c11: f32,
+    c12: f32,
+    c13: f32,
+    c14: f32,
+    c15: f32,
+    c16: f32,
+    c17: f32,
+}
+
+fn row18(e0: i32, iw0: i32, row_ok: bool) -> Row18 {
+    let last4 = i32(arrayLength(&x4)) - 1;
+    let a = e0 >> 2u;
+    let s = e0 & 3;
+    let l0 = x4[u32(clamp(a + 0, 0, last4))];
+    let l1 = x4[u32(clamp(a + 1, 0, last4))];
+    let l2 = x4[u32(clamp(a + 2, 0, last4))];
+    let l3 = x4[u32(clamp(a + 3, 0, last4))];
+    let l4 = x4[u32(clamp(a + 4, 0, last4))];
+    let l5 = x4[u32(clamp(a + 5, 0, last4))];
+    let w0 = select(select(l0.x, l0.y, s == 1), select(l0.z, l0.w, s == 3), s >= 2);
+    let w1 = select(select(l0.y, l0.z, s == 1), select(l0.w, l1.x, s == 3), s >= 2);
+    let w2 = select(select(l0.z, l0.w, s == 1), select(l1.x, l1.y, s == 3), s >= 2);
+    let w3 = select(select(l0.w, l1.x, s == 1), select(l1.y, l1.z, s == 3), s >= 2);
+    let w4 = select(select(l1.x, l1.y, s == 1), select(l1.z, l1.w, s == 3), s >= 2);
+    let w5 = select(select(l1.y, l1.z, s == 1), select(l1.w, l2.x, s == 3), s >= 2);
+    let w6 = select(select(l1.z, l1.w, s == 1), select(l2.x, l2.y, s == 3), s >= 2);
+    let w7 = select(select(l1.w, l2.x, s == 1), select(l2.y, l2.z, s == 3), s >= 2);
+    let w8 = select(select(l2.x, l2.y, s == 1), select(l2.z, l2.w, s == 3), s >= 2);
+    let w9 = select(select(l2.y, l2.z, s == 1), select(l2.w, l3.x, s == 3), s >= 2);
+    let w10 = select(select(l2.z, l2.w, s == 1), select(l3.x, l3.y, s == 3), s >= 2);
+    let w11 = select(select(l2.w, l3.x, s == 1), select(l3.y, l3.z, s == 3), s >= 2);
+    let w12 = select(select(l3.x, l3.y, s == 1), select(l3.z, l3.w, s == 3), s >= 2);
+    let w13 = select(select(l3.y, l3.z, s == 1), select(l3.w, l4.x, s == 3), s >= 2);
+    let w14 = select(select(l3.z, l3.w, s == 1), select(l4.x, l4.y, s == 3), s >= 2);
+    let w15 = select(select(l3.w, l4.x, s == 1), select(l4.y, l4.z, s == 3), s >= 2);
+    let w16 = select(select(l4.x, l4.y, s == 1), select(l4.z, l4.w, s == 3), s >= 2);
+    let w17 = select(select(l4.y, l4.z, s == 1), select(l4.w, l5.x, s == 3), s >= 2);
+    var r: Row18;
+    r.c0 = select(0.0, w0, row_ok && iw0 + 0 >= 0 && iw0 + 0 < i32(p.w));
+    r.c1 = select(0.0, w1, row_ok && iw0 + 1 >= 0 && iw0 + 1 < i32(p.w));
+    r.c2 = select(0.0, w2, row_ok && iw0 + 2 >= 0 && iw0 + 2 < i32(p.w));
+    r.c3 = select(0.0, w3, row_ok && iw0 + 3 >= 0 && iw0 + 3 < i32(p.w));
+    r.c4 = select(0.0, w4, row_ok && iw0 + 4 >= 0 && iw0 + 4 < i32(p.w));
+    r.c5 = select(0.0, w5, row_ok && iw0 + 5 >= 0 && iw0 + 5 < i32(p.w));
+    r.c6 = select(0.0, w6, row_ok && iw0 + 6 >= 0 && iw0 + 6 < i32(p.w));
+    r.c7 = select(0.0, w7, row_ok && iw0 + 7 >= 0 && iw0 + 7 < i32(p.w));
+    r.c8 = select(0.0, w8, row_ok && iw0 + 8 >= 0 && iw0 + 8 < i32(p.w));
+    r.c9 = select(0.0, w9, row_ok && iw0 + 9 >= 0 && iw0 + 9 < i32(p.w));
+    r.c10 = select(0.0, w10, row_ok && iw0 + 10 >= 0 && iw0 + 10 < i32(p.w));
+    r.c11 = select(0.0, w11, row_ok && iw0 + 11 >= 0 && iw0 + 11 < i32(p.w));
+    r.c12 = select(0.0, w12, row_ok && iw0 + 12 >= 0 && iw0 + 12 < i32(p.w));
+    r.c13 = select(0.0, w13, row_ok && iw0 + 13 >= 0 && iw0 + 13 < i32(p.w));
+    r.c14 = select(0.0, w14, row_ok && iw0 + 14 >= 0 && iw0 + 14 < i32(p.w));
+    r.c15 = select(0.0, w15, row_ok && iw0 + 15 >= 0 && iw0 + 15 < i32(p.w));
+    r.c16 = select(0.0, w16, row_ok && iw0 + 16 >= 0 && iw0 + 16 < i32(p.w));
+    r.c17 = select(0.0, w17, row_ok && iw0 + 17 >= 0 && iw0 + 17 < i32(p.w));
+    return r;
+}
+
 // V[t][ci][q..q + 4] for every group of 4 tiles below p_ld (zero past the last tile),
 // stored as vec4. Grid: y walks input channels, x walks groups of 4 tiles.
 @compute @workgroup_size(WG)
 fn wino_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let cols = p.nb * p.th * p.tw;
-    let plane4 = p.c * p.p_ld / 4u;
+    let plane4 = p.stride / 4u;
     for (var ci = wg.y; ci < p.c; ci += ng.y) {
         for (var g = gid.x; g < p.p_ld / 4u; g += ng.x * WG) {
             let q = g * 4u;
-            let t0 = tile_of(q);
+            let t0 = tile_of(min(q, cols - 1u));
             let t1 = next_tile(t0);
             let t2 = next_tile(t1);
             let t3 = next_tile(t2);
-            let v0 = input_tile(ci, t0, q < cols);
-            let v1 = input_tile(ci, t1, q + 1u < cols);
-            let v2 = input_tile(ci, t2, q + 2u < cols);
-            let v3 = input_tile(ci, t3, q + 3u < cols);
+            let v0 = input_tile(ci, t0);
+            let v1 = input_tile(ci, t1);
+            let v2 = input_tile(ci, t2);
+            let v3 = input_tile(ci, t3);
+            let live = vec4<u32>(q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(cols);
             let o = ci * p.p_ld / 4u + g;
-            v4[0u * plane4 + o] = vec4<f32>(v0[0], v1[0], v2[0], v3[0]);
-            v4[1u * plane4 + o] = vec4<f32>(v0[1], v1[1], v2[1], v3[1]);
-            v4[2u * plane4 + o] = vec4<f32>(v0[2], v1[2], v2[2], v3[2]);
-            v4[3u * plane4 + o] = vec4<f32>(v0[3], v1[3], v2[3], v3[3]);
-            v4[4u * plane4 + o] = vec4<f32>(v0[4], v1[4], v2[4], v3[4]);
-            v4[5u * plane4 + o] = vec4<f32>(v0[5], v1[5], v2[5], v3[5]);
-            v4[6u * plane4 + o] = vec4<f32>(v0[6], v1[6], v2[6], v3[6]);
-            v4[7u * plane4 + o] = vec4<f32>(v0[7], v1[7], v2[7], v3[7]);
-            v4[8u * plane4 + o] = vec4<f32>(v0[8], v1[8], v2[8], v3[8]);
-            v4[9u * plane4 + o] = vec4<f32>(v0[9], v1[9], v2[9], v3[9]);
-            v4[10u * plane4 + o] = vec4<f32>(v0[10], v1[10], v2[10], v3[10]);
-            v4[11u * plane4 + o] = vec4<f32>(v0[11], v1[11], v2[11], v3[11]);
-            v4[12u * plane4 + o] = vec4<f32>(v0[12], v1[12], v2[12], v3[12]);
-            v4[13u * plane4 + o] = vec4<f32>(v0[13], v1[13], v2[13], v3[13]);
-            v4[14u * plane4 + o] = vec4<f32>(v0[14], v1[14], v2[14], v3[14]);
-            v4[15u * plane4 + o] = vec4<f32>(v0[15], v1[15], v2[15], v3[15]);
-            v4[16u * plane4 + o] = vec4<f32>(v0[16], v1[16], v2[16], v3[16]);
-            v4[17u * plane4 + o] = vec4<f32>(v0[17], v1[17], v2[17], v3[17]);
-            v4[18u * plane4 + o] = vec4<f32>(v0[18], v1[18], v2[18], v3[18]);
-            v4[19u * plane4 + o] = vec4<f32>(v0[19], v1[19], v2[19], v3[19]);
-            v4[20u * plane4 + o] = vec4<f32>(v0[20], v1[20], v2[20], v3[20]);
-            v4[21u * plane4 + o] = vec4<f32>(v0[21], v1[21], v2[21], v3[21]);
-            v4[22u * plane4 + o] = vec4<f32>(v0[22], v1[22], v2[22], v3[22]);
-            v4[23u * plane4 + o] = vec4<f32>(v0[23], v1[23], v2[23], v3[23]);
-            v4[24u * plane4 + o] = vec4<f32>(v0[24], v1[24], v2[24], v3[24]);
-            v4[25u * plane4 + o] = vec4<f32>(v0[25], v1[25], v2[25], v3[25]);
-            v4[26u * plane4 + o] = vec4<f32>(v0[26], v1[26], v2[26], v3[26]);
-            v4[27u * plane4 + o] = vec4<f32>(v0[27], v1[27], v2[27], v3[27]);
-            v4[28u * plane4 + o] = vec4<f32>(v0[28], v1[28], v2[28], v3[28]);
-            v4[29u * plane4 + o] = vec4<f32>(v0[29], v1[29], v2[29], v3[29]);
-            v4[30u * plane4 + o] = vec4<f32>(v0[30], v1[30], v2[30], v3[30]);
-            v4[31u * plane4 + o] = vec4<f32>(v0[31], v1[31], v2[31], v3[31]);
-            v4[32u * plane4 + o] = vec4<f32>(v0[32], v1[32], v2[32], v3[32]);
-            v4[33u * plane4 + o] = vec4<f32>(v0[33], v1[33], v2[33], v3[33]);
-            v4[34u * plane4 + o] = vec4<f32>(v0[34], v1[34], v2[34], v3[34]);
-            v4[35u * plane4 + o] = vec4<f32>(v0[35], v1[35], v2[35], v3[35]);
+            v4[0u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[0], v1[0], v2[0], v3[0]), live);
+            v4[1u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[1], v1[1], v2[1], v3[1]), live);
+            v4[2u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[2], v1[2], v2[2], v3[2]), live);
+            v4[3u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[3], v1[3], v2[3], v3[3]), live);
+            v4[4u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[4], v1[4], v2[4], v3[4]), live);
+            v4[5u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[5], v1[5], v2[5], v3[5]), live);
+            v4[6u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[6], v1[6], v2[6], v3[6]), live);
+            v4[7u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[7], v1[7], v2[7], v3[7]), live);
+            v4[8u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[8], v1[8], v2[8], v3[8]), live);
+            v4[9u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[9], v1[9], v2[9], v3[9]), live);
+            v4[10u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[10], v1[10], v2[10], v3[10]), live);
+            v4[11u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[11], v1[11], v2[11], v3[11]), live);
+            v4[12u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[12], v1[12], v2[12], v3[12]), live);
+            v4[13u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[13], v1[13], v2[13], v3[13]), live);
+            v4[14u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[14], v1[14], v2[14], v3[14]), live);
+            v4[15u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[15], v1[15], v2[15], v3[15]), live);
+            v4[16u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[16], v1[16], v2[16], v3[16]), live);
+            v4[17u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[17], v1[17], v2[17], v3[17]), live);
+            v4[18u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[18], v1[18], v2[18], v3[18]), live);
+            v4[19u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[19], v1[19], v2[19], v3[19]), live);
+            v4[20u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[20], v1[20], v2[20], v3[20]), live);
+            v4[21u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[21], v1[21], v2[21], v3[21]), live);
+            v4[22u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[22], v1[22], v2[22], v3[22]), live);
+            v4[23u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[23], v1[23], v2[23], v3[23]), live);
+            v4[24u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[24], v1[24], v2[24], v3[24]), live);
+            v4[25u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[25], v1[25], v2[25], v3[25]), live);
+            v4[26u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[26], v1[26], v2[26], v3[26]), live);
+            v4[27u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[27], v1[27], v2[27], v3[27]), live);
+            v4[28u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[28], v1[28], v2[28], v3[28]), live);
+            v4[29u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[29], v1[29], v2[29], v3[29]), live);
+            v4[30u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[30], v1[30], v2[30], v3[30]), live);
+            v4[31u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[31], v1[31], v2[31], v3[31]), live);
+            v4[32u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[32], v1[32], v2[32], v3[32]), live);
+            v4[33u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[33], v1[33], v2[33], v3[33]), live);
+            v4[34u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[34], v1[34], v2[34], v3[34]), live);
+            v4[35u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[35], v1[35], v2[35], v3[35]), live);
+        }
+    }
+}
+
+// As wino_input, for tile rows of a multiple of 4 tiles: a group's tiles are then
+// neighbours in one row and share their input rows.
+@compute @workgroup_size(WG)
+fn wino_input_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let cols = p.nb * p.th * p.tw;
+    let plane4 = p.stride / 4u;
+    for (var ci = wg.y; ci < p.c; ci += ng.y) {
+        for (var g = gid.x; g < p.p_ld / 4u; g += ng.x * WG) {
+            let q = g * 4u;
+            let t0 = tile_of(min(q, cols - 1u));
+            let top = i32(t0.ty * 4u) - p.pad_h;
+            let iw0 = i32(t0.tx * 4u) - p.pad_w;
+            let base = i32(((p.n0 + t0.nl) * p.c + ci) * p.h * p.w);
+            let ih0 = top + 0;
+            let r0 = row18(base + clamp(ih0, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih0 >= 0 && ih0 < i32(p.h));
+            let ih1 = top + 1;
+            let r1 = row18(base + clamp(ih1, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih1 >= 0 && ih1 < i32(p.h));
+            let ih2 = top + 2;
+            let r2 = row18(base + clamp(ih2, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih2 >= 0 && ih2 < i32(p.h));
+            let ih3 = top + 3;
+            let r3 = row18(base + clamp(ih3, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih3 >= 0 && ih3 < i32(p.h));
+            let ih4 = top + 4;
+            let r4 = row18(base + clamp(ih4, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih4 >= 0 && ih4 < i32(p.h));
+            let ih5 = top + 5;
+            let r5 = row18(base + clamp(ih5, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih5 >= 0 && ih5 < i32(p.h));
+            let v0 = transform_in(array<f32, 36>(r0.c0, r0.c1, r0.c2, r0.c3, r0.c4, r0.c5, r1.c0, r1.c1, r1.c2, r1.c3, r1.c4, r1.c5, r2.c0, r2.c1, r2.c2, r2.c3, r2.c4, r2.c5, r3.c0, r3.c1, r3.c2, r3.c3, r3.c4, r3.c5, r4.c0, r4.c1, r4.c2, r4.c3, r4.c4, r4.c5, r5.c0, r5.c1, r5.c2, r5.c3, r5.c4, r5.c5));
+            let v1 = transform_in(array<f32, 36>(r0.c4, r0.c5, r0.c6, r0.c7, r0.c8, r0.c9, r1.c4, r1.c5, r1.c6, r1.c7, r1.c8, r1.c9, r2.c4, r2.c5, r2.c6, r2.c7, r2.c8, r2.c9, r3.c4, r3.c5, r3.c6, r3.c7, r3.c8, r3.c9, r4.c4, r4.c5, r4.c6, r4.c7, r4.c8, r4.c9, r5.c4, r5.c5, r5.c6, r5.c7, r5.c8, r5.c9));
+            let v2 = transform_in(array<f32, 36>(r0.c8, r0.c9, r0.c10, r0.c11, r0.c12, r0.c13, r1.c8, r1.c9, r1.c10, r1.c11, r1.c12, r1.c13, r2.c8, r2.c9, r2.c10, r2.c11, r2.c12, r2.c13, r3.c8, r3.c9, r3.c10, r3.c11, r3.c12, r3.c13, r4.c8, r4.c9, r4.c10, r4.c11, r4.c12, r4.c13, r5.c8, r5.c9, r5.c10, r5.c11, r5.c12, r5.c13));
+            let v3 = transform_in(array<f32, 36>(r0.c12, r0.c13, r0.c14, r0.c15, r0.c16, r0.c17, r1.c12, r1.c13, r1.c14, r1.c15, r1.c16, r1.c17, r2.c12, r2.c13, r2.c14, r2.c15, r2.c16, r2.c17, r3.c12, r3.c13, r3.c14, r3.c15, r3.c16, r3.c17, r4.c12, r4.c13, r4.c14, r4.c15, r4.c16, r4.c17, r5.c12, r5.c13, r5.c14, r5.c15, r5.c16, r5.c17));
+            let live = vec4<u32>(q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(cols);
+            let o = ci * p.p_ld / 4u + g;
+            v4[0u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[0], v1[0], v2[0], v3[0]), live);
+            v4[1u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[1], v1[1], v2[1], v3[1]), live);
+            v4[2u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[2], v1[2], v2[2], v3[2]), live);
+            v4[3u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[3], v1[3], v2[3], v3[3]), live);
+            v4[4u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[4], v1[4], v2[4], v3[4]), live);
+            v4[5u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[5], v1[5], v2[5], v3[5]), live);
+            v4[6u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[6], v1[6], v2[6], v3[6]), live);
+            v4[7u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[7], v1[7], v2[7], v3[7]), live);
+            v4[8u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[8], v1[8], v2[8], v3[8]), live);
+            v4[9u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[9], v1[9], v2[9], v3[9]), live);
+            v4[10u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[10], v1[10], v2[10], v3[10]), live);
+            v4[11u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[11], v1[11], v2[11], v3[11]), live);
+            v4[12u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[12], v1[12], v2[12], v3[12]), live);
+            v4[13u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[13], v1[13], v2[13], v3[13]), live);
+            v4[14u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[14], v1[14], v2[14], v3[14]), live);
+            v4[15u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[15], v1[15], v2[15], v3[15]), live);
+            v4[16u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[16], v1[16], v2[16], v3[16]), live);
+            v4[17u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[17], v1[17], v2[17], v3[17]), live);
+            v4[18u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[18], v1[18], v2[18], v3[18]), live);
+            v4[19u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[19], v1[19], v2[19], v3[19]), live);
+            v4[20u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[20], v1[20], v2[20], v3[20]), live);
+            v4[21u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[21], v1[21], v2[21], v3[21]), live);
+            v4[22u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[22], v1[22], v2[22], v3[22]), live);
+            v4[23u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[23], v1[23], v2[23], v3[23]), live);
+            v4[24u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[24], v1[24], v2[24], v3[24]), live);
+            v4[25u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[25], v1[25], v2[25], v3[25]), live);
+            v4[26u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[26], v1[26], v2[26], v3[26]), live);
+            v4[27u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[27], v1[27], v2[27], v3[27]), live);
+            v4[28u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[28], v1[28], v2[28], v3[28]), live);
+            v4[29u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[29], v1[29], v2[29], v3[29]), live);
+            v4[30u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[30], v1[30], v2[30], v3[30]), live);
+            v4[31u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[31], v1[31], v2[31], v3[31]), live);
+            v4[32u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[32], v1[32], v2[32], v3[32]), live);
+            v4[33u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[33], v1[33], v2[33], v3[33]), live);
+            v4[34u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[34], v1[34], v2[34], v3[34]), live);
+            v4[35u * plane4 + o] = select(vec4<f32>(0.0), vec4<f32>(v0[35], v1[35], v2[35], v3[35]), live);
         }
     }
 }
@@ -471,47 +634,46 @@ fn output_tile(o: u32, t: Tile, b: f32, mt: array<f32, 36>) {
 @compute @workgroup_size(WG)
 fn wino_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let cols = p.nb * p.th * p.tw;
-    let plane4 = p.co * p.p_ld / 4u;
     for (var o = wg.y; o < p.co; o += ng.y) {
         let b = bias[o];
         for (var g = gid.x; g * 4u < cols; g += ng.x * WG) {
-            let src = o * p.p_ld / 4u + g;
-            let mv0 = m4[0u * plane4 + src];
-            let mv1 = m4[1u * plane4 + src];
-            let mv2 = m4[2u * plane4 + src];
-            let mv3 = m4[3u * plane4 + src];
-            let mv4 = m4[4u * plane4 + src];
-            let mv5 = m4[5u * plane4 + src];
-            let mv6 = m4[6u * plane4 + src];
-            let mv7 = m4[7u * plane4 + src];
-            let mv8 = m4[8u * plane4 + src];
-            let mv9 = m4[9u * plane4 + src];
-            let mv10 = m4[10u * plane4 + src];
-            let mv11 = m4[11u * plane4 + src];
-            let mv12 = m4[12u * plane4 + src];
-            let mv13 = m4[13u * plane4 + src];
-            let mv14 = m4[14u * plane4 + src];
-            let mv15 = m4[15u * plane4 + src];
-            let mv16 = m4[16u * plane4 + src];
-            let mv17 = m4[17u * plane4 + src];
-            let mv18 = m4[18u * plane4 + src];
-            let mv19 = m4[19u * plane4 + src];
-            let mv20 = m4[20u * plane4 + src];
-            let mv21 = m4[21u * plane4 + src];
-            let mv22 = m4[22u * plane4 + src];
-            let mv23 = m4[23u * plane4 + src];
-            let mv24 = m4[24u * plane4 + src];
-            let mv25 = m4[25u * plane4 + src];
-            let mv26 = m4[26u * plane4 + src];
-            let mv27 = m4[27u * plane4 + src];
-            let mv28 = m4[28u * plane4 + src];
-            let mv29 = m4[29u * plane4 + src];
-            let mv30 = m4[30u * plane4 + src];
-            let mv31 = m4[31u * plane4 + src];
-            let mv32 = m4[32u * plane4 + src];
-            let mv33 = m4[33u * plane4 + src];
-            let mv34 = m4[34u * plane4 + src];
-            let mv35 = m4[35u * plane4 + src];
+            let src = o * p.sr4 + g * p.sq4;
+            let mv0 = m4[0u * p.st4 + src];
+            let mv1 = m4[1u * p.st4 + src];
+            let mv2 = m4[2u * p.st4 + src];
+            let mv3 = m4[3u * p.st4 + src];
+            let mv4 = m4[4u * p.st4 + src];
+            let mv5 = m4[5u * p.st4 + src];
+            let mv6 = m4[6u * p.st4 + src];
+            let mv7 = m4[7u * p.st4 + src];
+            let mv8 = m4[8u * p.st4 + src];
+            let mv9 = m4[9u * p.st4 + src];
+            let mv10 = m4[10u * p.st4 + src];
+            let mv11 = m4[11u * p.st4 + src];
+            let mv12 = m4[12u * p.st4 + src];
+            let mv13 = m4[13u * p.st4 + src];
+            let mv14 = m4[14u * p.st4 + src];
+            let mv15 = m4[15u * p.st4 + src];
+            let mv16 = m4[16u * p.st4 + src];
+            let mv17 = m4[17u * p.st4 + src];
+            let mv18 = m4[18u * p.st4 + src];
+            let mv19 = m4[19u * p.st4 + src];
+            let mv20 = m4[20u * p.st4 + src];
+            let mv21 = m4[21u * p.st4 + src];
+            let mv22 = m4[22u * p.st4 + src];
+            let mv23 = m4[23u * p.st4 + src];
+            let mv24 = m4[24u * p.st4 + src];
+            let mv25 = m4[25u * p.st4 + src];
+            let mv26 = m4[26u * p.st4 + src];
+            let mv27 = m4[27u * p.st4 + src];
+            let mv28 = m4[28u * p.st4 + src];
+            let mv29 = m4[29u * p.st4 + src];
+            let mv30 = m4[30u * p.st4 + src];
+            let mv31 = m4[31u * p.st4 + src];
+            let mv32 = m4[32u * p.st4 + src];
+            let mv33 = m4[33u * p.st4 + src];
+            let mv34 = m4[34u * p.st4 + src];
+            let mv35 = m4[35u * p.st4 + src];
             let q = g * 4u;
             let t0 = tile_of(q);
             { output_tile(o, t0, b, array<f32, 36>(mv0.x, mv1.x, mv2.x, mv3.x, mv4.x, mv5.x, mv6.x, mv7.x, mv8.x, mv9.x, mv10.x, mv11.x, mv12.x, mv13.x, mv14.x, mv15.x, mv16.x, mv17.x, mv18.x, mv19.x, mv20.x, mv21.x, mv22.x, mv23.x, mv24.x, mv25.x, mv26.x, mv27.x, mv28.x, mv29.x, mv30.x, mv31.x, mv32.x, mv33.x, mv34.x, mv35.x)); }
@@ -539,7 +701,7 @@ fn wino_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 fn wino_dy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let cols = p.nb * p.th * p.tw;
     let row4 = p.k_ld / 4u;
-    let plane4 = p.p_ld * row4;
+    let plane4 = p.stride / 4u;
     let pix = p.ho * p.wo;
     for (var q = wg.y; q < p.p_ld; q += ng.y) {
         let t = tile_of(min(q, cols - 1u));
@@ -920,7 +1082,7 @@ fn wino_dy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 // channels i, x walks output channels o.
 @compute @workgroup_size(WG)
 fn wino_filter_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
-    let plane = p.c * p.k_ld;
+    let plane = p.stride;
     for (var i = wg.y; i < p.c; i += ng.y) {
         for (var o = gid.x; o < p.co; o += ng.x * WG) {
             let src = i * p.k_ld + o;

@@ -298,7 +298,7 @@ fn winograd_matches_reference_forward_and_input_gradient() {
                 let (y, kept) = g.conv2d_with(&gx, &gw, Some(&gb), params, opts).unwrap();
                 assert_close(&what, &down(&mut g, &y), &cpu::relu(&want), 1e-4, 1e-5 * k.sqrt());
                 match &kept {
-                    Some(v) => assert_eq!(v.shape().dims()[..2], [36, xs[1]], "{what}: kept {}", v.shape()),
+                    Some(v) => assert_eq!(v.shape().dims()[0], 36, "{what}: kept {}", v.shape()),
                     None => assert!(chunked, "{what}: one chunk keeps the input transform"),
                 }
                 let y = g.conv2d(&gx, &gw, None, params).unwrap();

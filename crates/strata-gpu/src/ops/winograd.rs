@@ -22,13 +22,20 @@ use strata_tensor::geometry::ConvGeometry;
 
 use super::gemm::{Batch, Mat};
 use super::{expect_binding, u};
-use crate::{Gpu, GpuError, GpuTensor, Result};
+use crate::{GemmKernel, Gpu, GpuError, GpuTensor, Result};
 
 const FILE: &str = "winograd.wgsl";
 /// Transform positions per tile: (4 + 3 - 1)^2.
 const POSITIONS: usize = 36;
 /// Output pixels per tile side.
 const TILE: usize = 4;
+/// Elements between the positions of a transform holding `elems` per position: 16
+/// floats past a multiple of 1024, so the 36 streams a transform kernel walks at once
+/// fall into different cache sets (see `shaders/winograd.wgsl`).
+fn position_stride(elems: usize) -> usize {
+    elems.next_multiple_of(1024) + 16
+}
+
 /// Timed runs of each candidate when choosing (the fastest counts), after one untimed.
 const TRIALS: usize = 3;
 
@@ -129,6 +136,10 @@ struct Params {
     k_ld: u32,
     relu: u32,
     flip: u32,
+    stride: u32,
+    st4: u32,
+    sr4: u32,
+    sq4: u32,
 }
 
 /// One Winograd convolution: `src` `[n, c, h, w]` to `[n, co, ho, wo]`.
@@ -197,8 +208,8 @@ impl Gpu {
         let per_image = POSITIONS * tiles * rows * 4;
         let nb = (binding.min(self.scratch_bytes_max) / per_image.max(1)).clamp(1, s.n);
         let p_ld = (nb * tiles).next_multiple_of(4);
-        let fits = POSITIONS * rows * p_ld * 4 <= binding
-            && POSITIONS * s.co.next_multiple_of(4) * s.c.next_multiple_of(4) * 4 <= binding;
+        let fits = POSITIONS * position_stride(rows * p_ld) * 4 <= binding
+            && POSITIONS * position_stride(s.co.next_multiple_of(4) * s.c.next_multiple_of(4)) * 4 <= binding;
         fits.then_some((nb, p_ld))
     }
 
@@ -289,13 +300,21 @@ impl Gpu {
         Ok((im2col, winograd))
     }
 
-    /// U `[36, co, c rounded up to 4]`: the transformed filter of `s` from `w`, which is
+    /// U (`co` rows of `c` rounded up to 4 per position): the transformed filter of `s` from `w`, which is
     /// `[co, c, 3, 3]`, or with `flip` `[c, co, 3, 3]` rotated by 180 degrees.
     fn winograd_filter(&mut self, op: &'static str, w: &GpuTensor, s: &Shape3, flip: bool) -> Result<GpuTensor> {
         let k_ld = s.c.next_multiple_of(4);
-        let t = self.empty([POSITIONS, s.co, k_ld], DType::F32)?;
+        let stride = position_stride(s.co * k_ld);
+        let t = self.empty([POSITIONS, stride / 4, 4], DType::F32)?;
         expect_binding(op, "transformed filter", &t, self.info().max_storage_binding_bytes)?;
-        let p = Params { c: u(s.c), co: u(s.co), k_ld: u(k_ld), flip: u32::from(flip), ..Params::zeroed() };
+        let p = Params {
+            c: u(s.c),
+            co: u(s.co),
+            k_ld: u(k_ld),
+            flip: u32::from(flip),
+            stride: u(stride),
+            ..Params::zeroed()
+        };
         let groups = self.plane_grid(k_ld, 1, s.co);
         self.dispatch(op, (FILE, "wino_filter"), &[], &p, &[w.arg(), t.arg()], groups)?;
         Ok(t)
@@ -312,10 +331,11 @@ impl Gpu {
         nb: usize,
         p_ld: usize,
     ) -> Result<()> {
-        let p = self.winograd_params(s, n0, nb, p_ld, false);
-        // Four tiles per lane.
+        let p = Params { stride: u(position_stride(s.c * p_ld)), ..self.winograd_params(s, n0, nb, p_ld, false) };
+        // Four tiles per lane; neighbours in one row when rows hold a multiple of 4.
+        let entry = if s.tiles().1 % 4 == 0 { "wino_input_rows" } else { "wino_input" };
         let groups = self.plane_grid(p_ld / 4, 1, s.c);
-        self.dispatch(op, (FILE, "wino_input"), &[], &p, &[src.arg(), v.arg()], groups)
+        self.dispatch(op, (FILE, entry), &[], &p, &[src.arg(), v.arg()], groups)
     }
 
     fn winograd_params(&self, s: &Shape3, n0: usize, nb: usize, p_ld: usize, relu: bool) -> Params {
@@ -337,6 +357,10 @@ impl Gpu {
             k_ld: u(s.c.next_multiple_of(4)),
             relu: u32::from(relu),
             flip: 0,
+            stride: 0,
+            st4: 0,
+            sr4: 0,
+            sq4: 0,
         }
     }
 
@@ -367,16 +391,30 @@ impl Gpu {
         let (nb, p_ld) = self.winograd_plan_or_err(op, s)?;
         let (th, tw) = s.tiles();
         let k_ld = s.c.next_multiple_of(4);
-        let v = self.empty([POSITIONS, s.c, p_ld], DType::F32)?;
-        let m = self.empty([POSITIONS, s.co, p_ld], DType::F32)?;
+        let (us, vs) = (position_stride(s.co * k_ld), position_stride(s.c * p_ld));
+        let v = self.empty([POSITIONS, vs / 4, 4], DType::F32)?;
+        // M's layout: on the subgroup kernel the 36 positions of a vec4 of tiles are
+        // adjacent (vec4 (t, o, q4) at (o * p_ld / 4 + q4) * 36 + t), so the output
+        // transform reads one stream per lane instead of 36 (about a third faster); the
+        // GEMM writes it through its batched-column epilogue. Planar elsewhere.
+        let interleaved = self.gemm == GemmKernel::Subgroup8;
+        let (m, ml) = if interleaved {
+            let row4 = p_ld / 4 * POSITIONS;
+            (self.empty([s.co, row4, 4], DType::F32)?, (1, row4, POSITIONS))
+        } else {
+            let ms = position_stride(s.co * p_ld);
+            (self.empty([POSITIONS, ms / 4, 4], DType::F32)?, (ms / 4, p_ld / 4, 1))
+        };
         for n0 in (0..s.n).step_by(nb) {
             let nbc = nb.min(s.n - n0);
             let cols = nbc * th * tw;
             self.winograd_input(op, s, src, &v, n0, nbc, p_ld)?;
-            let batch = Batch { count: POSITIONS, a: s.co * k_ld, b: s.c * p_ld, c: s.co * p_ld };
-            let (a, b, c) = (Mat::rows(ut, k_ld), Mat::rows(&v, p_ld), Mat::rows(&m, p_ld));
+            let c_cols = interleaved.then_some((1, POSITIONS));
+            let batch = Batch { count: POSITIONS, a: us, b: vs, c: ml.0 * 4, c_cols };
+            let (a, b, c) = (Mat::rows(ut, k_ld), Mat::rows(&v, p_ld), Mat::rows(&m, ml.1 * 4));
             self.gemm_batched(op, batch, s.co, cols, s.c, a, b, c, false)?;
-            let p = self.winograd_params(s, n0, nbc, p_ld, relu);
+            let (st4, sr4, sq4) = (u(ml.0), u(ml.1), u(ml.2));
+            let p = Params { st4, sr4, sq4, ..self.winograd_params(s, n0, nbc, p_ld, relu) };
             let groups = self.plane_grid(cols.div_ceil(4), 1, s.co);
             self.dispatch(op, (FILE, "wino_output"), &[], &p, &[m.arg(), bias.arg(), y.arg()], groups)?;
         }
@@ -432,33 +470,34 @@ impl Gpu {
         let (nb, p_ld) = self.winograd_plan_or_err(OP, &s)?;
         let (th, tw) = s.tiles();
         let co_ld = s.co.next_multiple_of(4);
-        let reuse = saved.filter(|v| nb >= s.n && v.shape().dims() == [POSITIONS, s.c, p_ld]);
+        let (vs, ds, us) = (position_stride(s.c * p_ld), position_stride(p_ld * co_ld), position_stride(s.c * co_ld));
+        let reuse = saved.filter(|v| nb >= s.n && v.shape().dims() == [POSITIONS, vs / 4, 4]);
         let fresh;
         let v = match reuse {
             Some(v) => v,
             None => {
-                fresh = self.empty([POSITIONS, s.c, p_ld], DType::F32)?;
+                fresh = self.empty([POSITIONS, vs / 4, 4], DType::F32)?;
                 &fresh
             }
         };
-        let dmt = self.empty([POSITIONS, p_ld, co_ld], DType::F32)?;
-        let dut = self.empty([POSITIONS, s.c, co_ld], DType::F32)?;
+        let dmt = self.empty([POSITIONS, ds / 4, 4], DType::F32)?;
+        let dut = self.empty([POSITIONS, us / 4, 4], DType::F32)?;
         for (i, n0) in (0..s.n).step_by(nb).enumerate() {
             let nbc = nb.min(s.n - n0);
             let cols = nbc * th * tw;
             if reuse.is_none() {
                 self.winograd_input(OP, &s, x, v, n0, nbc, p_ld)?;
             }
-            let p = Params { k_ld: u(co_ld), ..self.winograd_params(&s, n0, nbc, p_ld, false) };
+            let p = Params { k_ld: u(co_ld), stride: u(ds), ..self.winograd_params(&s, n0, nbc, p_ld, false) };
             let groups = self.plane_grid(co_ld / 4, 1, p_ld);
             self.dispatch(OP, (FILE, "wino_dy"), &[], &p, &[dy.arg(), dmt.arg()], groups)?;
             // dU^T_t [c, co] (+)= V_t [c, tiles] @ dM^T_t [tiles, co]
-            let batch = Batch { count: POSITIONS, a: s.c * p_ld, b: p_ld * co_ld, c: s.c * co_ld };
+            let batch = Batch { count: POSITIONS, a: vs, b: ds, c: us, c_cols: None };
             let (a, b, c) = (Mat::rows(v, p_ld), Mat::rows(&dmt, co_ld), Mat::rows(&dut, co_ld));
             self.gemm_batched(OP, batch, s.c, s.co, cols, a, b, c, i > 0)?;
         }
         let dw = self.empty([g.co, g.ci, 3, 3], DType::F32)?;
-        let p = Params { c: u(s.c), co: u(s.co), k_ld: u(co_ld), ..Params::zeroed() };
+        let p = Params { c: u(s.c), co: u(s.co), k_ld: u(co_ld), stride: u(us), ..Params::zeroed() };
         let groups = self.plane_grid(s.co, 1, s.c);
         self.dispatch(OP, (FILE, "wino_filter_grad"), &[], &p, &[dut.arg(), dw.arg()], groups)?;
         Ok(dw)
