@@ -51,12 +51,12 @@ struct Params {
     k_ld: u32,    // row stride of U: c rounded up to 4
     relu: u32,    // output: apply ReLU after the bias
     flip: u32,    // filter: rotate and swap channels (input gradient)
-    stride: u32,  // elements between positions of the planar array the kernel writes or
-                  // reads (a multiple of 4, padded so that the 36 streams fall into
-                  // different cache sets)
-    st4: u32,     // wino_output: vec4 (t, o, q4) of M is at t * st4 + o * sr4 + q4 * sq4
-    sr4: u32,
-    sq4: u32,
+    stride: u32,  // elements between positions of the 36-position array the kernel
+                  // writes or reads (a multiple of 4, padded so that the 36 streams fall
+                  // into different cache sets)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -308,12 +308,13 @@ w("// of 4 tiles.")
 w("@compute @workgroup_size(WG)")
 w("fn wino_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {")
 w("    let cols = p.nb * p.th * p.tw;")
+w("    let plane4 = p.stride / 4u;")
 w("    for (var o = wg.y; o < p.co; o += ng.y) {")
 w("        let b = bias[o];")
 w("        for (var g = gid.x; g * 4u < cols; g += ng.x * WG) {")
-w("            let src = o * p.sr4 + g * p.sq4;")
+w("            let src = o * p.p_ld / 4u + g;")
 for t in range(36):
-    w(f"            let mv{t} = m4[{t}u * p.st4 + src];")
+    w(f"            let mv{t} = m4[{t}u * plane4 + src];")
 w("            let q = g * 4u;")
 w("            let t0 = tile_of(q);")
 for k, comp in enumerate("xyzw"):

@@ -38,12 +38,12 @@ struct Params {
     k_ld: u32,    // row stride of U: c rounded up to 4
     relu: u32,    // output: apply ReLU after the bias
     flip: u32,    // filter: rotate and swap channels (input gradient)
-    stride: u32,  // elements between positions of the planar array the kernel writes or
-                  // reads (a multiple of 4, padded so that the 36 streams fall into
-                  // different cache sets)
-    st4: u32,     // wino_output: vec4 (t, o, q4) of M is at t * st4 + o * sr4 + q4 * sq4
-    sr4: u32,
-    sq4: u32,
+    stride: u32,  // elements between positions of the 36-position array the kernel
+                  // writes or reads (a multiple of 4, padded so that the 36 streams fall
+                  // into different cache sets)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -634,46 +634,47 @@ fn output_tile(o: u32, t: Tile, b: f32, mt: array<f32, 36>) {
 @compute @workgroup_size(WG)
 fn wino_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let cols = p.nb * p.th * p.tw;
+    let plane4 = p.stride / 4u;
     for (var o = wg.y; o < p.co; o += ng.y) {
         let b = bias[o];
         for (var g = gid.x; g * 4u < cols; g += ng.x * WG) {
-            let src = o * p.sr4 + g * p.sq4;
-            let mv0 = m4[0u * p.st4 + src];
-            let mv1 = m4[1u * p.st4 + src];
-            let mv2 = m4[2u * p.st4 + src];
-            let mv3 = m4[3u * p.st4 + src];
-            let mv4 = m4[4u * p.st4 + src];
-            let mv5 = m4[5u * p.st4 + src];
-            let mv6 = m4[6u * p.st4 + src];
-            let mv7 = m4[7u * p.st4 + src];
-            let mv8 = m4[8u * p.st4 + src];
-            let mv9 = m4[9u * p.st4 + src];
-            let mv10 = m4[10u * p.st4 + src];
-            let mv11 = m4[11u * p.st4 + src];
-            let mv12 = m4[12u * p.st4 + src];
-            let mv13 = m4[13u * p.st4 + src];
-            let mv14 = m4[14u * p.st4 + src];
-            let mv15 = m4[15u * p.st4 + src];
-            let mv16 = m4[16u * p.st4 + src];
-            let mv17 = m4[17u * p.st4 + src];
-            let mv18 = m4[18u * p.st4 + src];
-            let mv19 = m4[19u * p.st4 + src];
-            let mv20 = m4[20u * p.st4 + src];
-            let mv21 = m4[21u * p.st4 + src];
-            let mv22 = m4[22u * p.st4 + src];
-            let mv23 = m4[23u * p.st4 + src];
-            let mv24 = m4[24u * p.st4 + src];
-            let mv25 = m4[25u * p.st4 + src];
-            let mv26 = m4[26u * p.st4 + src];
-            let mv27 = m4[27u * p.st4 + src];
-            let mv28 = m4[28u * p.st4 + src];
-            let mv29 = m4[29u * p.st4 + src];
-            let mv30 = m4[30u * p.st4 + src];
-            let mv31 = m4[31u * p.st4 + src];
-            let mv32 = m4[32u * p.st4 + src];
-            let mv33 = m4[33u * p.st4 + src];
-            let mv34 = m4[34u * p.st4 + src];
-            let mv35 = m4[35u * p.st4 + src];
+            let src = o * p.p_ld / 4u + g;
+            let mv0 = m4[0u * plane4 + src];
+            let mv1 = m4[1u * plane4 + src];
+            let mv2 = m4[2u * plane4 + src];
+            let mv3 = m4[3u * plane4 + src];
+            let mv4 = m4[4u * plane4 + src];
+            let mv5 = m4[5u * plane4 + src];
+            let mv6 = m4[6u * plane4 + src];
+            let mv7 = m4[7u * plane4 + src];
+            let mv8 = m4[8u * plane4 + src];
+            let mv9 = m4[9u * plane4 + src];
+            let mv10 = m4[10u * plane4 + src];
+            let mv11 = m4[11u * plane4 + src];
+            let mv12 = m4[12u * plane4 + src];
+            let mv13 = m4[13u * plane4 + src];
+            let mv14 = m4[14u * plane4 + src];
+            let mv15 = m4[15u * plane4 + src];
+            let mv16 = m4[16u * plane4 + src];
+            let mv17 = m4[17u * plane4 + src];
+            let mv18 = m4[18u * plane4 + src];
+            let mv19 = m4[19u * plane4 + src];
+            let mv20 = m4[20u * plane4 + src];
+            let mv21 = m4[21u * plane4 + src];
+            let mv22 = m4[22u * plane4 + src];
+            let mv23 = m4[23u * plane4 + src];
+            let mv24 = m4[24u * plane4 + src];
+            let mv25 = m4[25u * plane4 + src];
+            let mv26 = m4[26u * plane4 + src];
+            let mv27 = m4[27u * plane4 + src];
+            let mv28 = m4[28u * plane4 + src];
+            let mv29 = m4[29u * plane4 + src];
+            let mv30 = m4[30u * plane4 + src];
+            let mv31 = m4[31u * plane4 + src];
+            let mv32 = m4[32u * plane4 + src];
+            let mv33 = m4[33u * plane4 + src];
+            let mv34 = m4[34u * plane4 + src];
+            let mv35 = m4[35u * plane4 + src];
             let q = g * 4u;
             let t0 = tile_of(q);
             { output_tile(o, t0, b, array<f32, 36>(mv0.x, mv1.x, mv2.x, mv3.x, mv4.x, mv5.x, mv6.x, mv7.x, mv8.x, mv9.x, mv10.x, mv11.x, mv12.x, mv13.x, mv14.x, mv15.x, mv16.x, mv17.x, mv18.x, mv19.x, mv20.x, mv21.x, mv22.x, mv23.x, mv24.x, mv25.x, mv26.x, mv27.x, mv28.x, mv29.x, mv30.x, mv31.x, mv32.x, mv33.x, mv34.x, mv35.x)); }

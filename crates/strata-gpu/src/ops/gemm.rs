@@ -80,20 +80,17 @@ pub(crate) struct Fused<'a> {
 
 /// `count` products run by one dispatch: product `z` reads and writes its A, B and C
 /// `z * a`, `z * b` and `z * c` elements after product 0's.
-/// With `c_cols` (subgroup kernel only), C's vec4 columns are spread as [`Fused::c_batch`]
-/// describes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Batch {
     pub(crate) count: usize,
     pub(crate) a: usize,
     pub(crate) b: usize,
     pub(crate) c: usize,
-    pub(crate) c_cols: Option<(usize, usize)>,
 }
 
 impl Default for Batch {
     fn default() -> Self {
-        Self { count: 1, a: 0, b: 0, c: 0, c_cols: None }
+        Self { count: 1, a: 0, b: 0, c: 0 }
     }
 }
 
@@ -287,13 +284,10 @@ impl Gpu {
     ) -> Result<()> {
         assert!(k > 0 && m > 0 && n > 0 && batch.count > 0, "gemm_batched needs non-empty products");
         match self.gemm {
-            GemmKernel::Tiled => {
-                assert!(batch.c_cols.is_none(), "the tiled GEMM writes C row-major");
-                self.gemm_tiled(op, m, n, k, a, b, c, accumulate, batch)
-            }
+            GemmKernel::Tiled => self.gemm_tiled(op, m, n, k, a, b, c, accumulate, batch),
             GemmKernel::Subgroup8 => {
                 debug_assert!([batch.a, batch.b, batch.c].iter().all(|s| s.is_multiple_of(4)));
-                let fused = Fused { batch, c_batch: batch.c_cols, ..Fused::default() };
+                let fused = Fused { batch, ..Fused::default() };
                 self.gemm_subgroup(op, m, n.next_multiple_of(4), k, a, b, c, accumulate, fused)
             }
         }

@@ -22,7 +22,7 @@ use strata_tensor::geometry::ConvGeometry;
 
 use super::gemm::{Batch, Mat};
 use super::{expect_binding, u};
-use crate::{GemmKernel, Gpu, GpuError, GpuTensor, Result};
+use crate::{Gpu, GpuError, GpuTensor, Result};
 
 const FILE: &str = "winograd.wgsl";
 /// Transform positions per tile: (4 + 3 - 1)^2.
@@ -137,9 +137,7 @@ struct Params {
     relu: u32,
     flip: u32,
     stride: u32,
-    st4: u32,
-    sr4: u32,
-    sq4: u32,
+    _pad: [u32; 3],
 }
 
 /// One Winograd convolution: `src` `[n, c, h, w]` to `[n, co, ho, wo]`.
@@ -358,9 +356,7 @@ impl Gpu {
             relu: u32::from(relu),
             flip: 0,
             stride: 0,
-            st4: 0,
-            sr4: 0,
-            sq4: 0,
+            _pad: [0; 3],
         }
     }
 
@@ -393,28 +389,16 @@ impl Gpu {
         let k_ld = s.c.next_multiple_of(4);
         let (us, vs) = (position_stride(s.co * k_ld), position_stride(s.c * p_ld));
         let v = self.empty([POSITIONS, vs / 4, 4], DType::F32)?;
-        // M's layout: on the subgroup kernel the 36 positions of a vec4 of tiles are
-        // adjacent (vec4 (t, o, q4) at (o * p_ld / 4 + q4) * 36 + t), so the output
-        // transform reads one stream per lane instead of 36 (about a third faster); the
-        // GEMM writes it through its batched-column epilogue. Planar elsewhere.
-        let interleaved = self.gemm == GemmKernel::Subgroup8;
-        let (m, ml) = if interleaved {
-            let row4 = p_ld / 4 * POSITIONS;
-            (self.empty([s.co, row4, 4], DType::F32)?, (1, row4, POSITIONS))
-        } else {
-            let ms = position_stride(s.co * p_ld);
-            (self.empty([POSITIONS, ms / 4, 4], DType::F32)?, (ms / 4, p_ld / 4, 1))
-        };
+        let ms = position_stride(s.co * p_ld);
+        let m = self.empty([POSITIONS, ms / 4, 4], DType::F32)?;
         for n0 in (0..s.n).step_by(nb) {
             let nbc = nb.min(s.n - n0);
             let cols = nbc * th * tw;
             self.winograd_input(op, s, src, &v, n0, nbc, p_ld)?;
-            let c_cols = interleaved.then_some((1, POSITIONS));
-            let batch = Batch { count: POSITIONS, a: us, b: vs, c: ml.0 * 4, c_cols };
-            let (a, b, c) = (Mat::rows(ut, k_ld), Mat::rows(&v, p_ld), Mat::rows(&m, ml.1 * 4));
+            let batch = Batch { count: POSITIONS, a: us, b: vs, c: ms };
+            let (a, b, c) = (Mat::rows(ut, k_ld), Mat::rows(&v, p_ld), Mat::rows(&m, p_ld));
             self.gemm_batched(op, batch, s.co, cols, s.c, a, b, c, false)?;
-            let (st4, sr4, sq4) = (u(ml.0), u(ml.1), u(ml.2));
-            let p = Params { st4, sr4, sq4, ..self.winograd_params(s, n0, nbc, p_ld, relu) };
+            let p = Params { stride: u(ms), ..self.winograd_params(s, n0, nbc, p_ld, relu) };
             let groups = self.plane_grid(cols.div_ceil(4), 1, s.co);
             self.dispatch(op, (FILE, "wino_output"), &[], &p, &[m.arg(), bias.arg(), y.arg()], groups)?;
         }
@@ -492,7 +476,7 @@ impl Gpu {
             let groups = self.plane_grid(co_ld / 4, 1, p_ld);
             self.dispatch(OP, (FILE, "wino_dy"), &[], &p, &[dy.arg(), dmt.arg()], groups)?;
             // dU^T_t [c, co] (+)= V_t [c, tiles] @ dM^T_t [tiles, co]
-            let batch = Batch { count: POSITIONS, a: vs, b: ds, c: us, c_cols: None };
+            let batch = Batch { count: POSITIONS, a: vs, b: ds, c: us };
             let (a, b, c) = (Mat::rows(v, p_ld), Mat::rows(&dmt, co_ld), Mat::rows(&dut, co_ld));
             self.gemm_batched(OP, batch, s.c, s.co, cols, a, b, c, i > 0)?;
         }
