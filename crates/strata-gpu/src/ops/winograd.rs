@@ -331,7 +331,7 @@ impl Gpu {
     ) -> Result<()> {
         let p = Params { stride: u(position_stride(s.c * p_ld)), ..self.winograd_params(s, n0, nb, p_ld, false) };
         // Four tiles per lane; neighbours in one row when rows hold a multiple of 4.
-        let entry = if s.tiles().1 % 4 == 0 { "wino_input_rows" } else { "wino_input" };
+        let entry = if s.tiles().1.is_multiple_of(4) { "wino_input_rows" } else { "wino_input" };
         let groups = self.plane_grid(p_ld / 4, 1, s.c);
         self.dispatch(op, (FILE, entry), &[], &p, &[src.arg(), v.arg()], groups)
     }
