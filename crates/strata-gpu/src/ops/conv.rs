@@ -245,7 +245,8 @@ impl Gpu {
                     false,
                 )?;
                 let p = Params { relu: u32::from(relu), ..plan.params(n0, nb) };
-                let (entry, items) = if pix.is_multiple_of(4) { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
+                let (entry, items) =
+                    if pix.is_multiple_of(4) { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
                 let groups = self.plane_grid(items, 4, nb * g.co);
                 self.dispatch(OP, (FILE, entry), &[], &p, &[ycp.arg(), bias.arg(), y.arg()], groups)?;
             }
@@ -388,7 +389,8 @@ impl Gpu {
                     fused,
                 )?;
             } else {
-                let (entry, items) = if pix.is_multiple_of(4) { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
+                let (entry, items) =
+                    if pix.is_multiple_of(4) { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
                 let groups = self.plane_grid(items, 4, nb * g.co);
                 self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dcp.arg()], groups)?;
                 // dcol [k, np] = W^T [k, co] @ dY' [co, np]
