@@ -206,27 +206,21 @@ for a in range(6):
 w("    ));")
 w("}")
 w("")
-w("// The 18 input columns under 4 horizontally adjacent tiles, one input row: 6 aligned")
-w("// vec4 loads and a per-lane shift (the row need not start on a vec4 boundary), zero")
-w("// outside the image. `e0` is the element index of the first column, `iw0` its column.")
+w("// The 18 input columns under 4 horizontally adjacent tiles, one input row, zero outside")
+w("// the image. `e0` is the element index of the first column, `iw0` its column. Loads")
+w("// cost lavapipe per element whatever their width (each lane's element is a scalar")
+w("// load), so the shared columns are loaded once and nothing more.")
 w("struct Row18 {")
 for j in range(18):
     w(f"    c{j}: f32,")
 w("}")
 w("")
 w("fn row18(e0: i32, iw0: i32, row_ok: bool) -> Row18 {")
-w("    let last4 = i32(arrayLength(&x4)) - 1;")
-w("    let a = e0 >> 2u;")
-w("    let s = e0 & 3;")
-for k in range(6):
-    w(f"    let l{k} = x4[u32(clamp(a + {k}, 0, last4))];")
-comps = "xyzw"
-win = [f"l{m // 4}.{comps[m % 4]}" for m in range(24)]
-for j in range(18):
-    w(f"    let w{j} = select(select({win[j]}, {win[j + 1]}, s == 1), select({win[j + 2]}, {win[j + 3]}, s == 3), s >= 2);")
+w("    let last = i32(arrayLength(&x4)) * 4 - 1;")
 w("    var r: Row18;")
 for j in range(18):
-    w(f"    r.c{j} = select(0.0, w{j}, row_ok && iw0 + {j} >= 0 && iw0 + {j} < i32(p.w));")
+    w(f"    let i{j} = u32(clamp(e0 + {j}, 0, last));")
+    w(f"    r.c{j} = select(0.0, x4[i{j} >> 2u][i{j} & 3u], row_ok && iw0 + {j} >= 0 && iw0 + {j} < i32(p.w));")
 w("    return r;")
 w("}")
 w("")

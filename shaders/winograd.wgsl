@@ -278,9 +278,10 @@ fn input_tile(ci: u32, t: Tile) -> array<f32, 36> {
     ));
 }
 
-// The 18 input columns under 4 horizontally adjacent tiles, one input row: 6 aligned
-// vec4 loads and a per-lane shift (the row need not start on a vec4 boundary), zero
-// outside the image. `e0` is the element index of the first column, `iw0` its column.
+// The 18 input columns under 4 horizontally adjacent tiles, one input row, zero outside
+// the image. `e0` is the element index of the first column, `iw0` its column. Loads
+// cost lavapipe per element whatever their width (each lane's element is a scalar
+// load), so the shared columns are loaded once and nothing more.
 struct Row18 {
     c0: f32,
     c1: f32,
@@ -303,52 +304,44 @@ struct Row18 {
 }
 
 fn row18(e0: i32, iw0: i32, row_ok: bool) -> Row18 {
-    let last4 = i32(arrayLength(&x4)) - 1;
-    let a = e0 >> 2u;
-    let s = e0 & 3;
-    let l0 = x4[u32(clamp(a + 0, 0, last4))];
-    let l1 = x4[u32(clamp(a + 1, 0, last4))];
-    let l2 = x4[u32(clamp(a + 2, 0, last4))];
-    let l3 = x4[u32(clamp(a + 3, 0, last4))];
-    let l4 = x4[u32(clamp(a + 4, 0, last4))];
-    let l5 = x4[u32(clamp(a + 5, 0, last4))];
-    let w0 = select(select(l0.x, l0.y, s == 1), select(l0.z, l0.w, s == 3), s >= 2);
-    let w1 = select(select(l0.y, l0.z, s == 1), select(l0.w, l1.x, s == 3), s >= 2);
-    let w2 = select(select(l0.z, l0.w, s == 1), select(l1.x, l1.y, s == 3), s >= 2);
-    let w3 = select(select(l0.w, l1.x, s == 1), select(l1.y, l1.z, s == 3), s >= 2);
-    let w4 = select(select(l1.x, l1.y, s == 1), select(l1.z, l1.w, s == 3), s >= 2);
-    let w5 = select(select(l1.y, l1.z, s == 1), select(l1.w, l2.x, s == 3), s >= 2);
-    let w6 = select(select(l1.z, l1.w, s == 1), select(l2.x, l2.y, s == 3), s >= 2);
-    let w7 = select(select(l1.w, l2.x, s == 1), select(l2.y, l2.z, s == 3), s >= 2);
-    let w8 = select(select(l2.x, l2.y, s == 1), select(l2.z, l2.w, s == 3), s >= 2);
-    let w9 = select(select(l2.y, l2.z, s == 1), select(l2.w, l3.x, s == 3), s >= 2);
-    let w10 = select(select(l2.z, l2.w, s == 1), select(l3.x, l3.y, s == 3), s >= 2);
-    let w11 = select(select(l2.w, l3.x, s == 1), select(l3.y, l3.z, s == 3), s >= 2);
-    let w12 = select(select(l3.x, l3.y, s == 1), select(l3.z, l3.w, s == 3), s >= 2);
-    let w13 = select(select(l3.y, l3.z, s == 1), select(l3.w, l4.x, s == 3), s >= 2);
-    let w14 = select(select(l3.z, l3.w, s == 1), select(l4.x, l4.y, s == 3), s >= 2);
-    let w15 = select(select(l3.w, l4.x, s == 1), select(l4.y, l4.z, s == 3), s >= 2);
-    let w16 = select(select(l4.x, l4.y, s == 1), select(l4.z, l4.w, s == 3), s >= 2);
-    let w17 = select(select(l4.y, l4.z, s == 1), select(l4.w, l5.x, s == 3), s >= 2);
+    let last = i32(arrayLength(&x4)) * 4 - 1;
     var r: Row18;
-    r.c0 = select(0.0, w0, row_ok && iw0 + 0 >= 0 && iw0 + 0 < i32(p.w));
-    r.c1 = select(0.0, w1, row_ok && iw0 + 1 >= 0 && iw0 + 1 < i32(p.w));
-    r.c2 = select(0.0, w2, row_ok && iw0 + 2 >= 0 && iw0 + 2 < i32(p.w));
-    r.c3 = select(0.0, w3, row_ok && iw0 + 3 >= 0 && iw0 + 3 < i32(p.w));
-    r.c4 = select(0.0, w4, row_ok && iw0 + 4 >= 0 && iw0 + 4 < i32(p.w));
-    r.c5 = select(0.0, w5, row_ok && iw0 + 5 >= 0 && iw0 + 5 < i32(p.w));
-    r.c6 = select(0.0, w6, row_ok && iw0 + 6 >= 0 && iw0 + 6 < i32(p.w));
-    r.c7 = select(0.0, w7, row_ok && iw0 + 7 >= 0 && iw0 + 7 < i32(p.w));
-    r.c8 = select(0.0, w8, row_ok && iw0 + 8 >= 0 && iw0 + 8 < i32(p.w));
-    r.c9 = select(0.0, w9, row_ok && iw0 + 9 >= 0 && iw0 + 9 < i32(p.w));
-    r.c10 = select(0.0, w10, row_ok && iw0 + 10 >= 0 && iw0 + 10 < i32(p.w));
-    r.c11 = select(0.0, w11, row_ok && iw0 + 11 >= 0 && iw0 + 11 < i32(p.w));
-    r.c12 = select(0.0, w12, row_ok && iw0 + 12 >= 0 && iw0 + 12 < i32(p.w));
-    r.c13 = select(0.0, w13, row_ok && iw0 + 13 >= 0 && iw0 + 13 < i32(p.w));
-    r.c14 = select(0.0, w14, row_ok && iw0 + 14 >= 0 && iw0 + 14 < i32(p.w));
-    r.c15 = select(0.0, w15, row_ok && iw0 + 15 >= 0 && iw0 + 15 < i32(p.w));
-    r.c16 = select(0.0, w16, row_ok && iw0 + 16 >= 0 && iw0 + 16 < i32(p.w));
-    r.c17 = select(0.0, w17, row_ok && iw0 + 17 >= 0 && iw0 + 17 < i32(p.w));
+    let i0 = u32(clamp(e0 + 0, 0, last));
+    r.c0 = select(0.0, x4[i0 >> 2u][i0 & 3u], row_ok && iw0 + 0 >= 0 && iw0 + 0 < i32(p.w));
+    let i1 = u32(clamp(e0 + 1, 0, last));
+    r.c1 = select(0.0, x4[i1 >> 2u][i1 & 3u], row_ok && iw0 + 1 >= 0 && iw0 + 1 < i32(p.w));
+    let i2 = u32(clamp(e0 + 2, 0, last));
+    r.c2 = select(0.0, x4[i2 >> 2u][i2 & 3u], row_ok && iw0 + 2 >= 0 && iw0 + 2 < i32(p.w));
+    let i3 = u32(clamp(e0 + 3, 0, last));
+    r.c3 = select(0.0, x4[i3 >> 2u][i3 & 3u], row_ok && iw0 + 3 >= 0 && iw0 + 3 < i32(p.w));
+    let i4 = u32(clamp(e0 + 4, 0, last));
+    r.c4 = select(0.0, x4[i4 >> 2u][i4 & 3u], row_ok && iw0 + 4 >= 0 && iw0 + 4 < i32(p.w));
+    let i5 = u32(clamp(e0 + 5, 0, last));
+    r.c5 = select(0.0, x4[i5 >> 2u][i5 & 3u], row_ok && iw0 + 5 >= 0 && iw0 + 5 < i32(p.w));
+    let i6 = u32(clamp(e0 + 6, 0, last));
+    r.c6 = select(0.0, x4[i6 >> 2u][i6 & 3u], row_ok && iw0 + 6 >= 0 && iw0 + 6 < i32(p.w));
+    let i7 = u32(clamp(e0 + 7, 0, last));
+    r.c7 = select(0.0, x4[i7 >> 2u][i7 & 3u], row_ok && iw0 + 7 >= 0 && iw0 + 7 < i32(p.w));
+    let i8 = u32(clamp(e0 + 8, 0, last));
+    r.c8 = select(0.0, x4[i8 >> 2u][i8 & 3u], row_ok && iw0 + 8 >= 0 && iw0 + 8 < i32(p.w));
+    let i9 = u32(clamp(e0 + 9, 0, last));
+    r.c9 = select(0.0, x4[i9 >> 2u][i9 & 3u], row_ok && iw0 + 9 >= 0 && iw0 + 9 < i32(p.w));
+    let i10 = u32(clamp(e0 + 10, 0, last));
+    r.c10 = select(0.0, x4[i10 >> 2u][i10 & 3u], row_ok && iw0 + 10 >= 0 && iw0 + 10 < i32(p.w));
+    let i11 = u32(clamp(e0 + 11, 0, last));
+    r.c11 = select(0.0, x4[i11 >> 2u][i11 & 3u], row_ok && iw0 + 11 >= 0 && iw0 + 11 < i32(p.w));
+    let i12 = u32(clamp(e0 + 12, 0, last));
+    r.c12 = select(0.0, x4[i12 >> 2u][i12 & 3u], row_ok && iw0 + 12 >= 0 && iw0 + 12 < i32(p.w));
+    let i13 = u32(clamp(e0 + 13, 0, last));
+    r.c13 = select(0.0, x4[i13 >> 2u][i13 & 3u], row_ok && iw0 + 13 >= 0 && iw0 + 13 < i32(p.w));
+    let i14 = u32(clamp(e0 + 14, 0, last));
+    r.c14 = select(0.0, x4[i14 >> 2u][i14 & 3u], row_ok && iw0 + 14 >= 0 && iw0 + 14 < i32(p.w));
+    let i15 = u32(clamp(e0 + 15, 0, last));
+    r.c15 = select(0.0, x4[i15 >> 2u][i15 & 3u], row_ok && iw0 + 15 >= 0 && iw0 + 15 < i32(p.w));
+    let i16 = u32(clamp(e0 + 16, 0, last));
+    r.c16 = select(0.0, x4[i16 >> 2u][i16 & 3u], row_ok && iw0 + 16 >= 0 && iw0 + 16 < i32(p.w));
+    let i17 = u32(clamp(e0 + 17, 0, last));
+    r.c17 = select(0.0, x4[i17 >> 2u][i17 & 3u], row_ok && iw0 + 17 >= 0 && iw0 + 17 < i32(p.w));
     return r;
 }
 
