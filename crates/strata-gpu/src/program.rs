@@ -94,8 +94,8 @@ pub enum Op {
         dw: TensorId,
         db: TensorId,
     },
-    /// `relu` fuses a ReLU into the output pass; `col` keeps the patch matrix for the
-    /// backward pass.
+    /// `relu` fuses a ReLU into the output pass; `col` keeps what the backward pass can
+    /// reuse (the patch matrix, or the input transform of a Winograd forward pass).
     Conv2d {
         x: TensorId,
         w: TensorId,
@@ -107,7 +107,7 @@ pub enum Op {
         #[serde(default)]
         col: Option<TensorId>,
     },
-    /// `dx: None` skips the input gradient; `col` reuses a patch matrix kept by `Conv2d`.
+    /// `dx: None` skips the input gradient; `col` reuses what `Conv2d` kept.
     Conv2dBackward {
         x: TensorId,
         w: TensorId,
@@ -529,7 +529,7 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             let (r, kept) = gpu.conv2d_with(&s.get("conv2d", *x)?, &s.get("conv2d", *w)?, b.as_ref(), *params, opts)?;
             s.put(*out, r);
             if let Some(id) = col {
-                // A batch too large for one chunk keeps no patch matrix: drop a stale one.
+                // A batch too large for one chunk keeps nothing: drop a stale tensor.
                 match kept {
                     Some(c) => s.put(*id, c),
                     None => {
