@@ -260,8 +260,9 @@ fn conv2d_splits_the_batch_when_the_patch_matrix_is_large() {
 }
 
 /// Winograd cases (input shape, output channels, padding): planes smaller than a tile
-/// and not multiples of it, padding 0 to 2, one image and several, channel counts that
-/// are not multiples of 4, and the reference CNN's second layer.
+/// and not multiples of it, tile rows of 4 and 8 tiles (the kernels' row-sharing path)
+/// and of other counts, padding 0 to 2, one image and several, channel counts that are
+/// not multiples of 4, and the reference CNN's second layer.
 fn winograd_cases() -> Vec<([usize; 4], usize, usize)> {
     vec![
         ([1, 1, 3, 3], 1, 1),
@@ -270,6 +271,7 @@ fn winograd_cases() -> Vec<([usize; 4], usize, usize)> {
         ([1, 2, 5, 11], 3, 2),
         ([2, 6, 4, 4], 2, 1),
         ([2, 13, 17, 10], 6, 0),
+        ([2, 3, 6, 30], 5, 1),
         ([3, 64, 14, 14], 128, 1),
     ]
 }
