@@ -73,7 +73,13 @@ impl GpuOptions {
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&ms| ms > 0)
             .map(std::time::Duration::from_millis);
-        let conv_algo = std::env::var("STRATA_CONV_ALGO").ok().and_then(|v| ConvAlgo::from_name(&v));
+        let conv_algo = std::env::var("STRATA_CONV_ALGO").ok().and_then(|v| {
+            let algo = ConvAlgo::from_name(&v);
+            if algo.is_none() {
+                tracing::warn!("ignoring STRATA_CONV_ALGO={v:?}: expected auto, im2col or winograd");
+            }
+            algo
+        });
         Self { adapter: AdapterRequest::from_env(), memory_budget_bytes: None, gemm, timeout, conv_algo }
     }
 

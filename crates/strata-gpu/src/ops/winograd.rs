@@ -39,8 +39,9 @@ fn position_stride(elems: usize) -> usize {
 /// Timed runs of each candidate when choosing (the fastest counts), after one untimed.
 const TRIALS: usize = 3;
 
-/// How convolutions with 3x3 filters at stride 1 are computed (other convolutions
-/// always use im2col + GEMM).
+/// How convolutions with 3x3 filters at stride 1 and padding at most 2 are computed
+/// (other convolutions, and those whose transforms of one image exceed a storage
+/// binding, always use im2col + GEMM).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ConvAlgo {
     /// Time both at the first use of each geometry and direction (forward, input
