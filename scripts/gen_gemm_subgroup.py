@@ -34,9 +34,12 @@ w("// (j / cpb4) * img4 + j % cpb4: the columns of several images, each image's 
 w("// img4 vec4s apart, as in an NCHW tensor viewed as [channels, images * pixels]. A")
 w("// convolution thus reads its output gradient and writes its output in NCHW directly.")
 w("// The epilogue optionally adds bias[row] (bit 0) and applies ReLU (bit 1).")
+w("//")
+w("// Batches: workgroup z runs product z of a batch, its A, B and C a_bat4, b_bat4 and")
+w("// c_bat4 vec4s after product 0's (the Winograd convolution's transform positions).")
 w("")
 w("struct Params {")
-for f in ["m", "n4", "k", "lda4", "ldb4", "ldc4", "a_off4", "b_off4", "c_off4", "accumulate", "b_cpb4", "b_img4", "c_cpb4", "c_img4", "epilogue", "_pad0"]:
+for f in ["m", "n4", "k", "lda4", "ldb4", "ldc4", "a_off4", "b_off4", "c_off4", "accumulate", "b_cpb4", "b_img4", "c_cpb4", "c_img4", "epilogue", "a_bat4", "b_bat4", "c_bat4", "_pad0"]:
     w(f"    {f}: u32,")
 w("}")
 w("")
@@ -57,10 +60,10 @@ w("@compute @workgroup_size(8)")
 w("fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {")
 w(f"    let row = wg.y * {TILE_ROWS}u + lane * {RM}u;")
 for r in range(RM):
-    w(f"    let ra{r} = p.a_off4 + min(row + {r}u, p.m - 1u) * p.lda4;")
+    w(f"    let ra{r} = p.a_off4 + wg.z * p.a_bat4 + min(row + {r}u, p.m - 1u) * p.lda4;")
 w(f"    let col = wg.x * {TILE_VEC}u + lane * {BV}u;")
 for v in range(BV):
-    w(f"    let cb{v} = p.b_off4 + batched(min(col + {v}u, p.n4 - 1u), p.b_cpb4, p.b_img4);")
+    w(f"    let cb{v} = p.b_off4 + wg.z * p.b_bat4 + batched(min(col + {v}u, p.n4 - 1u), p.b_cpb4, p.b_img4);")
 for r in range(RM):
     for j in range(TILE_VEC):
         w(f"    var acc{r}_{j} = vec4<f32>(0.0);")
@@ -96,7 +99,7 @@ step([f"a{r}" for r in range(RM)], "kb")
 w("    }")
 for r in range(RM):
     w(f"    if (row + {r}u < p.m) {{")
-    w(f"        let rc = p.c_off4 + (row + {r}u) * p.ldc4;")
+    w(f"        let rc = p.c_off4 + wg.z * p.c_bat4 + (row + {r}u) * p.ldc4;")
     w(f"        let rb = select(0.0, bias[row + {r}u], (p.epilogue & 1u) != 0u);")
     for s in range(LANES):
         for v in range(BV):

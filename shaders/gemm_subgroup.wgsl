@@ -17,6 +17,9 @@
 // img4 vec4s apart, as in an NCHW tensor viewed as [channels, images * pixels]. A
 // convolution thus reads its output gradient and writes its output in NCHW directly.
 // The epilogue optionally adds bias[row] (bit 0) and applies ReLU (bit 1).
+//
+// Batches: workgroup z runs product z of a batch, its A, B and C a_bat4, b_bat4 and
+// c_bat4 vec4s after product 0's (the Winograd convolution's transform positions).
 
 struct Params {
     m: u32,
@@ -34,6 +37,9 @@ struct Params {
     c_cpb4: u32,
     c_img4: u32,
     epilogue: u32,
+    a_bat4: u32,
+    b_bat4: u32,
+    c_bat4: u32,
     _pad0: u32,
 }
 
@@ -53,11 +59,11 @@ fn batched(j: u32, cpb4: u32, img4: u32) -> u32 {
 @compute @workgroup_size(8)
 fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let row = wg.y * 16u + lane * 2u;
-    let ra0 = p.a_off4 + min(row + 0u, p.m - 1u) * p.lda4;
-    let ra1 = p.a_off4 + min(row + 1u, p.m - 1u) * p.lda4;
+    let ra0 = p.a_off4 + wg.z * p.a_bat4 + min(row + 0u, p.m - 1u) * p.lda4;
+    let ra1 = p.a_off4 + wg.z * p.a_bat4 + min(row + 1u, p.m - 1u) * p.lda4;
     let col = wg.x * 16u + lane * 2u;
-    let cb0 = p.b_off4 + batched(min(col + 0u, p.n4 - 1u), p.b_cpb4, p.b_img4);
-    let cb1 = p.b_off4 + batched(min(col + 1u, p.n4 - 1u), p.b_cpb4, p.b_img4);
+    let cb0 = p.b_off4 + wg.z * p.b_bat4 + batched(min(col + 0u, p.n4 - 1u), p.b_cpb4, p.b_img4);
+    let cb1 = p.b_off4 + wg.z * p.b_bat4 + batched(min(col + 1u, p.n4 - 1u), p.b_cpb4, p.b_img4);
     var acc0_0 = vec4<f32>(0.0);
     var acc0_1 = vec4<f32>(0.0);
     var acc0_2 = vec4<f32>(0.0);
@@ -360,7 +366,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         acc1_15 = fma(vec4<f32>(a1), bs15, acc1_15);
     }
     if (row + 0u < p.m) {
-        let rc = p.c_off4 + (row + 0u) * p.ldc4;
+        let rc = p.c_off4 + wg.z * p.c_bat4 + (row + 0u) * p.ldc4;
         let rb = select(0.0, bias[row + 0u], (p.epilogue & 1u) != 0u);
         if (wg.x * 16u + 0u < p.n4) {
             let i = rc + batched(wg.x * 16u + 0u, p.c_cpb4, p.c_img4);
@@ -476,7 +482,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         }
     }
     if (row + 1u < p.m) {
-        let rc = p.c_off4 + (row + 1u) * p.ldc4;
+        let rc = p.c_off4 + wg.z * p.c_bat4 + (row + 1u) * p.ldc4;
         let rb = select(0.0, bias[row + 1u], (p.epilogue & 1u) != 0u);
         if (wg.x * 16u + 0u < p.n4) {
             let i = rc + batched(wg.x * 16u + 0u, p.c_cpb4, p.c_img4);

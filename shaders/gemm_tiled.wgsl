@@ -2,6 +2,8 @@
 // invocation 4x4 outputs, operands staged through workgroup memory 16 steps of k at a
 // time. A and B are read through element strides, so transposed operands need no copy:
 // A(i, k) = a[a_off + i * a_rs + k * a_cs], B(k, j) = b[b_off + k * b_rs + j * b_cs].
+// Workgroup z runs product z of a batch, its operands a_bat, b_bat and c_bat elements
+// after product 0's (the Winograd convolution's transform positions).
 
 struct Params {
     m: u32,
@@ -16,6 +18,10 @@ struct Params {
     c_off: u32,
     ldc: u32,
     accumulate: u32,
+    a_bat: u32,
+    b_bat: u32,
+    c_bat: u32,
+    _pad0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -36,6 +42,9 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3
     let lid = ty * 16u + tx;
     let row0 = wg.y * TILE;
     let col0 = wg.x * TILE;
+    let a_off = p.a_off + wg.z * p.a_bat;
+    let b_off = p.b_off + wg.z * p.b_bat;
+    let c_off = p.c_off + wg.z * p.c_bat;
     var acc: array<array<f32, 4>, 4>;
     for (var k0 = 0u; k0 < p.k; k0 += TK) {
         for (var e = 0u; e < 4u; e++) {
@@ -45,7 +54,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3
             let ak = idx % TK;
             var av = 0.0;
             if (row0 + ar < p.m && k0 + ak < p.k) {
-                av = a[p.a_off + (row0 + ar) * p.a_rs + (k0 + ak) * p.a_cs];
+                av = a[a_off + (row0 + ar) * p.a_rs + (k0 + ak) * p.a_cs];
             }
             sa[ak * TILE + ar] = av;
             // B tile: consecutive invocations walk columns.
@@ -53,7 +62,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3
             let bc = idx % TILE;
             var bv = 0.0;
             if (k0 + bk < p.k && col0 + bc < p.n) {
-                bv = b[p.b_off + (k0 + bk) * p.b_rs + (col0 + bc) * p.b_cs];
+                bv = b[b_off + (k0 + bk) * p.b_rs + (col0 + bc) * p.b_cs];
             }
             sb[bk * TILE + bc] = bv;
         }
@@ -78,7 +87,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3
         for (var j = 0u; j < 4u; j++) {
             let cc = col0 + tx * 4u + j;
             if (r < p.m && cc < p.n) {
-                let ci = p.c_off + r * p.ldc + cc;
+                let ci = c_off + r * p.ldc + cc;
                 if (p.accumulate == 1u) {
                     c[ci] = c[ci] + acc[i][j];
                 } else {

@@ -2,7 +2,7 @@
 //! `L = sum(f(x) * r)` from the GPU backward kernels against central differences of the
 //! GPU forward kernels.
 
-use strata_gpu::{Gpu, GpuTensor};
+use strata_gpu::{ConvAlgo, Gpu, GpuTensor};
 use strata_tensor::geometry::Conv2dParams;
 use strata_tensor::{HostTensor, SplitMix64};
 
@@ -33,6 +33,13 @@ fn weighted_sum(g: &mut Gpu, y: &GpuTensor, r: &HostTensor) -> f32 {
 #[test]
 fn conv2d_gradients() {
     let mut g = gpu_or_skip!();
+    for algo in [ConvAlgo::Im2col, ConvAlgo::Winograd] {
+        g.set_conv_algo(algo);
+        conv2d_gradients_on(&mut g, algo);
+    }
+}
+
+fn conv2d_gradients_on(g: &mut Gpu, algo: ConvAlgo) {
     let params = Conv2dParams::new(1, 1);
     let x = HostTensor::random([2, 2, 5, 4], 1);
     let w = HostTensor::random([3, 2, 3, 3], 2);
@@ -49,11 +56,11 @@ fn conv2d_gradients() {
     let mut loss = |x: &HostTensor, w: &HostTensor, b: &HostTensor| {
         let (gx, gw, gb) = (g.upload(x).unwrap(), g.upload(w).unwrap(), g.upload(b).unwrap());
         let y = g.conv2d(&gx, &gw, Some(&gb), params).unwrap();
-        weighted_sum(&mut g, &y, &r)
+        weighted_sum(g, &y, &r)
     };
-    check("conv2d dx", &x, &dx, |xv| loss(xv, &w, &b));
-    check("conv2d dw", &w, &dw, |wv| loss(&x, wv, &b));
-    check("conv2d db", &b, &db, |bv| loss(&x, &w, bv));
+    check(&format!("{algo:?} conv2d dx"), &x, &dx, |xv| loss(xv, &w, &b));
+    check(&format!("{algo:?} conv2d dw"), &w, &dw, |wv| loss(&x, wv, &b));
+    check(&format!("{algo:?} conv2d db"), &b, &db, |bv| loss(&x, &w, bv));
 }
 
 #[test]

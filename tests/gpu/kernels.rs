@@ -1,6 +1,6 @@
 //! Every kernel family against its CPU reference, on awkward shapes.
 
-use strata_gpu::{GemmKernel, Gpu};
+use strata_gpu::{ConvAlgo, GemmKernel, Gpu, Op, TensorId};
 use strata_tensor::cpu::{self, AdamParams, ReduceOp, SgdParams};
 use strata_tensor::geometry::{self, Conv2dParams};
 use strata_tensor::{HostTensor, Shape, SplitMix64};
@@ -181,16 +181,17 @@ fn conv_cases() -> Vec<([usize; 4], [usize; 4], usize, usize)> {
 }
 
 #[test]
-fn conv2d_matches_reference_with_both_kernels() {
-    for kernel in gemm_kernels() {
+fn conv2d_matches_reference_with_both_kernels_and_algorithms() {
+    for (kernel, algo) in gemm_kernels().into_iter().flat_map(|k| [(k, ConvAlgo::Im2col), (k, ConvAlgo::Winograd)]) {
         let mut g = gpu_with(Some(kernel)).unwrap();
+        g.set_conv_algo(algo);
         for (i, (xs, ws, s, p)) in conv_cases().into_iter().enumerate() {
             let params = Conv2dParams::new(s, p);
             let x = HostTensor::random(xs, 300 + i as u64);
             let w = HostTensor::random(ws, 400 + i as u64);
             let b = HostTensor::random([ws[0]], 500 + i as u64);
             let (gx, gw, gb) = (up(&mut g, &x), up(&mut g, &w), up(&mut g, &b));
-            let what = format!("{kernel:?} conv2d x{xs:?} w{ws:?} s{s} p{p}");
+            let what = format!("{kernel:?} {algo:?} conv2d x{xs:?} w{ws:?} s{s} p{p}");
             let y = g.conv2d(&gx, &gw, Some(&gb), params).unwrap();
             let want = cpu::conv2d(&x, &w, Some(&b), params).unwrap();
             let k = (ws[1] * ws[2] * ws[3]) as f32;
@@ -215,7 +216,10 @@ fn conv2d_matches_reference_with_both_kernels() {
             let opts = strata_gpu::ConvForward { relu: true, keep_col: true };
             let (yr, col) = g.conv2d_with(&gx, &gw, Some(&gb), params, opts).unwrap();
             assert_close(&format!("{what} relu"), &down(&mut g, &yr), &cpu::relu(&want), 1e-4, 1e-5 * k.sqrt());
+            // im2col keeps its patch matrix, Winograd its input transform.
+            let winograd = algo == ConvAlgo::Winograd && ws[2..] == [3, 3] && s == 1;
             let col = col.expect("small batches fit one chunk");
+            assert_eq!(col.shape().rank(), if winograd { 3 } else { 2 }, "{what}: kept {}", col.shape());
             let again = g.conv2d_backward_with(&gx, &gw, &gdy, params, true, Some(&col)).unwrap();
             assert_close(
                 &format!("{what} dw from kept patches"),
@@ -253,6 +257,130 @@ fn conv2d_splits_the_batch_when_the_patch_matrix_is_large() {
     let r = cpu::conv2d_backward(&x, &w, &dy, params).unwrap();
     assert_close("chunked dx", &down(&mut g, grads.dx.as_ref().unwrap()), &r.dx, 1e-4, 1e-4);
     assert_close("chunked dw", &down(&mut g, &grads.dw), &r.dw, 1e-4, 1e-3);
+}
+
+/// Winograd cases (input shape, output channels, padding): planes smaller than a tile
+/// and not multiples of it, tile rows of 4 and 8 tiles (the kernels' row-sharing path)
+/// and of other counts, padding 0 to 2, one image and several, channel counts that are
+/// not multiples of 4, and the reference CNN's second layer.
+fn winograd_cases() -> Vec<([usize; 4], usize, usize)> {
+    vec![
+        ([1, 1, 3, 3], 1, 1),
+        ([2, 3, 7, 9], 5, 1),
+        ([3, 5, 6, 5], 7, 0),
+        ([1, 2, 5, 11], 3, 2),
+        ([2, 6, 4, 4], 2, 1),
+        ([2, 13, 17, 10], 6, 0),
+        ([2, 3, 6, 30], 5, 1),
+        ([3, 64, 14, 14], 128, 1),
+    ]
+}
+
+#[test]
+fn winograd_matches_reference_forward_and_input_gradient() {
+    for kernel in gemm_kernels() {
+        let mut g = gpu_with(Some(kernel)).unwrap();
+        g.set_conv_algo(ConvAlgo::Winograd);
+        for chunked in [false, true] {
+            if chunked {
+                // Room for the transforms of about one image of the largest case.
+                g.set_scratch_limit(36 * 16 * 128 * 4 + 1024);
+            }
+            for (i, (xs, co, p)) in winograd_cases().into_iter().enumerate() {
+                let params = Conv2dParams::new(1, p);
+                let ws = [co, xs[1], 3, 3];
+                let what = format!("{kernel:?} winograd x{xs:?} w{ws:?} p{p} chunked {chunked}");
+                let x = HostTensor::random(xs, 900 + i as u64);
+                let w = HostTensor::random(ws, 910 + i as u64);
+                let b = HostTensor::random([co], 920 + i as u64);
+                let (gx, gw, gb) = (up(&mut g, &x), up(&mut g, &w), up(&mut g, &b));
+                let want = cpu::conv2d(&x, &w, Some(&b), params).unwrap();
+                let k = (xs[1] * 9) as f32;
+                let opts = strata_gpu::ConvForward { relu: true, keep_col: true };
+                let (y, kept) = g.conv2d_with(&gx, &gw, Some(&gb), params, opts).unwrap();
+                assert_close(&what, &down(&mut g, &y), &cpu::relu(&want), 1e-4, 1e-5 * k.sqrt());
+                match &kept {
+                    Some(v) => assert_eq!(v.shape().dims()[0], 36, "{what}: kept {}", v.shape()),
+                    None => assert!(chunked, "{what}: one chunk keeps the input transform"),
+                }
+                let y = g.conv2d(&gx, &gw, None, params).unwrap();
+                let want = cpu::conv2d(&x, &w, None, params).unwrap();
+                assert_close(&format!("{what} no bias"), &down(&mut g, &y), &want, 1e-4, 1e-5 * k.sqrt());
+                let dy = HostTensor::random(want.shape().clone(), 930 + i as u64);
+                let gdy = up(&mut g, &dy);
+                let grads = g.conv2d_backward(&gx, &gw, &gdy, params, true).unwrap();
+                let r = cpu::conv2d_backward(&x, &w, &dy, params).unwrap();
+                let dx = down(&mut g, grads.dx.as_ref().unwrap());
+                assert_close(&format!("{what} dx"), &dx, &r.dx, 1e-4, 1e-5 * (co as f32 * k).sqrt());
+                let pix = (want.shape().dim(0) * want.shape().dim(2) * want.shape().dim(3)) as f32;
+                assert_close(&format!("{what} dw"), &down(&mut g, &grads.dw), &r.dw, 1e-4, 1e-5 * pix.sqrt());
+                assert_close(&format!("{what} db"), &down(&mut g, &grads.db), &r.db, 1e-4, 1e-5 * pix.sqrt());
+                let again = g.conv2d_backward_with(&gx, &gw, &gdy, params, false, kept.as_ref()).unwrap();
+                assert_close(
+                    &format!("{what} dw from kept V"),
+                    &down(&mut g, &again.dw),
+                    &r.dw,
+                    1e-4,
+                    1e-5 * pix.sqrt(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_algo_auto_times_each_geometry_once_and_keeps_programs_atomic() {
+    let mut g = gpu_or_skip!();
+    g.set_conv_algo(ConvAlgo::Auto);
+    let params = Conv2dParams::new(1, 1);
+    let x = HostTensor::random([2, 8, 10, 10], 1);
+    let w = HostTensor::random([16, 8, 3, 3], 2);
+    let dy = HostTensor::random([2, 16, 10, 10], 3);
+    let (gx, gw, gdy) = (up(&mut g, &x), up(&mut g, &w), up(&mut g, &dy));
+    // Work recorded before the first use must come through the timing runs intact.
+    let pending = g.scale(&gx, 2.0).unwrap();
+    let y = g.conv2d(&gx, &gw, None, params).unwrap();
+    let choices = g.conv_choices();
+    assert_eq!(choices.len(), 1, "{choices:?}");
+    assert_eq!(choices[0].case, "[2,8,10,10] -> 16, padding (1, 1), forward");
+    assert!(choices[0].algo != ConvAlgo::Auto && choices[0].im2col_s > 0.0 && choices[0].winograd_s > 0.0);
+    assert_close("pending work", &down(&mut g, &pending), &cpu::scale(&x, 2.0), 0.0, 0.0);
+    let want = cpu::conv2d(&x, &w, None, params).unwrap();
+    assert_close("auto conv2d", &down(&mut g, &y), &want, 1e-4, 1e-5 * 72f32.sqrt());
+    let grads = g.conv2d_backward(&gx, &gw, &gdy, params, true).unwrap();
+    let r = cpu::conv2d_backward(&x, &w, &dy, params).unwrap();
+    assert_close("auto dx", &down(&mut g, grads.dx.as_ref().unwrap()), &r.dx, 1e-4, 1e-5 * (16.0 * 72f32).sqrt());
+    assert_close("auto dw", &down(&mut g, &grads.dw), &r.dw, 1e-4, 1e-5 * 200f32.sqrt());
+    let cases: Vec<String> = g.conv_choices().into_iter().map(|c| c.case).collect();
+    let geometry = "[2,8,10,10] -> 16, padding (1, 1)";
+    assert_eq!(cases, ["forward", "input gradient", "weight gradient"].map(|d| format!("{geometry}, {d}")));
+    // Known geometries are not timed again; other filters are never timed.
+    g.conv2d(&gx, &gw, None, params).unwrap();
+    g.conv2d_backward(&gx, &gw, &gdy, params, true).unwrap();
+    g.conv2d(&gx, &gw, None, Conv2dParams::new(2, 1)).unwrap();
+    let w1 = up(&mut g, &HostTensor::random([4, 8, 1, 1], 4));
+    g.conv2d(&gx, &w1, None, Conv2dParams::new(1, 0)).unwrap();
+    assert_eq!(g.conv_choices().len(), 3);
+
+    // A program whose Adam step precedes a first-use convolution and which then fails
+    // leaves the parameter unchanged: the timing runs submitted none of its work.
+    let mut ex = strata_gpu::Executor::new(g);
+    let t = TensorId;
+    let param = HostTensor::random([16, 8, 3, 3], 5);
+    ex.upload(t(1), &param).unwrap();
+    ex.upload(t(2), &HostTensor::random([16, 8, 3, 3], 6)).unwrap();
+    ex.upload(t(3), &HostTensor::<f32>::zeros([16, 8, 3, 3])).unwrap();
+    ex.upload(t(4), &HostTensor::<f32>::zeros([16, 8, 3, 3])).unwrap();
+    ex.upload(t(5), &HostTensor::random([1, 8, 6, 6], 7)).unwrap();
+    let program = vec![
+        Op::AdamStep { param: t(1), grad: t(2), m: t(3), v: t(4), hyper: AdamParams::default(), step: 1 },
+        Op::Conv2d { x: t(5), w: t(1), bias: None, params, out: t(6), relu: true, col: Some(t(7)) },
+        Op::Add { a: t(6), b: t(99), out: t(8) },
+    ];
+    assert!(ex.run(&program).is_err());
+    assert_eq!(ex.gpu().conv_choices().len(), 4, "the new geometry was timed");
+    assert_eq!(ex.download::<f32>(t(1)).unwrap(), param, "a failed program changed a parameter");
+    assert!(ex.get(t(6)).is_err());
 }
 
 #[test]

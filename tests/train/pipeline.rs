@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strata_collective::{Group, GroupOptions};
-use strata_gpu::{GpuHandle, GpuOptions};
+use strata_gpu::{ConvAlgo, GpuHandle, GpuOptions};
 use strata_net::NodeHandle;
 use strata_nn::data::Dataset;
 use strata_nn::{ModelSpec, Optimizer, checkpoint};
@@ -108,7 +108,10 @@ async fn every_schedule_and_cut_equals_single_node_training() {
     }
     const STEPS: usize = 2;
     let data = data(64);
-    let gpus: Vec<GpuHandle> = (0..4).map(|_| GpuHandle::start(&GpuOptions::from_env()).unwrap()).collect();
+    // Bitwise equality needs the same arithmetic on every stage: one convolution algorithm
+    // for all (`Auto` times each device and may pick differently per node).
+    let options = GpuOptions { conv_algo: Some(ConvAlgo::Im2col), ..GpuOptions::from_env() };
+    let gpus: Vec<GpuHandle> = (0..4).map(|_| GpuHandle::start(&options).unwrap()).collect();
     let dir = tempfile::tempdir().unwrap();
     let nodes = cluster(dir.path(), 4).await;
 

@@ -12,6 +12,7 @@ use strata_tensor::{DType, Element, HostTensor, Shape};
 
 use crate::device::{self, AdapterRequest, DeviceInfo};
 use crate::kernels::Kernels;
+use crate::ops::{ConvAlgo, ConvChoice, ConvKey};
 use crate::pool::{Pool, PoolStats};
 use crate::{GpuError, GpuTensor, Result};
 
@@ -50,13 +51,17 @@ pub struct GpuOptions {
     /// `STRATA_GPU_TIMEOUT_MS`). A hung device then fails its work with
     /// [`GpuError::Timeout`] instead of hanging its node.
     pub timeout: Option<std::time::Duration>,
+    /// How 3x3 stride-1 convolutions are computed; `None` for [`ConvAlgo::Auto`] (also
+    /// `STRATA_CONV_ALGO=auto|im2col|winograd`).
+    pub conv_algo: Option<ConvAlgo>,
 }
 
 /// How long a device wait or a GPU actor call may take unless configured otherwise.
 pub const DEVICE_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl GpuOptions {
-    /// Options from the environment (`STRATA_BACKEND`, `STRATA_ADAPTER`, `STRATA_GEMM`).
+    /// Options from the environment (`STRATA_BACKEND`, `STRATA_ADAPTER`, `STRATA_GEMM`,
+    /// `STRATA_GPU_TIMEOUT_MS`, `STRATA_CONV_ALGO`).
     pub fn from_env() -> Self {
         let gemm = match std::env::var("STRATA_GEMM").as_deref() {
             Ok("tiled") => Some(GemmKernel::Tiled),
@@ -68,7 +73,14 @@ impl GpuOptions {
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&ms| ms > 0)
             .map(std::time::Duration::from_millis);
-        Self { adapter: AdapterRequest::from_env(), memory_budget_bytes: None, gemm, timeout }
+        let conv_algo = std::env::var("STRATA_CONV_ALGO").ok().and_then(|v| {
+            let algo = ConvAlgo::from_name(&v);
+            if algo.is_none() {
+                tracing::warn!("ignoring STRATA_CONV_ALGO={v:?}: expected auto, im2col or winograd");
+            }
+            algo
+        });
+        Self { adapter: AdapterRequest::from_env(), memory_budget_bytes: None, gemm, timeout, conv_algo }
     }
 
     /// The device timeout in force.
@@ -82,6 +94,8 @@ struct ParamArena {
     chunk: usize,
     used: usize,
     align: usize,
+    /// While set, a flush keeps the slots written so far (see [`Gpu::isolated`]).
+    hold: bool,
 }
 
 impl ParamArena {
@@ -113,8 +127,10 @@ impl ParamArena {
                 queue.write_buffer(&self.chunks[i].0, 0, &self.chunks[i].1[..len]);
             }
         }
-        self.chunk = 0;
-        self.used = 0;
+        if !self.hold {
+            self.chunk = 0;
+            self.used = 0;
+        }
     }
 }
 
@@ -153,6 +169,34 @@ pub struct GpuStats {
     pub submits: u64,
 }
 
+/// Time spent in one kernel while profiling (see [`Gpu::set_profiling`]).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KernelTime {
+    /// `file:entry`, with sizes where the kernel gives them.
+    pub kernel: String,
+    /// Dispatches.
+    pub calls: u64,
+    /// Wall-clock seconds from submission to completion.
+    pub wall_s: f64,
+    /// CPU seconds of the whole process meanwhile (on a CPU adapter, the kernel's own
+    /// work, and less disturbed than wall time by other load on a shared machine); NaN
+    /// where the platform does not report it.
+    pub cpu_s: f64,
+}
+
+/// CPU seconds used by this process so far, all threads.
+fn process_cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid timespec for clock_gettime to write.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+    }
+    f64::NAN
+}
+
 /// One GPU device: its queue, kernels, buffer pool and the command encoder being recorded.
 pub struct Gpu {
     pub(crate) device: wgpu::Device,
@@ -171,12 +215,16 @@ pub struct Gpu {
     pub(crate) scratch_bytes_max: usize,
     /// Lanes per workgroup of the grid-stride kernels (the `WG` override).
     pub(crate) wg: u32,
-    /// Per-kernel wall time when profiling: (calls, seconds) by `file:entry`.
-    profile: Option<std::collections::BTreeMap<String, (u64, f64)>>,
+    /// Per-kernel times when profiling, by `file:entry`.
+    profile: Option<std::collections::BTreeMap<String, KernelTime>>,
     /// Extra label for the next profiled dispatch (e.g. GEMM sizes).
     pub(crate) profile_tag: Option<String>,
     /// Limit on every wait for the device.
     timeout: std::time::Duration,
+    /// How 3x3 stride-1 convolutions are computed.
+    pub(crate) conv_algo: ConvAlgo,
+    /// Choices [`ConvAlgo::Auto`] made by measurement, per geometry and direction.
+    pub(crate) conv_choices: std::collections::HashMap<ConvKey, ConvChoice>,
 }
 
 impl Gpu {
@@ -217,6 +265,7 @@ impl Gpu {
                 chunk: 0,
                 used: 0,
                 align: limits.min_uniform_buffer_offset_alignment as usize,
+                hold: false,
             },
             gemm,
             errors,
@@ -230,6 +279,8 @@ impl Gpu {
             profile: std::env::var_os("STRATA_PROFILE").map(|_| Default::default()),
             profile_tag: None,
             timeout: options.timeout(),
+            conv_algo: options.conv_algo.unwrap_or(ConvAlgo::Auto),
+            conv_choices: Default::default(),
             info,
         })
     }
@@ -277,9 +328,9 @@ impl Gpu {
         self.profile.is_some()
     }
 
-    /// Calls and seconds per kernel (`file:entry`) since profiling was turned on.
-    pub fn profile(&self) -> Vec<(String, u64, f64)> {
-        self.profile.iter().flatten().map(|(k, (n, s))| (k.clone(), *n, *s)).collect()
+    /// Calls and times per kernel (`file:entry` and sizes) since profiling was turned on.
+    pub fn profile(&self) -> Vec<KernelTime> {
+        self.profile.iter().flatten().map(|(_, t)| t.clone()).collect()
     }
 
     /// Releases idle pool buffers.
@@ -418,6 +469,25 @@ impl Gpu {
         }
     }
 
+    /// Runs `f` (which records, submits and waits for work of its own, such as a timing
+    /// trial) without touching the work recorded so far: that work stays unsubmitted,
+    /// its parameter slots are kept, and `f` gets no buffer freed before it started
+    /// (pending commands may still read those), so a program stays atomic. Work `f`
+    /// leaves unsubmitted is dropped. Profiling pauses meanwhile.
+    pub(crate) fn isolated<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        let pending = self.encoder.take();
+        let (chunk, used, hold) = (self.arena.chunk, self.arena.used, self.arena.hold);
+        let profile = self.profile.take();
+        self.arena.hold = true;
+        self.pool.isolate(true);
+        let r = f(self);
+        self.encoder = pending;
+        self.pool.isolate(false);
+        (self.arena.chunk, self.arena.used, self.arena.hold) = (chunk, used, hold);
+        self.profile = profile;
+        r
+    }
+
     /// Drops everything recorded since the last flush (used to make a failed program
     /// leave no trace).
     pub fn discard(&mut self) {
@@ -523,16 +593,23 @@ impl Gpu {
         drop(pass);
         self.dispatches += 1;
         if self.profile.is_some() {
-            let start = std::time::Instant::now();
+            let (start, cpu_start) = (std::time::Instant::now(), process_cpu_seconds());
             self.sync()?;
             let secs = start.elapsed().as_secs_f64();
+            let cpu = process_cpu_seconds() - cpu_start;
             let label = match self.profile_tag.take() {
                 Some(t) => format!("{}:{} {t}", kernel.0, kernel.1),
                 None => format!("{}:{}", kernel.0, kernel.1),
             };
-            let e = self.profile.as_mut().expect("checked").entry(label).or_default();
-            e.0 += 1;
-            e.1 += secs;
+            let e = self
+                .profile
+                .as_mut()
+                .expect("checked")
+                .entry(label.clone())
+                .or_insert_with(|| KernelTime { kernel: label, ..KernelTime::default() });
+            e.calls += 1;
+            e.wall_s += secs;
+            e.cpu_s += cpu;
         }
         Ok(())
     }

@@ -41,6 +41,7 @@ pub static SHADERS: &[ShaderFile] = &[
     shader!("gemm_subgroup.wgsl", true),
     shader!("gemm_tiled.wgsl", false),
     shader!("conv2d.wgsl", false),
+    shader!("winograd.wgsl", false),
     shader!("pool.wgsl", false),
     shader!("loss.wgsl", false),
     shader!("optim.wgsl", false),

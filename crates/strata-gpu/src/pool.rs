@@ -46,6 +46,9 @@ pub(crate) fn size_class(bytes: u64) -> u64 {
 
 pub(crate) struct PoolInner {
     free: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// While isolated, buffers are taken from and returned to this set only, so work
+    /// submitted ahead of pending commands never reuses a buffer those commands read.
+    isolated: Option<HashMap<u64, Vec<wgpu::Buffer>>>,
     stats: PoolStats,
     budget_bytes: u64,
 }
@@ -60,7 +63,12 @@ pub(crate) struct Pool {
 impl Pool {
     pub(crate) fn new(budget_bytes: u64, usage: wgpu::BufferUsages) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(PoolInner { free: HashMap::new(), stats: PoolStats::default(), budget_bytes })),
+            inner: Arc::new(Mutex::new(PoolInner {
+                free: HashMap::new(),
+                isolated: None,
+                stats: PoolStats::default(),
+                budget_bytes,
+            })),
             usage,
         }
     }
@@ -78,11 +86,32 @@ impl Pool {
         self.lock().budget_bytes = budget_bytes;
     }
 
+    /// Starts (`true`) or ends isolation; on its end the isolated idle buffers join the
+    /// others.
+    pub(crate) fn isolate(&self, on: bool) {
+        let mut p = self.lock();
+        match (on, p.isolated.take()) {
+            (true, None) => p.isolated = Some(HashMap::new()),
+            (true, Some(set)) => p.isolated = Some(set),
+            (false, Some(set)) => {
+                for (class, mut bufs) in set {
+                    p.free.entry(class).or_default().append(&mut bufs);
+                }
+            }
+            (false, None) => {}
+        }
+    }
+
     /// Drops every idle buffer.
     pub(crate) fn trim(&self) {
         let mut p = self.lock();
         let freed: u64 = p.free.iter().map(|(c, v)| c * v.len() as u64).sum();
         p.free.clear();
+        if let Some(set) = p.isolated.as_mut() {
+            let more: u64 = set.iter().map(|(c, v)| c * v.len() as u64).sum();
+            set.clear();
+            p.stats.idle_bytes -= more;
+        }
         p.stats.idle_bytes -= freed;
     }
 
@@ -98,16 +127,19 @@ impl Pool {
             return Err(GpuError::BufferTooLarge { bytes, limit_bytes: max_buffer_bytes });
         }
         let mut p = self.lock();
-        if let Some(buf) = p.free.get_mut(&class).and_then(Vec::pop) {
+        let reused = match p.isolated.as_mut() {
+            Some(set) => set.get_mut(&class).and_then(Vec::pop),
+            None => p.free.get_mut(&class).and_then(Vec::pop),
+        };
+        if let Some(buf) = reused {
             p.stats.reuses += 1;
             p.stats.idle_bytes -= class;
             p.stats.in_use_bytes += class;
             return Ok((buf, class));
         }
         // Make room under the budget by releasing idle buffers, largest first.
-        while p.stats.in_use_bytes + p.stats.idle_bytes + class > p.budget_bytes && p.stats.idle_bytes > 0 {
-            let largest =
-                *p.free.iter().filter(|(_, v)| !v.is_empty()).map(|(c, _)| c).max().expect("idle bytes imply a buffer");
+        while p.stats.in_use_bytes + p.stats.idle_bytes + class > p.budget_bytes {
+            let Some(largest) = p.free.iter().filter(|(_, v)| !v.is_empty()).map(|(c, _)| *c).max() else { break };
             p.free.get_mut(&largest).and_then(Vec::pop);
             p.stats.idle_bytes -= largest;
             p.stats.evictions += 1;
@@ -145,7 +177,10 @@ impl Pool {
         let mut p = self.lock();
         p.stats.in_use_bytes -= class;
         p.stats.idle_bytes += class;
-        p.free.entry(class).or_default().push(buf);
+        match p.isolated.as_mut() {
+            Some(set) => set.entry(class).or_default().push(buf),
+            None => p.free.entry(class).or_default().push(buf),
+        }
     }
 }
 

@@ -96,8 +96,8 @@ pub enum Op {
         dw: Option<TensorId>,
         db: Option<TensorId>,
     },
-    /// `relu` fuses a ReLU into the output pass; `col` keeps the patch matrix for the
-    /// backward pass.
+    /// `relu` fuses a ReLU into the output pass; `col` keeps what the backward pass can
+    /// reuse (the patch matrix, or the input transform of a Winograd forward pass).
     Conv2d {
         x: TensorId,
         w: TensorId,
@@ -110,7 +110,7 @@ pub enum Op {
         col: Option<TensorId>,
     },
     /// `dx: None` skips the input gradient, `dw`/`db: None` the weight and bias gradients
-    /// (both or neither); `col` reuses a patch matrix kept by `Conv2d`.
+    /// (both or neither); `col` reuses what `Conv2d` kept.
     Conv2dBackward {
         x: TensorId,
         w: TensorId,
@@ -543,7 +543,7 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
             let (r, kept) = gpu.conv2d_with(&s.get("conv2d", *x)?, &s.get("conv2d", *w)?, b.as_ref(), *params, opts)?;
             s.put(*out, r);
             if let Some(id) = col {
-                // A batch too large for one chunk keeps no patch matrix: drop a stale one.
+                // A batch too large for one chunk keeps nothing: drop a stale tensor.
                 match kept {
                     Some(c) => s.put(*id, c),
                     None => {

@@ -536,11 +536,28 @@ fn bench_kernels(device: &DeviceArgs, json: bool, iters: usize, filter: Option<S
             println!("{}", f.line());
         }
     })?;
+    // What the `auto` cases chose, and the times they chose on.
+    for c in gpu.conv_choices() {
+        let line = format!(
+            "conv algorithm for {}: {} (im2col {:.1} ms, winograd {:.1} ms)",
+            c.case,
+            c.algo.name(),
+            c.im2col_s * 1e3,
+            c.winograd_s * 1e3
+        );
+        if json { eprintln!("{line}") } else { println!("{line}") }
+    }
     let profile = gpu.profile();
     if !profile.is_empty() {
         println!("\nper-kernel wall time (STRATA_PROFILE):");
-        for (kernel, calls, secs) in profile {
-            println!("  {kernel:<36} {calls:>6} calls {:>10.1} ms", secs * 1e3);
+        for k in profile {
+            println!(
+                "  {:<56} {:>6} calls {:>10.1} ms wall {:>10.1} ms cpu",
+                k.kernel,
+                k.calls,
+                k.wall_s * 1e3,
+                k.cpu_s * 1e3
+            );
         }
     }
     Ok(())

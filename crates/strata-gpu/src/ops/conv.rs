@@ -8,6 +8,7 @@ use strata_tensor::geometry::{self, Conv2dParams, ConvGeometry};
 use strata_tensor::{DType, TensorError};
 
 use super::gemm::{Fused, Mat};
+use super::winograd::Direction;
 use super::{expect_binding, expect_dtype, u};
 use crate::{GemmKernel, Gpu, GpuError, GpuTensor, Result};
 
@@ -41,7 +42,8 @@ struct Params {
 pub struct ConvForward {
     /// Apply ReLU to the output (fused into the output pass).
     pub relu: bool,
-    /// Keep the patch matrix for the backward pass.
+    /// Keep what the backward pass can reuse: the patch matrix (im2col) or the input
+    /// transform (Winograd).
     pub keep_col: bool,
 }
 
@@ -65,12 +67,12 @@ pub struct BackwardParts {
     pub weight: Option<(GpuTensor, GpuTensor)>,
 }
 
-struct Plan {
-    g: ConvGeometry,
+pub(super) struct Plan {
+    pub(super) g: ConvGeometry,
     /// Images per chunk.
-    nb: usize,
+    pub(super) nb: usize,
     /// Row stride of the patch matrix for a full chunk.
-    p_ld: usize,
+    pub(super) p_ld: usize,
 }
 
 impl Plan {
@@ -99,7 +101,7 @@ impl Plan {
     }
 
     /// `(first image, images)` of each chunk.
-    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+    pub(super) fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..self.g.n).step_by(self.nb).map(|n0| (n0, self.nb.min(self.g.n - n0)))
     }
 }
@@ -111,7 +113,7 @@ impl Gpu {
         self.gemm == GemmKernel::Subgroup8 && pixels.is_multiple_of(4)
     }
 
-    fn conv_plan(&self, op: &'static str, g: ConvGeometry) -> Result<Plan> {
+    pub(super) fn conv_plan(&self, op: &'static str, g: ConvGeometry) -> Result<Plan> {
         let limit = (self.info().max_storage_binding_bytes as usize).min(self.scratch_bytes_max);
         let pix = g.ho * g.wo;
         let rows = g.patch_len().max(g.co);
@@ -137,7 +139,7 @@ impl Gpu {
         Ok(())
     }
 
-    fn im2col(
+    pub(super) fn im2col(
         &mut self,
         op: &'static str,
         plan: &Plan,
@@ -165,8 +167,10 @@ impl Gpu {
         Ok(self.conv2d_with(x, w, bias, params, ConvForward::default())?.0)
     }
 
-    /// [`Gpu::conv2d`] with a fused ReLU and, with `keep_col`, the patch matrix returned
-    /// for [`Gpu::conv2d_backward_with`] (when the batch fitted one chunk; else `None`).
+    /// [`Gpu::conv2d`] with a fused ReLU and, with `keep_col`, what the backward pass can
+    /// reuse (when the batch fitted one chunk; else `None`): the patch matrix, or for a
+    /// 3x3 stride-1 convolution that ran Winograd (see [`Gpu::set_conv_algo`]) its input
+    /// transform. [`Gpu::conv2d_backward_with`] tells the two apart by shape.
     pub fn conv2d_with(
         &mut self,
         x: &GpuTensor,
@@ -178,9 +182,13 @@ impl Gpu {
         const OP: &str = "conv2d";
         let g = geometry::conv2d(x.shape(), w.shape(), bias.map(|b| b.shape()), params)?;
         self.check_conv_operands(OP, &[("input", x), ("weight", w)])?;
-        let plan = self.conv_plan(OP, g)?;
-        let y = self.empty(g.output_shape(), DType::F32)?;
-        expect_binding(OP, "output", &y, self.info().max_storage_binding_bytes)?;
+        // Fails before anything is recorded when the patch matrix cannot be bound.
+        self.conv_plan(OP, g)?;
+        let limit_bytes = self.info().max_storage_binding_bytes;
+        let bytes = (g.output_shape().numel() as u64 * 4).next_multiple_of(16);
+        if bytes > limit_bytes {
+            return Err(GpuError::BindingTooLarge { op: OP, what: "output", bytes, limit_bytes });
+        }
         let zero_bias;
         let bias = match bias {
             Some(b) => b,
@@ -189,6 +197,26 @@ impl Gpu {
                 &zero_bias
             }
         };
+        if self.conv_uses_winograd(&g, Direction::Forward) {
+            return self.conv2d_winograd(&g, x, w, bias, opts.relu, opts.keep_col);
+        }
+        self.conv2d_im2col(&g, x, w, bias, opts.relu, opts.keep_col)
+    }
+
+    /// The forward pass by im2col + GEMM.
+    pub(super) fn conv2d_im2col(
+        &mut self,
+        g: &ConvGeometry,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        bias: &GpuTensor,
+        relu: bool,
+        keep_col: bool,
+    ) -> Result<(GpuTensor, Option<GpuTensor>)> {
+        const OP: &str = "conv2d";
+        let g = *g;
+        let plan = self.conv_plan(OP, g)?;
+        let y = self.empty(g.output_shape(), DType::F32)?;
         let k = g.patch_len();
         let pix = g.ho * g.wo;
         let col = self.empty([k, plan.p_ld], DType::F32)?;
@@ -196,7 +224,7 @@ impl Gpu {
             // The GEMM writes NCHW directly, adding the bias and applying the ReLU.
             let k4 = k.next_multiple_of(4);
             let wp;
-            let a = if k % 4 == 0 {
+            let a = if k.is_multiple_of(4) {
                 Mat::rows(w, k)
             } else {
                 wp = self.empty([g.co, k4], DType::F32)?;
@@ -207,8 +235,7 @@ impl Gpu {
             for (n0, nb) in plan.chunks() {
                 self.im2col(OP, &plan, x, &col, n0, nb)?;
                 let c = Mat { t: &y, off: n0 * g.co * pix, ld: pix, trans: false };
-                let fused =
-                    Fused { c_batch: Some((pix4, img4)), bias: Some(bias), relu: opts.relu, ..Fused::default() };
+                let fused = Fused { c_batch: Some((pix4, img4)), bias: Some(bias), relu, ..Fused::default() };
                 self.gemm_subgroup(OP, g.co, nb * pix, k, a, Mat::rows(&col, plan.p_ld), c, false, fused)?;
             }
         } else {
@@ -226,14 +253,15 @@ impl Gpu {
                     Mat::rows(&ycp, plan.p_ld),
                     false,
                 )?;
-                let p = Params { relu: u32::from(opts.relu), ..plan.params(n0, nb) };
-                let (entry, items) = if pix % 4 == 0 { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
+                let p = Params { relu: u32::from(relu), ..plan.params(n0, nb) };
+                let (entry, items) =
+                    if pix.is_multiple_of(4) { ("cp_to_nchw_v4", pix / 4) } else { ("cp_to_nchw", pix) };
                 let groups = self.plane_grid(items, 4, nb * g.co);
                 self.dispatch(OP, (FILE, entry), &[], &p, &[ycp.arg(), bias.arg(), y.arg()], groups)?;
             }
         }
         let single_chunk = plan.nb >= g.n;
-        Ok((y, (opts.keep_col && single_chunk).then_some(col)))
+        Ok((y, (keep_col && single_chunk).then_some(col)))
     }
 
     /// Gradients of [`Gpu::conv2d`] given the output gradient `dy`; `input_grad: false`
@@ -249,8 +277,9 @@ impl Gpu {
         self.conv2d_backward_with(x, w, dy, params, input_grad, None)
     }
 
-    /// [`Gpu::conv2d_backward`] reusing the patch matrix the forward pass kept (see
-    /// [`Gpu::conv2d_with`]) instead of building it again.
+    /// [`Gpu::conv2d_backward`] reusing what the forward pass kept (see
+    /// [`Gpu::conv2d_with`]) instead of building it again, when the weight gradient
+    /// runs the same algorithm as that forward pass did.
     pub fn conv2d_backward_with(
         &mut self,
         x: &GpuTensor,
@@ -258,16 +287,17 @@ impl Gpu {
         dy: &GpuTensor,
         params: Conv2dParams,
         input_grad: bool,
-        saved_col: Option<&GpuTensor>,
+        saved: Option<&GpuTensor>,
     ) -> Result<Conv2dGrads> {
-        let parts = self.conv2d_backward_parts(x, w, dy, params, input_grad, true, saved_col)?;
+        let parts = self.conv2d_backward_parts(x, w, dy, params, input_grad, true, saved)?;
         let (dw, db) = parts.weight.expect("weight gradients were requested");
         Ok(Conv2dGrads { dx: parts.dx, dw, db })
     }
 
     /// The two halves of [`Gpu::conv2d_backward_with`], each optional: the input gradient
     /// (which the previous pipeline stage waits for) and the weight and bias gradients
-    /// (which a zero-bubble schedule defers). Each half costs only its own GEMMs.
+    /// (which a zero-bubble schedule defers). Each half costs only its own work, and the
+    /// halves equal the whole bitwise.
     #[allow(clippy::too_many_arguments)]
     pub fn conv2d_backward_parts(
         &mut self,
@@ -277,7 +307,7 @@ impl Gpu {
         params: Conv2dParams,
         input_grad: bool,
         weight_grad: bool,
-        saved_col: Option<&GpuTensor>,
+        saved: Option<&GpuTensor>,
     ) -> Result<BackwardParts> {
         const OP: &str = "conv2d_backward";
         let g = geometry::conv2d(x.shape(), w.shape(), None, params)?;
@@ -288,104 +318,128 @@ impl Gpu {
         }
         self.check_conv_operands(OP, &[("input", x), ("weight", w), ("output gradient", dy)])?;
         let plan = self.conv_plan(OP, g)?;
-        let k = g.patch_len();
-        let pix = g.ho * g.wo;
-        let co_ld = g.co.next_multiple_of(4);
-        let direct = self.gemm_reads_nchw(pix);
-        let reuse = saved_col.filter(|c| plan.nb >= g.n && c.shape().dims() == [k, plan.p_ld]);
-        let fresh;
-        let col = match reuse {
-            Some(c) => c,
-            None => {
-                // The patch matrix serves only the weight gradient.
-                fresh = self.empty(if weight_grad { [k, plan.p_ld] } else { [1, 1] }, DType::F32)?;
-                &fresh
+        let dx = match input_grad {
+            true if self.conv_uses_winograd(&g, Direction::InputGrad) => {
+                Some(self.conv2d_input_grad_winograd(&g, w, dy)?)
             }
+            true => Some(self.conv2d_input_grad_im2col(&plan, w, dy)?),
+            false => None,
         };
-        let dyt = self.empty(if weight_grad { [plan.p_ld, co_ld] } else { [1, 1] }, DType::F32)?;
-        let dwt = self.empty(if weight_grad { [k, co_ld] } else { [1, 1] }, DType::F32)?;
-        let dx = if input_grad { Some(self.empty(x.shape().clone(), DType::F32)?) } else { None };
-        // W^T [k, co_ld] for dcol = W^T @ dY'.
-        let wt_dcol = if input_grad {
-            let wt = self.empty([k, co_ld], DType::F32)?;
-            self.pack_into(OP, Mat::transposed(w, k), k, g.co, &wt, 0, co_ld, k, co_ld)?;
-            // The subgroup GEMM reads dY' from dy in place; only the tiled path needs a copy.
-            let dcp = self.empty(if direct { [1, 1] } else { [g.co, plan.p_ld] }, DType::F32)?;
-            let dcol = self.empty([k, plan.p_ld], DType::F32)?;
-            Some((wt, dcp, dcol))
-        } else {
-            None
-        };
-        for (i, (n0, nb)) in plan.chunks().enumerate() {
-            let p = plan.params(n0, nb);
-            let np = nb * pix;
-            if weight_grad {
-                if reuse.is_none() {
-                    self.im2col(OP, &plan, x, col, n0, nb)?;
-                }
-                self.dispatch(OP, (FILE, "nchw_to_pc"), &[], &p, &[dy.arg(), dyt.arg()], self.plane_grid(pix, 1, nb))?;
-                // dW^T [k, co] (+)= col [k, np] @ dY^T [np, co]
-                self.gemm_into(
-                    OP,
-                    k,
-                    g.co,
-                    np,
-                    Mat::rows(col, plan.p_ld),
-                    Mat::rows(&dyt, co_ld),
-                    Mat::rows(&dwt, co_ld),
-                    i > 0,
-                )?;
-            }
-            if let (Some((wt, dcp, dcol)), Some(dx)) = (&wt_dcol, &dx) {
-                if direct {
-                    // dcol = W^T @ dY', reading dY' straight out of NCHW dy.
-                    let b = Mat { t: dy, off: n0 * g.co * pix, ld: pix, trans: false };
-                    let fused = Fused { b_batch: Some((pix / 4, g.co * pix / 4)), ..Fused::default() };
-                    self.gemm_subgroup(
-                        OP,
-                        k,
-                        np,
-                        g.co,
-                        Mat::rows(wt, co_ld),
-                        b,
-                        Mat::rows(dcol, plan.p_ld),
-                        false,
-                        fused,
-                    )?;
-                } else {
-                    let (entry, items) = if pix % 4 == 0 { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
-                    let groups = self.plane_grid(items, 4, nb * g.co);
-                    self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dcp.arg()], groups)?;
-                    // dcol [k, np] = W^T [k, co] @ dY' [co, np]
-                    self.gemm_into(
-                        OP,
-                        k,
-                        np,
-                        g.co,
-                        Mat::rows(wt, co_ld),
-                        Mat::rows(dcp, plan.p_ld),
-                        Mat::rows(dcol, plan.p_ld),
-                        false,
-                    )?;
-                }
-                self.dispatch(
-                    OP,
-                    (FILE, "col2im"),
-                    &[],
-                    &p,
-                    &[dcol.arg(), dx.arg()],
-                    self.plane_grid(g.h, 1, nb * g.ci),
-                )?;
-            }
-        }
         if !weight_grad {
             return Ok(BackwardParts { dx, weight: None });
         }
-        let dw = self.empty(w.shape().clone(), DType::F32)?;
-        self.pack_into(OP, Mat::transposed(&dwt, co_ld), g.co, k, &dw, 0, k, g.co, k)?;
+        let dw = if self.conv_uses_winograd(&g, Direction::WeightGrad) {
+            self.conv2d_weight_grad_winograd(&g, x, dy, saved)?
+        } else {
+            self.conv2d_weight_grad_im2col(&plan, x, dy, saved)?
+        };
         let db = self.empty([g.co], DType::F32)?;
         let p = plan.params(0, g.n);
         self.dispatch(OP, (FILE, "bias_grad"), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
         Ok(BackwardParts { dx, weight: Some((dw, db)) })
+    }
+
+    /// The weight gradient by im2col + GEMM, reusing the patch matrix `saved` when it
+    /// has the right shape: dW^T += col @ dY^T per chunk, then transposed.
+    pub(super) fn conv2d_weight_grad_im2col(
+        &mut self,
+        plan: &Plan,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        saved: Option<&GpuTensor>,
+    ) -> Result<GpuTensor> {
+        const OP: &str = "conv2d_backward";
+        let g = plan.g;
+        let k = g.patch_len();
+        let pix = g.ho * g.wo;
+        let co_ld = g.co.next_multiple_of(4);
+        let reuse = saved.filter(|c| plan.nb >= g.n && c.shape().dims() == [k, plan.p_ld]);
+        let fresh;
+        let col = match reuse {
+            Some(c) => c,
+            None => {
+                fresh = self.empty([k, plan.p_ld], DType::F32)?;
+                &fresh
+            }
+        };
+        let dyt = self.empty([plan.p_ld, co_ld], DType::F32)?;
+        let dwt = self.empty([k, co_ld], DType::F32)?;
+        for (i, (n0, nb)) in plan.chunks().enumerate() {
+            let p = plan.params(n0, nb);
+            if reuse.is_none() {
+                self.im2col(OP, plan, x, col, n0, nb)?;
+            }
+            self.dispatch(OP, (FILE, "nchw_to_pc"), &[], &p, &[dy.arg(), dyt.arg()], self.plane_grid(pix, 1, nb))?;
+            // dW^T [k, co] (+)= col [k, np] @ dY^T [np, co]
+            self.gemm_into(
+                OP,
+                k,
+                g.co,
+                nb * pix,
+                Mat::rows(col, plan.p_ld),
+                Mat::rows(&dyt, co_ld),
+                Mat::rows(&dwt, co_ld),
+                i > 0,
+            )?;
+        }
+        let dw = self.empty([g.co, g.ci, g.kh, g.kw], DType::F32)?;
+        self.pack_into(OP, Mat::transposed(&dwt, co_ld), g.co, k, &dw, 0, k, g.co, k)?;
+        Ok(dw)
+    }
+
+    /// The input gradient by im2col + GEMM: dcol = W^T @ dY', then col2im.
+    pub(super) fn conv2d_input_grad_im2col(&mut self, plan: &Plan, w: &GpuTensor, dy: &GpuTensor) -> Result<GpuTensor> {
+        const OP: &str = "conv2d_backward";
+        let g = plan.g;
+        let k = g.patch_len();
+        let pix = g.ho * g.wo;
+        let co_ld = g.co.next_multiple_of(4);
+        let direct = self.gemm_reads_nchw(pix);
+        let dx = self.empty([g.n, g.ci, g.h, g.w], DType::F32)?;
+        // W^T [k, co_ld] for dcol = W^T @ dY'.
+        let wt = self.empty([k, co_ld], DType::F32)?;
+        self.pack_into(OP, Mat::transposed(w, k), k, g.co, &wt, 0, co_ld, k, co_ld)?;
+        // The subgroup GEMM reads dY' from dy in place; only the tiled path needs a copy.
+        let dcp = self.empty(if direct { [1, 1] } else { [g.co, plan.p_ld] }, DType::F32)?;
+        let dcol = self.empty([k, plan.p_ld], DType::F32)?;
+        for (n0, nb) in plan.chunks() {
+            let p = plan.params(n0, nb);
+            let np = nb * pix;
+            if direct {
+                // dcol = W^T @ dY', reading dY' straight out of NCHW dy.
+                let b = Mat { t: dy, off: n0 * g.co * pix, ld: pix, trans: false };
+                let fused = Fused { b_batch: Some((pix / 4, g.co * pix / 4)), ..Fused::default() };
+                self.gemm_subgroup(
+                    OP,
+                    k,
+                    np,
+                    g.co,
+                    Mat::rows(&wt, co_ld),
+                    b,
+                    Mat::rows(&dcol, plan.p_ld),
+                    false,
+                    fused,
+                )?;
+            } else {
+                let (entry, items) =
+                    if pix.is_multiple_of(4) { ("nchw_to_cp_v4", pix / 4) } else { ("nchw_to_cp", pix) };
+                let groups = self.plane_grid(items, 4, nb * g.co);
+                self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dcp.arg()], groups)?;
+                // dcol [k, np] = W^T [k, co] @ dY' [co, np]
+                self.gemm_into(
+                    OP,
+                    k,
+                    np,
+                    g.co,
+                    Mat::rows(&wt, co_ld),
+                    Mat::rows(&dcp, plan.p_ld),
+                    Mat::rows(&dcol, plan.p_ld),
+                    false,
+                )?;
+            }
+            let groups = self.plane_grid(g.h, 1, nb * g.ci);
+            self.dispatch(OP, (FILE, "col2im"), &[], &p, &[dcol.arg(), dx.arg()], groups)?;
+        }
+        Ok(dx)
     }
 }

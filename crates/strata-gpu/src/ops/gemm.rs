@@ -56,6 +56,9 @@ struct SubgroupParams {
     c_cpb4: u32,
     c_img4: u32,
     epilogue: u32,
+    a_bat4: u32,
+    b_bat4: u32,
+    c_bat4: u32,
     _pad: u32,
 }
 
@@ -71,6 +74,24 @@ pub(crate) struct Fused<'a> {
     pub(crate) bias: Option<&'a GpuTensor>,
     /// ReLU after the bias.
     pub(crate) relu: bool,
+    /// A batch of products (workgroup z), default one.
+    pub(crate) batch: Batch,
+}
+
+/// `count` products run by one dispatch: product `z` reads and writes its A, B and C
+/// `z * a`, `z * b` and `z * c` elements after product 0's.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Batch {
+    pub(crate) count: usize,
+    pub(crate) a: usize,
+    pub(crate) b: usize,
+    pub(crate) c: usize,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self { count: 1, a: 0, b: 0, c: 0 }
+    }
 }
 
 #[repr(C)]
@@ -88,6 +109,10 @@ struct TiledParams {
     c_off: u32,
     ldc: u32,
     accumulate: u32,
+    a_bat: u32,
+    b_bat: u32,
+    c_bat: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -170,27 +195,7 @@ impl Gpu {
     ) -> Result<()> {
         assert!(k > 0 && m > 0 && n > 0 && !c.trans, "gemm_into needs a non-empty product into a row-major C");
         match self.gemm {
-            GemmKernel::Tiled => {
-                let stride = |mm: &Mat<'_>| if mm.trans { (1, mm.ld) } else { (mm.ld, 1) };
-                let (a_rs, a_cs) = stride(&a);
-                let (b_rs, b_cs) = stride(&b);
-                let p = TiledParams {
-                    m: u(m),
-                    n: u(n),
-                    k: u(k),
-                    a_off: u(a.off),
-                    a_rs: u(a_rs),
-                    a_cs: u(a_cs),
-                    b_off: u(b.off),
-                    b_rs: u(b_rs),
-                    b_cs: u(b_cs),
-                    c_off: u(c.off),
-                    ldc: u(c.ld),
-                    accumulate: u32::from(accumulate),
-                };
-                let groups = [u(n.div_ceil(TILED_TILE)), u(m.div_ceil(TILED_TILE)), 1];
-                self.dispatch(op, ("gemm_tiled.wgsl", "gemm"), &[], &p, &[a.t.arg(), b.t.arg(), c.t.arg()], groups)
-            }
+            GemmKernel::Tiled => self.gemm_tiled(op, m, n, k, a, b, c, accumulate, Batch::default()),
             GemmKernel::Subgroup8 => {
                 let k4 = k.next_multiple_of(4);
                 let n4 = n.next_multiple_of(4);
@@ -217,6 +222,73 @@ impl Gpu {
                     return self.pack_into(op, Mat::rows(&scratch, n4), m, n, c.t, c.off, c.ld, m, n);
                 }
                 self.gemm_subgroup(op, m, n4, k, a, b, c, accumulate, Fused::default())
+            }
+        }
+    }
+
+    /// The tiled GEMM (any strides) for a batch of products.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_tiled(
+        &mut self,
+        op: &'static str,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat<'_>,
+        b: Mat<'_>,
+        c: Mat<'_>,
+        accumulate: bool,
+        batch: Batch,
+    ) -> Result<()> {
+        let stride = |mm: &Mat<'_>| if mm.trans { (1, mm.ld) } else { (mm.ld, 1) };
+        let (a_rs, a_cs) = stride(&a);
+        let (b_rs, b_cs) = stride(&b);
+        let p = TiledParams {
+            m: u(m),
+            n: u(n),
+            k: u(k),
+            a_off: u(a.off),
+            a_rs: u(a_rs),
+            a_cs: u(a_cs),
+            b_off: u(b.off),
+            b_rs: u(b_rs),
+            b_cs: u(b_cs),
+            c_off: u(c.off),
+            ldc: u(c.ld),
+            accumulate: u32::from(accumulate),
+            a_bat: u(batch.a),
+            b_bat: u(batch.b),
+            c_bat: u(batch.c),
+            _pad: 0,
+        };
+        let groups = [u(n.div_ceil(TILED_TILE)), u(m.div_ceil(TILED_TILE)), u(batch.count)];
+        self.dispatch(op, ("gemm_tiled.wgsl", "gemm"), &[], &p, &[a.t.arg(), b.t.arg(), c.t.arg()], groups)
+    }
+
+    /// `batch.count` products `C_z (+)= A_z @ B_z` in one dispatch, with operands already in
+    /// the layout of the device's GEMM kernel: for the subgroup kernel, A, B and C
+    /// row-major with vec4-aligned rows, offsets and batch strides, and C's rows at least
+    /// `n` rounded up to 4 long (the padding columns are written).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_batched(
+        &mut self,
+        op: &'static str,
+        batch: Batch,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat<'_>,
+        b: Mat<'_>,
+        c: Mat<'_>,
+        accumulate: bool,
+    ) -> Result<()> {
+        assert!(k > 0 && m > 0 && n > 0 && batch.count > 0, "gemm_batched needs non-empty products");
+        match self.gemm {
+            GemmKernel::Tiled => self.gemm_tiled(op, m, n, k, a, b, c, accumulate, batch),
+            GemmKernel::Subgroup8 => {
+                debug_assert!([batch.a, batch.b, batch.c].iter().all(|s| s.is_multiple_of(4)));
+                let fused = Fused { batch, ..Fused::default() };
+                self.gemm_subgroup(op, m, n.next_multiple_of(4), k, a, b, c, accumulate, fused)
             }
         }
     }
@@ -254,11 +326,15 @@ impl Gpu {
             c_cpb4: u(c_cpb4),
             c_img4: u(c_img4),
             epilogue: u32::from(fused.bias.is_some()) | (u32::from(fused.relu) << 1),
+            a_bat4: u(fused.batch.a / 4),
+            b_bat4: u(fused.batch.b / 4),
+            c_bat4: u(fused.batch.c / 4),
             _pad: 0,
         };
-        let groups = [u((n4 / 4).div_ceil(SG_TILE_VEC4)), u(m.div_ceil(SG_TILE_ROWS)), 1];
+        let groups = [u((n4 / 4).div_ceil(SG_TILE_VEC4)), u(m.div_ceil(SG_TILE_ROWS)), u(fused.batch.count)];
         if self.profiling() {
-            self.profile_tag = Some(format!("{op} {m}x{}x{k}", n4));
+            let batch = if fused.batch.count > 1 { format!("{}x ", fused.batch.count) } else { String::new() };
+            self.profile_tag = Some(format!("{op} {batch}{m}x{n4}x{k}"));
         }
         // Without a bias, A stands in for the binding (A has at least m elements; the
         // values read are ignored).

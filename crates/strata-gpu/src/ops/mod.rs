@@ -10,8 +10,11 @@ mod loss;
 mod optim;
 mod pool;
 mod reduce;
+pub(crate) mod winograd;
 
 pub use conv::{BackwardParts, Conv2dGrads, ConvForward};
+pub(crate) use winograd::ConvKey;
+pub use winograd::{ConvAlgo, ConvChoice};
 
 use strata_tensor::DType;
 

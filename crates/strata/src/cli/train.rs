@@ -390,8 +390,26 @@ async fn bench(
     let timed = ends[ends.len() - 1] - ends[warmup as usize - 1];
     if std::env::var_os("STRATA_PROFILE").is_some() {
         let profile = trainer_gpu_profile(trainer).await?;
-        for (kernel, calls, secs) in profile {
-            eprintln!("  {kernel:<36} {calls:>6} calls {:>10.1} ms", secs * 1e3);
+        for k in profile {
+            eprintln!(
+                "  {:<56} {:>6} calls {:>10.1} ms wall {:>10.1} ms cpu",
+                k.kernel,
+                k.calls,
+                k.wall_s * 1e3,
+                k.cpu_s * 1e3
+            );
+        }
+    }
+    if rank == 0 {
+        // What STRATA_CONV_ALGO=auto chose for each layer, on timings of this process.
+        for c in trainer_conv_choices(trainer).await? {
+            eprintln!(
+                "conv algorithm for {}: {} (im2col {:.1} ms, winograd {:.1} ms)",
+                c.case,
+                c.algo.name(),
+                c.im2col_s * 1e3,
+                c.winograd_s * 1e3
+            );
         }
     }
     // Every node's own split of its step, for the report.
@@ -422,8 +440,12 @@ async fn bench(
     Ok(())
 }
 
-async fn trainer_gpu_profile(t: &Trainer) -> Result<Vec<(String, u64, f64)>> {
+async fn trainer_gpu_profile(t: &Trainer) -> Result<Vec<strata_gpu::KernelTime>> {
     Ok(t.gpu().with(|ex| ex.gpu().profile()).await?)
+}
+
+async fn trainer_conv_choices(t: &Trainer) -> Result<Vec<strata_gpu::ConvChoice>> {
+    Ok(t.gpu().with(|ex| ex.gpu().conv_choices()).await?)
 }
 
 fn trainer_batch(t: &Trainer) -> usize {
