@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_collective::{Group, ReduceOp};
+use strata_collective::{Compression, Group, ReduceOp};
 use strata_gpu::{GpuHandle, TensorId};
 use strata_nn::checkpoint::{self, Checkpoint, TrainState};
 use strata_nn::data::{Batch, Dataset, DistributedSampler, Loader};
@@ -36,6 +36,9 @@ pub struct TrainConfig {
     pub bucket_bytes: usize,
     /// Batches the loader prepares ahead.
     pub prefetch: usize,
+    /// Gradient buckets on the wire as bf16 or fp16, with error feedback: what rounding
+    /// drops from a bucket on this rank is added to the same bucket at the next step.
+    pub compression: Compression,
 }
 
 impl Default for TrainConfig {
@@ -50,6 +53,7 @@ impl Default for TrainConfig {
             eval_batch: 250,
             bucket_bytes: strata_nn::BUCKET_BYTES_DEFAULT,
             prefetch: 4,
+            compression: Compression::None,
         }
     }
 }
@@ -118,6 +122,21 @@ pub struct Trainer {
     step: u64,
     epoch: u64,
     segments_cache: Option<(usize, Vec<Vec<strata_gpu::Op>>)>,
+    /// Per gradient bucket, what compression's rounding dropped last step (this rank's).
+    residuals: Vec<Vec<f32>>,
+}
+
+/// Error feedback for one bucket: adds the residual of the previous step to `x` and
+/// keeps what rounding `x` to `wire` will drop (the all-reduce rounds each rank's input).
+fn error_feedback(wire: Compression, x: &mut [f32], residual: &mut Vec<f32>) {
+    if residual.len() != x.len() {
+        *residual = vec![0.0; x.len()];
+    }
+    for (v, r) in x.iter_mut().zip(residual.iter_mut()) {
+        let s = *v + *r;
+        *r = s - wire.round_one(s);
+        *v = s;
+    }
 }
 
 fn fnv64(data: &[f32]) -> u64 {
@@ -166,7 +185,7 @@ impl Trainer {
             return Err(TrainError::Config("batch sizes must be at least 1".into()));
         }
         let model = Model::new(spec, &gpu, config.bucket_bytes)?;
-        let mut t = Self { gpu, model, group, config, step: 0, epoch: 0, segments_cache: None };
+        let mut t = Self { gpu, model, group, config, step: 0, epoch: 0, segments_cache: None, residuals: Vec::new() };
         t.initialise().await?;
         Ok(t)
     }
@@ -315,7 +334,13 @@ impl Trainer {
             let group = self.group.as_ref().expect("distributed");
             gpu.run(first).await?;
             let mut flat = self.download_many(vec![model.buckets[0].flat]).await?.remove(0).into_data();
+            let wire = self.config.compression;
+            let mut residuals = std::mem::take(&mut self.residuals);
+            residuals.resize_with(model.buckets.len(), Vec::new);
             for k in 0..model.buckets.len() {
+                if wire != Compression::None {
+                    error_feedback(wire, &mut flat, &mut residuals[k]);
+                }
                 let next = segments.next();
                 let next_bucket = model.buckets.get(k + 1).map(|b| b.flat);
                 // The GPU works on the next segment while this bucket crosses the network.
@@ -330,7 +355,7 @@ impl Trainer {
                     }
                 };
                 let comm_part = async {
-                    let r = group.all_reduce(std::mem::take(&mut flat), ReduceOp::Mean).await;
+                    let r = group.all_reduce_compressed(std::mem::take(&mut flat), ReduceOp::Mean, wire).await;
                     (r, Instant::now())
                 };
                 let (gpu_result, (reduced, comm_done)) = tokio::join!(gpu_part, comm_part);
@@ -346,6 +371,7 @@ impl Trainer {
                     flat = f;
                 }
             }
+            self.residuals = residuals;
         } else {
             first.extend(segments.flatten());
             gpu.run(first).await?;
