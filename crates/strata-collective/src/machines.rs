@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
 use bytes::Bytes;
-use strata_net::buffers::{SharedF32, bytes_of_f32, bytes_with, take_f32};
+use strata_net::buffers::{SharedF32, bytes_of_f32, bytes_of_u16s, take_f32};
 use strata_tensor::DType;
 use strata_tensor::shard::even_ranges;
 use strata_wire::ChunkTag;
@@ -96,16 +96,8 @@ impl Compression {
     pub fn encode(self, v: &[f32]) -> Bytes {
         match self {
             Compression::None => bytes_of_f32(v),
-            Compression::Bf16 => bytes_with(v.len() * 2, |out| {
-                for (o, x) in out.chunks_exact_mut(2).zip(v) {
-                    o.copy_from_slice(&f32_to_bf16(*x).to_le_bytes());
-                }
-            }),
-            Compression::Fp16 => bytes_with(v.len() * 2, |out| {
-                for (o, x) in out.chunks_exact_mut(2).zip(v) {
-                    o.copy_from_slice(&f32_to_f16(*x).to_le_bytes());
-                }
-            }),
+            Compression::Bf16 => bytes_of_u16s(v.len(), v.iter().map(|x| f32_to_bf16(*x))),
+            Compression::Fp16 => bytes_of_u16s(v.len(), v.iter().map(|x| f32_to_f16(*x))),
         }
     }
 }
@@ -258,7 +250,7 @@ fn check_len(
 ) -> Result<(), CollectiveError> {
     let bytes: usize = data.iter().map(|p| p.len()).sum();
     let size = wire.dtype().size_bytes();
-    if bytes % size != 0 {
+    if !bytes.is_multiple_of(size) {
         return Err(protocol(op, from, format!("segment of {bytes} bytes is not whole {} elements", wire.dtype())));
     }
     if bytes / size != want {

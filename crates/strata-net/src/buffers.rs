@@ -30,6 +30,7 @@ struct Pool<T> {
 
 static F32S: Mutex<Pool<f32>> = Mutex::new(Pool { kept: Vec::new(), bytes: 0 });
 static BYTES: Mutex<Pool<u8>> = Mutex::new(Pool { kept: Vec::new(), bytes: 0 });
+static U16S: Mutex<Pool<u16>> = Mutex::new(Pool { kept: Vec::new(), bytes: 0 });
 
 fn take_from<T>(pool: &Mutex<Pool<T>>, cap: usize) -> Vec<T> {
     let size = std::mem::size_of::<T>();
@@ -82,36 +83,31 @@ impl Drop for Pooled {
 
 /// The little-endian bytes of `data` in a pooled buffer.
 pub fn bytes_of_f32(data: &[f32]) -> Bytes {
-    bytes_with(data.len() * 4, |out| out.copy_from_slice(bytemuck::cast_slice(data)))
-}
-
-/// A pooled buffer of `len` bytes filled by `fill` (which must write all of it).
-pub fn bytes_with(len: usize, fill: impl FnOnce(&mut [u8])) -> Bytes {
-    let mut v = take_from(&BYTES, len);
-    v.resize(len, 0);
-    fill(&mut v);
+    let src: &[u8] = bytemuck::cast_slice(data);
+    let mut v = take_from(&BYTES, src.len());
+    v.extend_from_slice(src);
     Bytes::from_owner(Pooled(v))
 }
 
-/// Keeps freed heap memory for reuse instead of handing it back to the kernel.
-///
-/// quinn allocates every received datagram (64 KiB on loopback) and frees it once read;
-/// with glibc's default trim threshold the freed top of the heap goes back to the kernel
-/// and the next datagrams fault it in again, page by page (measured: 70% of an
-/// all-reduce's page faults, and about a tenth of its CPU time). Called once per process
-/// by [`crate::Node::start`]; it raises the trim threshold to 256 MiB (which also fixes
-/// the mmap threshold at its 128 KiB default).
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            if std::env::var_os("STRATA_MALLOC_DEFAULT").is_none() {
-                // SAFETY: mallopt only changes allocator parameters; any value is valid.
-                unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20) };
-            }
-        });
+struct Pooled16(Vec<u16>);
+
+impl AsRef<[u8]> for Pooled16 {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
     }
+}
+
+impl Drop for Pooled16 {
+    fn drop(&mut self) {
+        give_to(&U16S, std::mem::take(&mut self.0));
+    }
+}
+
+/// `len` 16-bit values in a pooled buffer, as little-endian bytes.
+pub fn bytes_of_u16s(len: usize, values: impl Iterator<Item = u16>) -> Bytes {
+    let mut v = take_from(&U16S, len);
+    v.extend(values.take(len).map(u16::to_le));
+    Bytes::from_owner(Pooled16(v))
 }
 
 /// Payload bytes as they arrived: the transport's buffers, in order, without a copy.

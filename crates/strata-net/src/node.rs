@@ -37,11 +37,6 @@ pub struct NodeExtras {
     pub resources: Option<Arc<dyn Fn() -> (u64, u64) + Send + Sync>>,
 }
 
-/// Experiment switches for measurements (temporary).
-pub(crate) fn exp(flag: &str) -> bool {
-    std::env::var("STRATA_EXP").is_ok_and(|v| v.split(',').any(|f| f == flag))
-}
-
 /// Starts nodes.
 pub struct Node;
 
@@ -55,7 +50,6 @@ impl Node {
     /// As [`Node::start`], with the node's GPU description.
     pub async fn start_with(config: NodeConfig, extras: NodeExtras) -> Result<NodeHandle, NetError> {
         config.validate()?;
-        crate::buffers::tune_allocator();
         let identity = if config.insecure_dev {
             tracing::warn!(
                 "INSECURE: node {} runs with --insecure-dev: peers are not authenticated and anyone who can reach {} can join",
@@ -122,14 +116,9 @@ impl Node {
             leaving: false,
             aborted: false,
         };
-        let io_handle = actor.io.clone();
         let addr = actor.start();
         let (ep, node) = (endpoint.clone(), addr.clone());
-        if exp("conn_io") {
-            io_handle.spawn(accept_loop(ep, node, router.clone()));
-        } else {
-            actix::spawn(accept_loop(ep, node, router.clone()));
-        }
+        actix::spawn(accept_loop(ep, node, router.clone()));
         tracing::info!("node {} listening on {local}", info.name);
         Ok(NodeHandle { addr, router, info, local, config })
     }
@@ -455,15 +444,10 @@ impl NodeActor {
                 continue;
             }
             let (ep, client, hs, node) = (self.endpoint.clone(), self.client.clone(), self.handshake(), ctx.address());
-            let fut = async move {
+            actix::spawn(async move {
                 let result = dial(&ep, client, &addr, name.as_deref(), &hs).await;
                 node.do_send(Dialed { addr, name, result });
-            };
-            if exp("conn_io") {
-                self.io.spawn(fut);
-            } else {
-                actix::spawn(fut);
-            }
+            });
         }
     }
 

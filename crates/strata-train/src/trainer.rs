@@ -337,9 +337,9 @@ impl Trainer {
             let wire = self.config.compression;
             let mut residuals = std::mem::take(&mut self.residuals);
             residuals.resize_with(model.buckets.len(), Vec::new);
-            for k in 0..model.buckets.len() {
+            for (k, residual) in residuals.iter_mut().enumerate() {
                 if wire != Compression::None {
-                    error_feedback(wire, &mut flat, &mut residuals[k]);
+                    error_feedback(wire, &mut flat, residual);
                 }
                 let next = segments.next();
                 let next_bucket = model.buckets.get(k + 1).map(|b| b.flat);
