@@ -114,13 +114,15 @@ impl std::str::FromStr for Compression {
     }
 }
 
+// The conversions below select between precomputed cases instead of branching, so
+// that loops over them vectorise.
+
 /// bfloat16 bits of `x`, rounded to nearest, ties to even; NaN stays NaN.
 pub(crate) fn f32_to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let quiet_nan = (b >> 16) | 0x40;
+    (if x.is_nan() { quiet_nan } else { rounded }) as u16
 }
 
 /// The f32 value of bfloat16 bits.
@@ -128,26 +130,28 @@ pub(crate) fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
-/// IEEE half-precision bits of `x`, rounded to nearest, ties to even (F. Giesen's
+/// IEEE half-precision bits of `x`, rounded to nearest, ties to even (after F. Giesen's
 /// `float_to_half_fast3_rtne`); overflow gives infinity, NaN a quiet NaN.
 pub(crate) fn f32_to_f16(x: f32) -> u16 {
     const F32_INF: u32 = 255 << 23;
     const F16_MAX: u32 = (127 + 16) << 23;
     const DENORM_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
-    let mut u = x.to_bits();
+    let u = x.to_bits();
     let sign = u & 0x8000_0000;
-    u ^= sign;
-    let o = if u >= F16_MAX {
-        if u > F32_INF { 0x7e00 } else { 0x7c00 }
-    } else if u < (113 << 23) {
-        // Subnormal or zero: adding the magic number lets the FPU round the 10 mantissa
-        // bits into place, ties to even.
-        (f32::from_bits(u) + f32::from_bits(DENORM_MAGIC)).to_bits() - DENORM_MAGIC
+    let a = u ^ sign;
+    let inf_nan = if a > F32_INF { 0x7e00 } else { 0x7c00 };
+    // Subnormal or zero: adding the magic number lets the FPU round the 10 mantissa bits
+    // into place, ties to even.
+    let subnormal = (f32::from_bits(a) + f32::from_bits(DENORM_MAGIC)).to_bits().wrapping_sub(DENORM_MAGIC);
+    // Normal: rebias the exponent and round the 13 dropped bits, ties to even.
+    let mant_odd = (a >> 13) & 1;
+    let normal = a.wrapping_add((15u32.wrapping_sub(127) << 23).wrapping_add(0xfff)).wrapping_add(mant_odd) >> 13;
+    let o = if a >= F16_MAX {
+        inf_nan
+    } else if a < (113 << 23) {
+        subnormal
     } else {
-        let mant_odd = (u >> 13) & 1;
-        u = u.wrapping_add(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff));
-        u = u.wrapping_add(mant_odd);
-        u >> 13
+        normal
     };
     (o | (sign >> 16)) as u16
 }
@@ -157,15 +161,18 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     const MAGIC: u32 = 113 << 23;
     const SHIFTED_EXP: u32 = 0x7c00 << 13;
     let h = u32::from(h);
-    let mut o = (h & 0x7fff) << 13;
-    let exp = SHIFTED_EXP & o;
-    o += (127 - 15) << 23;
-    if exp == SHIFTED_EXP {
-        o += (128 - 16) << 23;
+    let shifted = (h & 0x7fff) << 13;
+    let exp = SHIFTED_EXP & shifted;
+    let normal = shifted + ((127 - 15) << 23);
+    let inf_nan = normal + ((128 - 16) << 23);
+    let subnormal = (f32::from_bits(normal + (1 << 23)) - f32::from_bits(MAGIC)).to_bits();
+    let o = if exp == SHIFTED_EXP {
+        inf_nan
     } else if exp == 0 {
-        o += 1 << 23;
-        o = (f32::from_bits(o) - f32::from_bits(MAGIC)).to_bits();
-    }
+        subnormal
+    } else {
+        normal
+    };
     f32::from_bits(o | ((h & 0x8000) << 16))
 }
 
@@ -299,15 +306,21 @@ fn le_u16(b: &[u8]) -> u16 {
     u16::from_le_bytes([b[0], b[1]])
 }
 
-/// `dst[i] += element i of data`, straight from the received pieces.
+/// `dst[i] += element i of data`, straight from the received pieces. With compression
+/// `dst` holds this rank's input, which is rounded to the wire format as it is added to
+/// (every rank contributes its rounded input).
 fn add_from(wire: Compression, dst: &mut [f32], data: &[&[u8]]) {
     let size = wire.dtype().size_bytes();
     for_each_run(data, size, |i, run| {
         let d = &mut dst[i..];
         match wire {
             Compression::None => d.iter_mut().zip(run.chunks_exact(4)).for_each(|(d, b)| *d += le_f32(b)),
-            Compression::Bf16 => d.iter_mut().zip(run.chunks_exact(2)).for_each(|(d, b)| *d += bf16_to_f32(le_u16(b))),
-            Compression::Fp16 => d.iter_mut().zip(run.chunks_exact(2)).for_each(|(d, b)| *d += f16_to_f32(le_u16(b))),
+            Compression::Bf16 => d.iter_mut().zip(run.chunks_exact(2)).for_each(|(d, b)| {
+                *d = bf16_to_f32(f32_to_bf16(*d)) + bf16_to_f32(le_u16(b));
+            }),
+            Compression::Fp16 => d.iter_mut().zip(run.chunks_exact(2)).for_each(|(d, b)| {
+                *d = f16_to_f32(f32_to_f16(*d)) + f16_to_f32(le_u16(b));
+            }),
         }
     });
 }
@@ -419,10 +432,6 @@ impl Ring {
             expected: 0,
             sends_left: 0,
         };
-        if wire != Compression::None {
-            // Every rank's contribution is its input in the wire format.
-            ring.wire.round(ring.acc.slice_mut(0..ring.acc.len()));
-        }
         for s in 0..ring.steps {
             let rc = &ring.chunks[ring.recv_chunk(s)];
             ring.got.push(vec![false; segments(rc, ring.seg_len)]);
@@ -457,15 +466,19 @@ impl Ring {
         (self.rank + 1) % self.world
     }
 
-    /// Segment `range` of this rank's own chunk is final: rounded to the wire format
-    /// (so this rank keeps what the others receive) and copied into the result.
-    fn finish_own(&mut self, range: Range<usize>) {
-        let own = self.acc.slice_mut(range.clone());
-        self.wire.round(own);
-        for (d, s) in self.out.spare_capacity_mut()[range.clone()].iter_mut().zip(own.iter()) {
-            d.write(*s);
+    /// The bytes sent for `range` of the accumulator. In the all-gather's first step
+    /// (`own`: this rank's finished chunk) they also go into the result, so this rank
+    /// keeps exactly what the others receive.
+    fn send_bytes(&mut self, range: Range<usize>, own: bool) -> Bytes {
+        let bytes = match self.wire {
+            Compression::None => self.acc.view(range.clone()),
+            wire => wire.encode(self.acc.slice(range.clone())),
+        };
+        if own {
+            write_from(self.wire, &mut self.out.spare_capacity_mut()[range.clone()], &[&bytes[..]]);
+            self.out_written += range.len();
         }
-        self.out_written += range.len();
+        bytes
     }
 
     fn poll_send(&mut self) -> Option<SendAction> {
@@ -476,14 +489,10 @@ impl Ring {
             // All-gather after its first step: pass on what arrived.
             SendData::Forward(ChunkTag { step: step as u32 - 1, segment: k as u32 })
         } else {
+            // Reduce-scatter steps send partial sums; the all-gather's first step sends
+            // this rank's finished chunk.
             let range = segment(&self.chunks[self.send_chunk(step)], self.seg_len, k);
-            if step == self.rs_steps {
-                self.finish_own(range.clone());
-            }
-            SendData::Bytes(match self.wire {
-                Compression::None => self.acc.view(range),
-                wire => wire.encode(self.acc.slice(range)),
-            })
+            SendData::Bytes(self.send_bytes(range, step == self.rs_steps))
         };
         Some(SendAction { to: self.right(), tag, data })
     }
@@ -525,9 +534,11 @@ impl Ring {
     /// The assembled result (all-reduce, all-gather); empty until every element is in.
     fn take_out(&mut self) -> Vec<f32> {
         if self.world == 1 {
-            // Nothing travelled: the (rounded) input is the result.
+            // Nothing travelled: the input, rounded to the wire format, is the result.
             let acc = std::mem::replace(&mut self.acc, SharedF32::new(Vec::new()));
-            return acc.try_into_vec().unwrap_or_else(|a| a.slice(0..a.len()).to_vec());
+            let mut v = acc.try_into_vec().unwrap_or_else(|a| a.slice(0..a.len()).to_vec());
+            self.wire.round(&mut v);
+            return v;
         }
         let n = self.acc.len();
         if self.out_written != n || self.out.capacity() < n {
