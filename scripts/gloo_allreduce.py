@@ -7,7 +7,8 @@ Starts --world processes on 127.0.0.1 (torch.distributed, gloo backend, TCP rend
 on a free port), like the Strata benchmark's workers. For each size (MiB of float32)
 every rank runs iters + 2 all-reduces (sum), each after a barrier; the first two are
 not timed, and the first one's sums are checked. Rank 0 prints one JSON line per size:
-{"world": N, "bytes": B, "seconds": median, "busbw_gbps": B * 2(N-1)/N / median / 1e9}.
+{"world": N, "bytes": B, "seconds": median, "busbw_gbps": B * 2(N-1)/N / median / 1e9,
+"cpu_seconds": CPU seconds of rank 0's process per timed all-reduce}.
 Exits with status 3 when torch or its gloo backend is missing.
 """
 
@@ -32,11 +33,14 @@ def worker(rank, world, port, sizes_mib, iters):
             buf = torch.full((n,), float(rank + 1), dtype=torch.float32)
             want = float(world * (world + 1) // 2)
             times = []
+            cpu = 0.0
             for i in range(iters + 2):
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM)
                 t = time.perf_counter() - start
+                if i >= 2:
+                    cpu += time.process_time() - cpu_start
                 if i == 0:
                     bad = (buf != want).nonzero()
                     if len(bad):
@@ -50,8 +54,8 @@ def worker(rank, world, port, sizes_mib, iters):
                 seconds = times[len(times) // 2]
                 nbytes = n * 4
                 bus = nbytes * 2 * (world - 1) / world / seconds / 1e9
-                print(json.dumps({"world": world, "bytes": nbytes, "seconds": seconds, "busbw_gbps": bus}),
-                      flush=True)
+                print(json.dumps({"world": world, "bytes": nbytes, "seconds": seconds, "busbw_gbps": bus,
+                                  "cpu_seconds": cpu / iters}), flush=True)
         dist.barrier()
     finally:
         dist.destroy_process_group()

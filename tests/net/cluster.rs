@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use strata_collective::{Algorithm, GroupOptions, ReduceOp};
+use strata_collective::{Algorithm, Compression, GroupOptions, ReduceOp};
 use strata_net::MembershipEvent;
 use strata_tensor::shard::even_ranges;
 use strata_tensor::{HostTensor, SplitMix64};
@@ -90,6 +90,46 @@ async fn clusters_of_two_three_and_four_nodes_run_every_collective() {
         for node in &nodes {
             node.shutdown().await;
         }
+    }
+}
+
+/// A compressed all-reduce computed directly: chunk `c` is folded in ring order from the
+/// rank after its owner, each rank adding its rounded input to the partial sum it
+/// received and rounding again; the owner's rounded total goes to everyone.
+fn compressed_model(xs: &[Vec<f32>], wire: Compression) -> Vec<f32> {
+    let (world, len) = (xs.len(), xs[0].len());
+    let mut out = vec![0.0; len];
+    for (c, chunk) in even_ranges(len, world).into_iter().enumerate() {
+        for i in chunk {
+            let mut v = wire.round_one(xs[(c + 1) % world][i]);
+            for j in 2..=world {
+                v = wire.round_one(wire.round_one(xs[(c + j) % world][i]) + v);
+            }
+            out[i] = v;
+        }
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn compressed_all_reduce_matches_its_cpu_model_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 3).await;
+    let gs =
+        groups(&nodes, GroupOptions { seg_len: 1000, timeout: Duration::from_secs(5), ..Default::default() }).await;
+    for wire in [Compression::Bf16, Compression::Fp16] {
+        for len in [1usize, 2_501, 100_003] {
+            let xs = inputs(3, len, 40 + len as u64);
+            let want: Vec<u32> = compressed_model(&xs, wire).iter().map(|v| (v * (1.0 / 3.0f32)).to_bits()).collect();
+            let futs = gs.iter().zip(&xs).map(|(g, x)| g.all_reduce_compressed(x.clone(), ReduceOp::Mean, wire));
+            for (r, o) in futures_join(futs).await.into_iter().enumerate() {
+                let got: Vec<u32> = o.unwrap().iter().map(|v| v.to_bits()).collect();
+                assert!(got == want, "{wire:?} len {len}: rank {r} differs from the model");
+            }
+        }
+    }
+    for node in &nodes {
+        node.shutdown().await;
     }
 }
 

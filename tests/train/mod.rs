@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_collective::{Group, GroupOptions};
+use strata_collective::{Compression, Group, GroupOptions};
 use strata_gpu::{ConvAlgo, GpuHandle, GpuOptions};
 use strata_nn::data::{Batch, Dataset};
 use strata_nn::{Layer, ModelSpec, Optimizer};
@@ -267,6 +267,62 @@ async fn measured_shares_divide_every_global_batch_and_train_as_one_node() {
     let (diff, moved) = distance(&params[0], &want);
     eprintln!("measured shares vs one node: max |diff| {diff:e}, parameters moved up to {moved:e}");
     assert!(diff <= SHARE_TOLERANCE * moved, "measured shares differ from one node by {diff:e} (moved {moved:e})");
+}
+
+#[actix_rt::test]
+async fn compressed_gradients_keep_replicas_bitwise_identical() {
+    if common::gpu().is_none() {
+        return;
+    }
+    const STEPS: u64 = 4;
+    let batches: Vec<Batch> = (0..STEPS).map(|s| batch(64, 200 + s)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 2).await;
+    let mut params = Vec::new();
+    for wire in [Compression::None, Compression::Bf16] {
+        let mut trainers = Vec::new();
+        for node in &nodes {
+            let g = Group::form(node.clone(), 2, Duration::from_secs(10), GroupOptions::default()).await.unwrap();
+            let gpu = GpuHandle::start(&GpuOptions::from_env()).unwrap();
+            // Checksums every step: a replica that drifts fails its step.
+            // SGD: parameters move in proportion to the gradients, so the two runs'
+            // difference measures what compression changed (Adam would normalise it away
+            // for large gradients and amplify it for tiny ones).
+            let sgd = Optimizer::Sgd(SgdParams { lr: 0.05, momentum: 0.9, ..Default::default() });
+            let cfg = TrainConfig { compression: wire, optimizer: sgd, ..config(32) };
+            trainers.push(Trainer::new(gpu, Some(g), spec(), cfg));
+        }
+        let (a, b) = (trainers.remove(0), trainers.remove(0));
+        let (mut a, mut b) = tokio::join!(a, b);
+        let (a, b) = (a.as_mut().unwrap(), b.as_mut().unwrap());
+        for full in &batches {
+            let (h0, h1) = halves(full);
+            let (r0, r1) = tokio::join!(a.step(h0), b.step(h1));
+            r0.unwrap_or_else(|e| panic!("{wire:?}: {e}"));
+            r1.unwrap_or_else(|e| panic!("{wire:?}: {e}"));
+        }
+        let (p0, p1) = (a.params().await.unwrap(), b.params().await.unwrap());
+        assert_eq!(p0, p1, "{wire:?}: the two ranks must hold bitwise identical parameters");
+        params.push(p0);
+        for t in [&*a, &*b] {
+            t.gpu().shutdown().await;
+        }
+    }
+    // Compression changed the arithmetic (the comparison is not vacuous) but not the
+    // course of training: each tensor moved from its initial value by much more than the
+    // two runs differ.
+    assert_ne!(params[0], params[1], "bf16 gradients gave bitwise the f32 result");
+    let init = spec().init(7);
+    let dist = |a: &HostTensor, b: &HostTensor| -> f64 {
+        a.data().iter().zip(b.data()).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt()
+    };
+    for ((f, c), i) in params[0].iter().zip(&params[1]).zip(&init) {
+        let (moved, apart) = (dist(f, i), dist(f, c));
+        assert!(moved > 0.0 && apart < 0.05 * moved, "moved {moved:e} from init, bf16 and f32 runs {apart:e} apart");
+    }
+    for n in &nodes {
+        n.shutdown().await;
+    }
 }
 
 #[actix_rt::test]

@@ -5,11 +5,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use strata_net::{ChunkMessage, NetError, NodeHandle, NodeInfo, PeerLink};
-use strata_wire::Body;
+use strata_net::buffers::Payload;
+use strata_net::{Charge, ChunkMessage, NetError, NodeHandle, NodeInfo, PeerLink};
+use strata_wire::{Body, ChunkTag};
 use tokio::task::JoinSet;
 
-use crate::machines::{Algorithm, AllGather, AllReduce, Broadcast, Machine, Recv, ReduceOp, ReduceScatter, Send};
+use crate::machines::{
+    Algorithm, AllGather, AllReduce, Broadcast, Compression, Machine, Received, Recv, ReduceOp, ReduceScatter, Send,
+    SendData,
+};
 use crate::{CollectiveError, Rank};
 
 /// How long a rank keeps receiving from a peer reported down before failing the
@@ -159,6 +163,27 @@ impl Group {
         self.run(self.next_op(), m).await
     }
 
+    /// As [`Group::all_reduce`], with values travelling in the `wire` format: half the
+    /// bytes with a 16-bit format, rounded as [`Compression`] describes (every rank still
+    /// gets bitwise the same result).
+    pub async fn all_reduce_compressed(
+        &self,
+        buf: Vec<f32>,
+        op: ReduceOp,
+        wire: Compression,
+    ) -> Result<Vec<f32>, CollectiveError> {
+        let m = AllReduce::compressed(
+            self.rank,
+            self.world(),
+            buf,
+            op,
+            self.options.algorithm,
+            self.options.seg_len,
+            wire,
+        )?;
+        self.run(self.next_op(), m).await
+    }
+
     /// Chunk `rank` (of `even_ranges(len, world)`) of the sum or mean of `buf`.
     pub async fn reduce_scatter(&self, buf: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, CollectiveError> {
         let m = ReduceScatter::new(self.rank, self.world(), buf, op, self.options.seg_len)?;
@@ -263,6 +288,9 @@ impl Group {
         }
         let rank_of: HashMap<&str, Rank> = self.members.iter().enumerate().map(|(r, n)| (n.as_str(), r)).collect();
         let mut sends: JoinSet<Result<(), (Rank, NetError)>> = JoinSet::new();
+        let dtype = m.wire_dtype();
+        // Received data the machine forwards later, with its charge to the sender's budget.
+        let mut kept: HashMap<ChunkTag, (Payload, Charge)> = HashMap::new();
         // A peer reported down that this rank still needs: data it sent before going may
         // still be on its way (streams are not ordered among themselves), so wait briefly.
         let mut doomed: Option<(Rank, String, tokio::time::Instant)> = None;
@@ -280,10 +308,24 @@ impl Group {
             }
             while sends.len() < self.options.sends_in_flight_max {
                 let Some(a) = m.poll_send() else { break };
-                let data = strata_net::buffers::bytes_of_f32(&m.buffer()[a.range.clone()]);
+                let data = match a.data {
+                    SendData::Bytes(b) => Payload::from(b),
+                    SendData::Forward(tag) => match kept.remove(&tag) {
+                        Some((payload, _charge)) => payload,
+                        None => {
+                            return Err(CollectiveError::Argument {
+                                op: name,
+                                message: format!(
+                                    "nothing kept to forward for segment {} of step {}",
+                                    tag.segment, tag.step
+                                ),
+                            });
+                        }
+                    },
+                };
                 let link = self.link(a.to).await?;
                 let to = a.to;
-                sends.spawn(async move { link.send_chunk_owned(op, a.tag, data).await.map_err(|e| (to, e)) });
+                sends.spawn(async move { link.send_chunk_payload(op, a.tag, dtype, data).await.map_err(|e| (to, e)) });
             }
             if m.is_done() && sends.is_empty() {
                 return Ok(m.take_result());
@@ -300,13 +342,18 @@ impl Group {
                     }
                 }
                 msg = inbox.recv() => match msg {
-                    Some(ChunkMessage::Data { from, tag, data, .. }) => {
+                    Some(ChunkMessage::Data { from, tag, dtype: got, data, charge }) => {
                         let Some(&r) = rank_of.get(from.as_str()) else {
                             tracing::warn!("{name}: ignoring data from {from}, not a member of the group");
                             continue;
                         };
-                        m.on_receive(r, tag, &data)?;
-                        strata_net::buffers::recycle(data);
+                        if got != dtype {
+                            return Err(CollectiveError::Protocol { op: name, from: r, message: format!("{got} data, expected {dtype}") });
+                        }
+                        let pieces: Vec<&[u8]> = data.pieces().iter().map(|p| &p[..]).collect();
+                        if m.on_receive(r, tag, &pieces)? == Received::Keep {
+                            kept.insert(tag, (data, charge));
+                        }
                     }
                     Some(ChunkMessage::Abort { from, message }) => {
                         if rank_of.contains_key(from.as_str()) {

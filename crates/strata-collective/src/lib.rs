@@ -10,7 +10,9 @@
 //!
 //! Every algorithm fixes its summation order, so all ranks end with bitwise identical
 //! results: the ring reduces each chunk in ring order and then copies the finished chunk
-//! around; the tree reduces at the root and broadcasts.
+//! around; the tree reduces at the root and broadcasts. A compressed all-reduce
+//! ([`Compression`]) rounds in the same places on every rank, so it stays bitwise
+//! identical too.
 
 mod driver;
 mod error;
@@ -19,8 +21,8 @@ mod machines;
 pub use driver::{Group, GroupOptions};
 pub use error::CollectiveError;
 pub use machines::{
-    Algorithm, AllGather, AllReduce, Broadcast, Machine, Recv, ReduceOp, ReduceScatter, Send, SendAction,
-    TREE_BYTES_MAX_DEFAULT,
+    Algorithm, AllGather, AllReduce, Broadcast, Compression, Machine, Received, Recv, ReduceOp, ReduceScatter, Send,
+    SendAction, SendData, TREE_BYTES_MAX_DEFAULT,
 };
 
 /// A participant's index in a group, `0..world`.

@@ -4,6 +4,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
+use bytes::Bytes;
+use strata_net::buffers::{SharedF32, bytes_of_f32, bytes_of_u16s, take_f32};
+use strata_tensor::DType;
 use strata_tensor::shard::even_ranges;
 use strata_wire::ChunkTag;
 
@@ -33,32 +36,194 @@ pub enum Algorithm {
     Tree,
 }
 
-/// Data a machine wants sent: elements `range` of its buffer to rank `to`, labelled `tag`.
+/// How all-reduce values travel on the wire.
+///
+/// With a 16-bit format every rank rounds its input to the wire format (ties to even),
+/// partial sums are added in f32 and rounded again whenever they are sent, and the owner
+/// of each chunk rounds the finished sum before sending it around, so every rank ends
+/// with the same wire-format values (bitwise identical, as without compression). What is
+/// lost to rounding is the caller's to carry into the next step (error feedback).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Compression {
+    /// 32-bit floats: exact.
+    #[default]
+    None,
+    /// bfloat16: the range of f32 with 8 significant bits.
+    Bf16,
+    /// IEEE half precision: 11 significant bits, magnitudes up to 65504 (larger ones
+    /// become infinite).
+    Fp16,
+}
+
+impl Compression {
+    /// The element type on the wire.
+    pub fn dtype(self) -> DType {
+        match self {
+            Compression::None => DType::F32,
+            Compression::Bf16 => DType::BF16,
+            Compression::Fp16 => DType::F16,
+        }
+    }
+
+    /// Lower-case name, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Bf16 => "bf16",
+            Compression::Fp16 => "fp16",
+        }
+    }
+
+    /// `x` rounded to the nearest wire value, ties to even: what `x` becomes on the wire.
+    pub fn round_one(self, x: f32) -> f32 {
+        match self {
+            Compression::None => x,
+            Compression::Bf16 => bf16_to_f32(f32_to_bf16(x)),
+            Compression::Fp16 => f16_to_f32(f32_to_f16(x)),
+        }
+    }
+
+    /// Rounds every value to the wire format in place (see [`Compression::round_one`]).
+    pub fn round(self, v: &mut [f32]) {
+        match self {
+            Compression::None => {}
+            Compression::Bf16 => v.iter_mut().for_each(|x| *x = bf16_to_f32(f32_to_bf16(*x))),
+            Compression::Fp16 => v.iter_mut().for_each(|x| *x = f16_to_f32(f32_to_f16(*x))),
+        }
+    }
+
+    /// `v`'s little-endian wire bytes, in a pooled buffer.
+    pub fn encode(self, v: &[f32]) -> Bytes {
+        match self {
+            Compression::None => bytes_of_f32(v),
+            Compression::Bf16 => bytes_of_u16s(v.len(), v.iter().map(|x| f32_to_bf16(*x))),
+            Compression::Fp16 => bytes_of_u16s(v.len(), v.iter().map(|x| f32_to_f16(*x))),
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Compression::None),
+            "bf16" => Ok(Compression::Bf16),
+            "fp16" => Ok(Compression::Fp16),
+            other => Err(format!("unknown compression {other:?}: expected none, bf16 or fp16")),
+        }
+    }
+}
+
+// The conversions below select between precomputed cases instead of branching, so
+// that loops over them vectorise.
+
+/// bfloat16 bits of `x`, rounded to nearest, ties to even; NaN stays NaN.
+pub(crate) fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let quiet_nan = (b >> 16) | 0x40;
+    (if x.is_nan() { quiet_nan } else { rounded }) as u16
+}
+
+/// The f32 value of bfloat16 bits.
+pub(crate) fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// IEEE half-precision bits of `x`, rounded to nearest, ties to even (after F. Giesen's
+/// `float_to_half_fast3_rtne`); overflow gives infinity, NaN a quiet NaN.
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
+    const F32_INF: u32 = 255 << 23;
+    const F16_MAX: u32 = (127 + 16) << 23;
+    const DENORM_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
+    let u = x.to_bits();
+    let sign = u & 0x8000_0000;
+    let a = u ^ sign;
+    let inf_nan = if a > F32_INF { 0x7e00 } else { 0x7c00 };
+    // Subnormal or zero: adding the magic number lets the FPU round the 10 mantissa bits
+    // into place, ties to even.
+    let subnormal = (f32::from_bits(a) + f32::from_bits(DENORM_MAGIC)).to_bits().wrapping_sub(DENORM_MAGIC);
+    // Normal: rebias the exponent and round the 13 dropped bits, ties to even.
+    let mant_odd = (a >> 13) & 1;
+    let normal = a.wrapping_add((15u32.wrapping_sub(127) << 23).wrapping_add(0xfff)).wrapping_add(mant_odd) >> 13;
+    let o = if a >= F16_MAX {
+        inf_nan
+    } else if a < (113 << 23) {
+        subnormal
+    } else {
+        normal
+    };
+    (o | (sign >> 16)) as u16
+}
+
+/// The f32 value of IEEE half-precision bits (exact).
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    const MAGIC: u32 = 113 << 23;
+    const SHIFTED_EXP: u32 = 0x7c00 << 13;
+    let h = u32::from(h);
+    let shifted = (h & 0x7fff) << 13;
+    let exp = SHIFTED_EXP & shifted;
+    let normal = shifted + ((127 - 15) << 23);
+    let inf_nan = normal + ((128 - 16) << 23);
+    let subnormal = (f32::from_bits(normal + (1 << 23)) - f32::from_bits(MAGIC)).to_bits();
+    let o = if exp == SHIFTED_EXP {
+        inf_nan
+    } else if exp == 0 {
+        subnormal
+    } else {
+        normal
+    };
+    f32::from_bits(o | ((h & 0x8000) << 16))
+}
+
+/// What a machine sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendData {
+    /// These little-endian element bytes (often a view of the machine's buffer).
+    Bytes(Bytes),
+    /// The data that arrived under this tag, unchanged (the driver kept it when
+    /// [`Machine::on_receive`] answered [`Received::Keep`]).
+    Forward(ChunkTag),
+}
+
+/// Data a machine wants sent to rank `to`, labelled `tag`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SendAction {
     /// Destination rank.
     pub to: Rank,
     /// Label the receiver matches on.
     pub tag: ChunkTag,
-    /// Elements of [`Machine::buffer`] to send.
-    pub range: Range<usize>,
+    /// The elements, in the machine's wire format ([`Machine::wire_dtype`]).
+    pub data: SendData,
+}
+
+/// What the driver does with received data once the machine has seen it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Nothing more: drop it.
+    Done,
+    /// Keep it: a later send forwards it ([`SendData::Forward`] with its tag).
+    Keep,
 }
 
 /// The interface the driver uses.
 pub trait Machine: std::marker::Send {
     /// Operation name for errors.
     fn name(&self) -> &'static str;
+    /// The element type of every message, sent and received.
+    fn wire_dtype(&self) -> DType {
+        DType::F32
+    }
     /// The next send, if one is ready.
     fn poll_send(&mut self) -> Option<SendAction>;
-    /// Data from `from` labelled `tag` arrived.
-    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError>;
+    /// Data from `from` labelled `tag` arrived: the little-endian bytes of its elements
+    /// in the wire format, in pieces split anywhere (as the transport delivered them).
+    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[&[u8]]) -> Result<Received, CollectiveError>;
     /// Whether every receive happened and every send was handed out.
     fn is_done(&self) -> bool;
-    /// The rank's buffer (sends read from it).
-    fn buffer(&self) -> &[f32];
     /// Ranks this machine still expects data from.
     fn waiting_on(&self) -> Vec<Rank>;
-    /// The result, once done.
+    /// The result, once done (before that, an empty vector).
     fn take_result(&mut self) -> Vec<f32>;
 }
 
@@ -82,6 +247,116 @@ fn check_world(op: &'static str, rank: Rank, world: usize) -> Result<(), Collect
     Ok(())
 }
 
+/// Checks that `data` holds exactly `want` elements of `wire`.
+fn check_len(
+    op: &'static str,
+    from: Rank,
+    data: &[&[u8]],
+    wire: Compression,
+    want: usize,
+) -> Result<(), CollectiveError> {
+    let bytes: usize = data.iter().map(|p| p.len()).sum();
+    let size = wire.dtype().size_bytes();
+    if !bytes.is_multiple_of(size) {
+        return Err(protocol(op, from, format!("segment of {bytes} bytes is not whole {} elements", wire.dtype())));
+    }
+    if bytes / size != want {
+        return Err(protocol(op, from, format!("segment has {} elements, expected {want}", bytes / size)));
+    }
+    Ok(())
+}
+
+/// Calls `f(first, run)` for each run of whole `size`-byte elements in `pieces`, in
+/// order, `first` being the run's first element index; an element split between pieces
+/// is joined in a small buffer and passed as a run of one. Trailing bytes that make no
+/// whole element are ignored (callers check lengths first).
+fn for_each_run(pieces: &[&[u8]], size: usize, mut f: impl FnMut(usize, &[u8])) {
+    let mut index = 0;
+    let mut carry = [0u8; 4];
+    let mut have = 0;
+    for piece in pieces {
+        let mut p: &[u8] = piece;
+        if have > 0 {
+            let take = (size - have).min(p.len());
+            carry[have..have + take].copy_from_slice(&p[..take]);
+            have += take;
+            p = &p[take..];
+            if have < size {
+                continue;
+            }
+            f(index, &carry[..size]);
+            index += 1;
+        }
+        let whole = p.len() / size * size;
+        if whole > 0 {
+            f(index, &p[..whole]);
+            index += whole / size;
+        }
+        let rest = &p[whole..];
+        carry[..rest.len()].copy_from_slice(rest);
+        have = rest.len();
+    }
+}
+
+fn le_f32(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u16(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+/// `dst[i] += element i of data`, straight from the received pieces. With compression
+/// `dst` holds this rank's input, which is rounded to the wire format as it is added to
+/// (every rank contributes its rounded input).
+fn add_from(wire: Compression, dst: &mut [f32], data: &[&[u8]]) {
+    let size = wire.dtype().size_bytes();
+    for_each_run(data, size, |i, run| {
+        let d = &mut dst[i..];
+        match wire {
+            Compression::None => d.iter_mut().zip(run.chunks_exact(4)).for_each(|(d, b)| *d += le_f32(b)),
+            Compression::Bf16 => d.iter_mut().zip(run.chunks_exact(2)).for_each(|(d, b)| {
+                *d = bf16_to_f32(f32_to_bf16(*d)) + bf16_to_f32(le_u16(b));
+            }),
+            Compression::Fp16 => d.iter_mut().zip(run.chunks_exact(2)).for_each(|(d, b)| {
+                *d = f16_to_f32(f32_to_f16(*d)) + f16_to_f32(le_u16(b));
+            }),
+        }
+    });
+}
+
+/// `dst[i] = element i of data`, into memory that may be uninitialised.
+fn write_from(wire: Compression, dst: &mut [std::mem::MaybeUninit<f32>], data: &[&[u8]]) {
+    let size = wire.dtype().size_bytes();
+    for_each_run(data, size, |i, run| {
+        let d = &mut dst[i..];
+        match wire {
+            Compression::None => d.iter_mut().zip(run.chunks_exact(4)).for_each(|(d, b)| {
+                d.write(le_f32(b));
+            }),
+            Compression::Bf16 => d.iter_mut().zip(run.chunks_exact(2)).for_each(|(d, b)| {
+                d.write(bf16_to_f32(le_u16(b)));
+            }),
+            Compression::Fp16 => d.iter_mut().zip(run.chunks_exact(2)).for_each(|(d, b)| {
+                d.write(f16_to_f32(le_u16(b)));
+            }),
+        }
+    });
+}
+
+/// `dst[i] = element i of data` (f32 data).
+fn copy_from(dst: &mut [f32], data: &[&[u8]]) {
+    for_each_run(data, 4, |i, run| dst[i..].iter_mut().zip(run.chunks_exact(4)).for_each(|(d, b)| *d = le_f32(b)));
+}
+
+/// `data` as f32 elements (a copy).
+fn f32s_of(data: &[&[u8]]) -> Vec<f32> {
+    let n = data.iter().map(|p| p.len()).sum::<usize>() / 4;
+    let mut v = vec![0.0; n];
+    copy_from(&mut v, data);
+    v
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RingMode {
     AllReduce,
@@ -94,14 +369,24 @@ enum RingMode {
 /// The buffer is cut into `world` chunks; with rank `r`, chunk indices mod `world`:
 /// reduce-scatter step `s` sends chunk `r - s - 1` right and adds chunk `r - s - 2` from
 /// the left, so after `world - 1` steps rank `r` holds chunk `r` reduced; all-gather step
-/// `t` sends chunk `r - t` and copies chunk `r - t - 1`. Chunks travel in segments, and
+/// `t` sends chunk `r - t` and receives chunk `r - t - 1`. Chunks travel in segments, and
 /// segment `k` of a step is sent as soon as segment `k` of the previous step arrived,
 /// so sending, receiving and adding overlap.
+///
+/// No element is copied that need not be: reduce-scatter adds straight from the received
+/// pieces into the accumulator (the caller's buffer) and sends read-only views of it
+/// (each range is written before its first send and never after); the all-gather
+/// writes the result into a second buffer and forwards what it received unchanged.
 struct Ring {
     op: &'static str,
     rank: Rank,
     world: usize,
-    buf: Vec<f32>,
+    wire: Compression,
+    acc: SharedF32,
+    /// The result being assembled (all-reduce and all-gather): room for every element,
+    /// length 0 until all of them are written.
+    out: Vec<f32>,
+    out_written: usize,
     chunks: Vec<Range<usize>>,
     seg_len: usize,
     rs_steps: usize,
@@ -114,6 +399,7 @@ struct Ring {
 }
 
 impl Ring {
+    #[allow(clippy::too_many_arguments, reason = "private constructor of three public machines")]
     fn new(
         op: &'static str,
         mode: RingMode,
@@ -122,14 +408,20 @@ impl Ring {
         buf: Vec<f32>,
         chunks: Vec<Range<usize>>,
         seg_len: usize,
+        wire: Compression,
     ) -> Self {
         let rs_steps = if mode == RingMode::AllGather { 0 } else { world - 1 };
         let ag_steps = if mode == RingMode::ReduceScatter { 0 } else { world - 1 };
+        let assembles = mode != RingMode::ReduceScatter && world > 1;
+        let out = if assembles { take_f32(buf.len()) } else { Vec::new() };
         let mut ring = Self {
             op,
             rank,
             world,
-            buf,
+            wire,
+            acc: SharedF32::new(buf),
+            out,
+            out_written: 0,
             chunks,
             seg_len: seg_len.max(1),
             rs_steps,
@@ -174,14 +466,38 @@ impl Ring {
         (self.rank + 1) % self.world
     }
 
+    /// The bytes sent for `range` of the accumulator. In the all-gather's first step
+    /// (`own`: this rank's finished chunk) they also go into the result, so this rank
+    /// keeps exactly what the others receive.
+    fn send_bytes(&mut self, range: Range<usize>, own: bool) -> Bytes {
+        let bytes = match self.wire {
+            Compression::None => self.acc.view(range.clone()),
+            wire => wire.encode(self.acc.slice(range.clone())),
+        };
+        if own {
+            write_from(self.wire, &mut self.out.spare_capacity_mut()[range.clone()], &[&bytes[..]]);
+            self.out_written += range.len();
+        }
+        bytes
+    }
+
     fn poll_send(&mut self) -> Option<SendAction> {
         let (step, k) = self.pending.pop_front()?;
         self.sends_left -= 1;
-        let range = segment(&self.chunks[self.send_chunk(step)], self.seg_len, k);
-        Some(SendAction { to: self.right(), tag: ChunkTag { step: step as u32, segment: k as u32 }, range })
+        let tag = ChunkTag { step: step as u32, segment: k as u32 };
+        let data = if step > self.rs_steps {
+            // All-gather after its first step: pass on what arrived.
+            SendData::Forward(ChunkTag { step: step as u32 - 1, segment: k as u32 })
+        } else {
+            // Reduce-scatter steps send partial sums; the all-gather's first step sends
+            // this rank's finished chunk.
+            let range = segment(&self.chunks[self.send_chunk(step)], self.seg_len, k);
+            SendData::Bytes(self.send_bytes(range, step == self.rs_steps))
+        };
+        Some(SendAction { to: self.right(), tag, data })
     }
 
-    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError> {
+    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[&[u8]]) -> Result<Received, CollectiveError> {
         let (step, k) = (tag.step as usize, tag.segment as usize);
         if from != self.left() {
             return Err(protocol(self.op, from, format!("rank {} only receives from rank {}", self.rank, self.left())));
@@ -190,27 +506,21 @@ impl Ring {
             return Err(protocol(self.op, from, format!("unexpected or repeated segment {k} of step {step}")));
         }
         let range = segment(&self.chunks[self.recv_chunk(step)], self.seg_len, k);
-        if data.len() != range.len() {
-            return Err(protocol(
-                self.op,
-                from,
-                format!("segment has {} elements, expected {}", data.len(), range.len()),
-            ));
-        }
-        let dst = &mut self.buf[range];
-        if step < self.rs_steps {
-            for (d, s) in dst.iter_mut().zip(data) {
-                *d += *s;
-            }
+        check_len(self.op, from, data, self.wire, range.len())?;
+        let answer = if step < self.rs_steps {
+            add_from(self.wire, self.acc.slice_mut(range), data);
+            Received::Done
         } else {
-            dst.copy_from_slice(data);
-        }
+            write_from(self.wire, &mut self.out.spare_capacity_mut()[range.clone()], data);
+            self.out_written += range.len();
+            if step + 1 < self.steps { Received::Keep } else { Received::Done }
+        };
         self.got[step][k] = true;
         self.received += 1;
         if step + 1 < self.steps {
             self.pending.push_back((step + 1, k));
         }
-        Ok(())
+        Ok(answer)
     }
 
     fn is_done(&self) -> bool {
@@ -219,6 +529,27 @@ impl Ring {
 
     fn waiting_on(&self) -> Vec<Rank> {
         if self.received < self.expected { vec![self.left()] } else { Vec::new() }
+    }
+
+    /// The assembled result (all-reduce, all-gather); empty until every element is in.
+    fn take_out(&mut self) -> Vec<f32> {
+        if self.world == 1 {
+            // Nothing travelled: the input, rounded to the wire format, is the result.
+            let acc = std::mem::replace(&mut self.acc, SharedF32::new(Vec::new()));
+            let mut v = acc.try_into_vec().unwrap_or_else(|a| a.slice(0..a.len()).to_vec());
+            self.wire.round(&mut v);
+            return v;
+        }
+        let n = self.acc.len();
+        if self.out_written != n || self.out.capacity() < n {
+            return Vec::new();
+        }
+        self.out_written = 0;
+        // SAFETY: every element of 0..n was written exactly once: the own chunk by
+        // `finish_own`, every other chunk's segments by `on_receive` (repeats refused),
+        // and together they cover 0..n (`out_written == n`).
+        unsafe { self.out.set_len(n) };
+        std::mem::take(&mut self.out)
     }
 }
 
@@ -232,7 +563,7 @@ struct Tree {
     early: BTreeMap<usize, Vec<f32>>,
     next_child: usize,
     got_down: bool,
-    pending: VecDeque<SendAction>,
+    pending: VecDeque<(Rank, u32)>,
     reduced: bool,
 }
 
@@ -270,10 +601,6 @@ impl Tree {
         t
     }
 
-    fn whole(&self) -> Range<usize> {
-        0..self.buf.len()
-    }
-
     /// Applies buffered children in order; when all are in, sends up or starts the broadcast.
     fn advance(&mut self) {
         while let Some(data) = self.early.remove(&self.next_child) {
@@ -287,38 +614,63 @@ impl Tree {
         }
         self.reduced = true;
         match self.parent {
-            Some((p, k)) => {
-                self.pending.push_back(SendAction { to: p, tag: ChunkTag { step: k, segment: 0 }, range: self.whole() })
-            }
+            Some((p, k)) => self.pending.push_back((p, k)),
             None => self.send_down(),
         }
     }
 
     fn send_down(&mut self) {
         for &(c, k) in self.children.iter().rev() {
-            self.pending.push_back(SendAction {
-                to: c,
-                tag: ChunkTag { step: DOWN + k, segment: 0 },
-                range: self.whole(),
-            });
+            self.pending.push_back((c, DOWN + k));
         }
+    }
+
+    fn poll_send(&mut self) -> Option<SendAction> {
+        let (to, step) = self.pending.pop_front()?;
+        Some(SendAction { to, tag: ChunkTag { step, segment: 0 }, data: SendData::Bytes(bytes_of_f32(&self.buf)) })
+    }
+
+    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[&[u8]]) -> Result<Received, CollectiveError> {
+        check_len("all_reduce", from, data, Compression::None, self.buf.len())?;
+        if tag.step >= DOWN {
+            if self.parent.map(|p| p.0) != Some(from) || self.got_down || !self.reduced {
+                return Err(protocol("all_reduce", from, "unexpected result from the tree".into()));
+            }
+            copy_from(&mut self.buf, data);
+            self.got_down = true;
+            self.send_down();
+            return Ok(Received::Done);
+        }
+        let Some(i) = self.children.iter().position(|&(c, k)| c == from && k == tag.step) else {
+            return Err(protocol(
+                "all_reduce",
+                from,
+                format!("rank {} is not a child of rank {} at level {}", from, self.rank, tag.step),
+            ));
+        };
+        if i < self.next_child || self.early.contains_key(&i) {
+            return Err(protocol("all_reduce", from, "repeated partial sum".into()));
+        }
+        self.early.insert(i, f32s_of(data));
+        self.advance();
+        Ok(Received::Done)
     }
 }
 
 /// The [`Machine`] methods of a machine that is a [`Ring`] in field `ring`.
 macro_rules! ring_machine {
     () => {
+        fn wire_dtype(&self) -> DType {
+            self.ring.wire.dtype()
+        }
         fn poll_send(&mut self) -> Option<SendAction> {
             self.ring.poll_send()
         }
-        fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError> {
+        fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[&[u8]]) -> Result<Received, CollectiveError> {
             self.ring.on_receive(from, tag, data)
         }
         fn is_done(&self) -> bool {
             self.ring.is_done()
-        }
-        fn buffer(&self) -> &[f32] {
-            &self.ring.buf
         }
         fn waiting_on(&self) -> Vec<Rank> {
             self.ring.waiting_on()
@@ -357,17 +709,32 @@ impl AllReduce {
         algorithm: Algorithm,
         seg_len: usize,
     ) -> Result<Self, CollectiveError> {
+        Self::compressed(rank, world, buf, op, algorithm, seg_len, Compression::None)
+    }
+
+    /// As [`AllReduce::new`], with values travelling in the `wire` format (see
+    /// [`Compression`]). A compressed all-reduce always runs the ring.
+    pub fn compressed(
+        rank: Rank,
+        world: usize,
+        buf: Vec<f32>,
+        op: ReduceOp,
+        algorithm: Algorithm,
+        seg_len: usize,
+        wire: Compression,
+    ) -> Result<Self, CollectiveError> {
         check_world("all_reduce", rank, world)?;
-        let tree = match algorithm {
-            Algorithm::Tree => true,
-            Algorithm::Ring => false,
-            Algorithm::Auto => buf.len() * 4 <= TREE_BYTES_MAX_DEFAULT,
-        };
+        let tree = wire == Compression::None
+            && match algorithm {
+                Algorithm::Tree => true,
+                Algorithm::Ring => false,
+                Algorithm::Auto => buf.len() * 4 <= TREE_BYTES_MAX_DEFAULT,
+            };
         let inner = if tree {
             AllReduceInner::Tree(Tree::new(rank, world, buf))
         } else {
             let chunks = even_ranges(buf.len(), world);
-            AllReduceInner::Ring(Ring::new("all_reduce", RingMode::AllReduce, rank, world, buf, chunks, seg_len))
+            AllReduceInner::Ring(Ring::new("all_reduce", RingMode::AllReduce, rank, world, buf, chunks, seg_len, wire))
         };
         Ok(Self { inner, op, world })
     }
@@ -383,47 +750,24 @@ impl Machine for AllReduce {
         "all_reduce"
     }
 
-    fn poll_send(&mut self) -> Option<SendAction> {
-        match &mut self.inner {
-            AllReduceInner::Ring(r) => r.poll_send(),
-            AllReduceInner::Tree(t) => t.pending.pop_front(),
+    fn wire_dtype(&self) -> DType {
+        match &self.inner {
+            AllReduceInner::Ring(r) => r.wire.dtype(),
+            AllReduceInner::Tree(_) => DType::F32,
         }
     }
 
-    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError> {
+    fn poll_send(&mut self) -> Option<SendAction> {
+        match &mut self.inner {
+            AllReduceInner::Ring(r) => r.poll_send(),
+            AllReduceInner::Tree(t) => t.poll_send(),
+        }
+    }
+
+    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[&[u8]]) -> Result<Received, CollectiveError> {
         match &mut self.inner {
             AllReduceInner::Ring(r) => r.on_receive(from, tag, data),
-            AllReduceInner::Tree(t) => {
-                if data.len() != t.buf.len() {
-                    return Err(protocol(
-                        "all_reduce",
-                        from,
-                        format!("{} elements, expected {}", data.len(), t.buf.len()),
-                    ));
-                }
-                if tag.step >= DOWN {
-                    if t.parent.map(|p| p.0) != Some(from) || t.got_down || !t.reduced {
-                        return Err(protocol("all_reduce", from, "unexpected result from the tree".into()));
-                    }
-                    t.buf.copy_from_slice(data);
-                    t.got_down = true;
-                    t.send_down();
-                    return Ok(());
-                }
-                let Some(i) = t.children.iter().position(|&(c, k)| c == from && k == tag.step) else {
-                    return Err(protocol(
-                        "all_reduce",
-                        from,
-                        format!("rank {} is not a child of rank {} at level {}", from, t.rank, tag.step),
-                    ));
-                };
-                if i < t.next_child || t.early.contains_key(&i) {
-                    return Err(protocol("all_reduce", from, "repeated partial sum".into()));
-                }
-                t.early.insert(i, data.to_vec());
-                t.advance();
-                Ok(())
-            }
+            AllReduceInner::Tree(t) => t.on_receive(from, tag, data),
         }
     }
 
@@ -431,13 +775,6 @@ impl Machine for AllReduce {
         match &self.inner {
             AllReduceInner::Ring(r) => r.is_done(),
             AllReduceInner::Tree(t) => t.reduced && t.pending.is_empty() && (t.parent.is_none() || t.got_down),
-        }
-    }
-
-    fn buffer(&self) -> &[f32] {
-        match &self.inner {
-            AllReduceInner::Ring(r) => &r.buf,
-            AllReduceInner::Tree(t) => &t.buf,
         }
     }
 
@@ -456,7 +793,7 @@ impl Machine for AllReduce {
 
     fn take_result(&mut self) -> Vec<f32> {
         let out = match &mut self.inner {
-            AllReduceInner::Ring(r) => std::mem::take(&mut r.buf),
+            AllReduceInner::Ring(r) => r.take_out(),
             AllReduceInner::Tree(t) => std::mem::take(&mut t.buf),
         };
         finish_mean(self.op, self.world, out)
@@ -474,7 +811,9 @@ impl ReduceScatter {
     pub fn new(rank: Rank, world: usize, buf: Vec<f32>, op: ReduceOp, seg_len: usize) -> Result<Self, CollectiveError> {
         check_world("reduce_scatter", rank, world)?;
         let chunks = even_ranges(buf.len(), world);
-        Ok(Self { ring: Ring::new("reduce_scatter", RingMode::ReduceScatter, rank, world, buf, chunks, seg_len), op })
+        let ring =
+            Ring::new("reduce_scatter", RingMode::ReduceScatter, rank, world, buf, chunks, seg_len, Compression::None);
+        Ok(Self { ring, op })
     }
 }
 
@@ -485,7 +824,7 @@ impl Machine for ReduceScatter {
     ring_machine!();
     fn take_result(&mut self) -> Vec<f32> {
         let mine = self.ring.chunks[self.ring.rank].clone();
-        finish_mean(self.op, self.ring.world, self.ring.buf[mine].to_vec())
+        finish_mean(self.op, self.ring.world, self.ring.acc.slice(mine).to_vec())
     }
 }
 
@@ -503,7 +842,9 @@ impl AllGather {
         let mut buf = vec![0.0; m * world];
         buf[rank * m..(rank + 1) * m].copy_from_slice(mine);
         let chunks = (0..world).map(|b| b * m..(b + 1) * m).collect();
-        Ok(Self { ring: Ring::new("all_gather", RingMode::AllGather, rank, world, buf, chunks, seg_len) })
+        Ok(Self {
+            ring: Ring::new("all_gather", RingMode::AllGather, rank, world, buf, chunks, seg_len, Compression::None),
+        })
     }
 }
 
@@ -513,12 +854,12 @@ impl Machine for AllGather {
     }
     ring_machine!();
     fn take_result(&mut self) -> Vec<f32> {
-        std::mem::take(&mut self.ring.buf)
+        self.ring.take_out()
     }
 }
 
 /// Broadcast from `root` along a pipelined chain `root, root+1, ...`: each rank forwards
-/// a segment as soon as it has it.
+/// a segment, as it arrived, as soon as it has it.
 pub struct Broadcast {
     buf: Vec<f32>,
     seg_len: usize,
@@ -562,39 +903,32 @@ impl Machine for Broadcast {
     fn poll_send(&mut self) -> Option<SendAction> {
         let k = self.pending.pop_front()?;
         self.sends_left -= 1;
-        let range = segment(&(0..self.buf.len()), self.seg_len, k);
-        Some(SendAction {
-            to: self.next.expect("only ranks with a successor queue sends"),
-            tag: ChunkTag { step: 0, segment: k as u32 },
-            range,
-        })
+        let tag = ChunkTag { step: 0, segment: k as u32 };
+        let data = if self.prev.is_some() {
+            SendData::Forward(tag)
+        } else {
+            SendData::Bytes(bytes_of_f32(&self.buf[segment(&(0..self.buf.len()), self.seg_len, k)]))
+        };
+        Some(SendAction { to: self.next.expect("only ranks with a successor queue sends"), tag, data })
     }
-    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError> {
+    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[&[u8]]) -> Result<Received, CollectiveError> {
         let k = tag.segment as usize;
         if Some(from) != self.prev || tag.step != 0 || k >= self.got.len() || self.got[k] {
             return Err(protocol("broadcast", from, format!("unexpected segment {k}")));
         }
         let range = segment(&(0..self.buf.len()), self.seg_len, k);
-        if data.len() != range.len() {
-            return Err(protocol(
-                "broadcast",
-                from,
-                format!("segment has {} elements, expected {}", data.len(), range.len()),
-            ));
-        }
-        self.buf[range].copy_from_slice(data);
+        check_len("broadcast", from, data, Compression::None, range.len())?;
+        copy_from(&mut self.buf[range], data);
         self.got[k] = true;
         self.received += 1;
         if self.next.is_some() {
             self.pending.push_back(k);
+            return Ok(Received::Keep);
         }
-        Ok(())
+        Ok(Received::Done)
     }
     fn is_done(&self) -> bool {
         self.received == self.got.len() && self.sends_left == 0
-    }
-    fn buffer(&self) -> &[f32] {
-        &self.buf
     }
     fn waiting_on(&self) -> Vec<Rank> {
         match self.prev {
@@ -633,21 +967,19 @@ impl Machine for Send {
         (self.next < self.segs).then(|| {
             let k = self.next;
             self.next += 1;
+            let range = segment(&(0..self.buf.len()), self.seg_len, k);
             SendAction {
                 to: self.to,
                 tag: ChunkTag { step: 0, segment: k as u32 },
-                range: segment(&(0..self.buf.len()), self.seg_len, k),
+                data: SendData::Bytes(bytes_of_f32(&self.buf[range])),
             }
         })
     }
-    fn on_receive(&mut self, from: Rank, _: ChunkTag, _: &[f32]) -> Result<(), CollectiveError> {
+    fn on_receive(&mut self, from: Rank, _: ChunkTag, _: &[&[u8]]) -> Result<Received, CollectiveError> {
         Err(protocol("send", from, "a sender receives nothing".into()))
     }
     fn is_done(&self) -> bool {
         self.next == self.segs
-    }
-    fn buffer(&self) -> &[f32] {
-        &self.buf
     }
     fn waiting_on(&self) -> Vec<Rank> {
         Vec::new()
@@ -687,29 +1019,20 @@ impl Machine for Recv {
     fn poll_send(&mut self) -> Option<SendAction> {
         None
     }
-    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[f32]) -> Result<(), CollectiveError> {
+    fn on_receive(&mut self, from: Rank, tag: ChunkTag, data: &[&[u8]]) -> Result<Received, CollectiveError> {
         let k = tag.segment as usize;
         if from != self.from || k >= self.got.len() || self.got[k] {
             return Err(protocol("recv", from, format!("unexpected segment {k}")));
         }
         let range = segment(&(0..self.buf.len()), self.seg_len, k);
-        if data.len() != range.len() {
-            return Err(protocol(
-                "recv",
-                from,
-                format!("segment has {} elements, expected {}", data.len(), range.len()),
-            ));
-        }
-        self.buf[range].copy_from_slice(data);
+        check_len("recv", from, data, Compression::None, range.len())?;
+        copy_from(&mut self.buf[range], data);
         self.got[k] = true;
         self.received += 1;
-        Ok(())
+        Ok(Received::Done)
     }
     fn is_done(&self) -> bool {
         self.received == self.got.len()
-    }
-    fn buffer(&self) -> &[f32] {
-        &self.buf
     }
     fn waiting_on(&self) -> Vec<Rank> {
         if self.is_done() { Vec::new() } else { vec![self.from] }

@@ -117,8 +117,7 @@ impl Node {
             aborted: false,
         };
         let addr = actor.start();
-        let (ep, node, io) = (endpoint.clone(), addr.clone(), addr.clone());
-        let _ = io;
+        let (ep, node) = (endpoint.clone(), addr.clone());
         actix::spawn(accept_loop(ep, node, router.clone()));
         tracing::info!("node {} listening on {local}", info.name);
         Ok(NodeHandle { addr, router, info, local, config })
@@ -746,7 +745,7 @@ async fn serve_operator(
 
 /// Answers one operator request: the status, or a call to a service.
 async fn answer_operator(name: &str, node: &Addr<NodeActor>, router: &Router, frame: Frame) -> (Body, Vec<f32>) {
-    let Frame { header, payload, charge } = frame;
+    let Frame { header, payload, charge, .. } = frame;
     let body = match header.body {
         Body::StatusRequest => match node.send(StatusQuery).await {
             Ok(records) => Body::Members(records),

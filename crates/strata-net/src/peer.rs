@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
-use strata_tensor::HostTensor;
+use strata_tensor::{DType, HostTensor};
 use strata_wire::{Body, ChunkTag, Event, FrameDecoder, Header, Limits, TensorMeta, WireError, frame_header_bytes};
 
 use crate::NetError;
 use crate::budget::{Charge, FRAME_OVERHEAD_BYTES, OverBudget, PeerBudget};
+use crate::buffers::Payload;
 use crate::node::{Heard, NodeActor, PeerClosed, PeerLeft, StatusQuery};
 use crate::router::{ChunkMessage, Delivery, Router, TensorMessage};
 
@@ -56,13 +57,23 @@ impl std::fmt::Display for ReadFrameError {
     }
 }
 
-/// One frame read from a stream: the header, the payload as f32 elements, and the
-/// memory it holds against its peer's budget.
+/// One frame read from a stream: the header, the payload, and the memory it holds
+/// against its peer's budget. Collective chunks keep their payload as it arrived
+/// (`pieces`); every other frame's payload is copied into f32 elements (`payload`).
 pub(crate) struct Frame {
     pub(crate) header: Header,
     pub(crate) payload: Vec<f32>,
+    pub(crate) pieces: Payload,
     pub(crate) charge: Charge,
 }
+
+/// Chunk payload pieces at least this long are kept as the transport delivered them;
+/// shorter ones are copied, so that a peer cannot pin a whole datagram buffer with a
+/// few bytes.
+const PIECE_KEPT_BYTES_MIN: usize = 16 << 10;
+/// What a kept piece is charged at least: the datagram buffer it keeps alive (quinn
+/// allocates one per received datagram, at most 64 KiB).
+const PIECE_CHARGE_BYTES_MIN: u64 = 64 << 10;
 
 /// Reads one frame from `recv`; `None` if the stream ended before any byte. Payload
 /// memory is charged to `budget` as the data arrives; every read waits at most `idle`.
@@ -80,6 +91,10 @@ pub(crate) async fn read_frame(
     let mut declared = 0u64;
     let mut payload: Vec<f32> = Vec::new();
     let mut filled = 0usize;
+    // Chunk frames: the kept pieces, and short pieces gathered into `small`.
+    let mut chunk_frame = false;
+    let mut pieces = Payload::new();
+    let mut small: Vec<u8> = Vec::new();
     let mut charge = Charge::new(budget);
     loop {
         let chunk = tokio::time::timeout(idle, recv.read_chunk(1 << 20, true))
@@ -99,7 +114,8 @@ pub(crate) async fn read_frame(
             rest = &rest[used..];
             match ev {
                 Some(Event::Header(h)) => {
-                    if h.payload_bytes % 4 != 0 {
+                    chunk_frame = matches!(h.body, Body::Chunk { .. });
+                    if !chunk_frame && h.payload_bytes % 4 != 0 {
                         return Err(ReadFrameError::Wire(WireError::Malformed(format!(
                             "payload of {} bytes is not whole 4-byte elements",
                             h.payload_bytes
@@ -107,11 +123,30 @@ pub(crate) async fn read_frame(
                     }
                     declared = h.payload_bytes;
                     charge.grow(FRAME_OVERHEAD_BYTES).map_err(over)?;
-                    // Capacity only: zero-filling a buffer that is about to be overwritten
-                    // costs as much as the copy itself.
-                    payload = crate::buffers::take_f32((declared.min(PREALLOC_BYTES_MAX) / 4) as usize);
-                    charge.grow(payload.capacity() as u64 * 4).map_err(over)?;
+                    if !chunk_frame {
+                        // Capacity only: zero-filling a buffer that is about to be
+                        // overwritten costs as much as the copy itself.
+                        payload = crate::buffers::take_f32((declared.min(PREALLOC_BYTES_MAX) / 4) as usize);
+                        charge.grow(payload.capacity() as u64 * 4).map_err(over)?;
+                    }
                     header = Some(h);
+                }
+                Some(Event::Payload(p)) if chunk_frame => {
+                    if p.len() >= PIECE_KEPT_BYTES_MIN {
+                        charge.grow((p.len() as u64).max(PIECE_CHARGE_BYTES_MIN)).map_err(over)?;
+                        if !small.is_empty() {
+                            pieces.push(bytes::Bytes::from(std::mem::take(&mut small)));
+                        }
+                        pieces.push(chunk.bytes.slice_ref(p));
+                    } else {
+                        let need = small.len() + p.len();
+                        if need > small.capacity() {
+                            let cap = (need as u64).max(small.capacity() as u64 * 2).min(declared) as usize;
+                            charge.grow((cap - small.capacity()) as u64).map_err(over)?;
+                            small.reserve_exact(cap - small.len());
+                        }
+                        small.extend_from_slice(p);
+                    }
                 }
                 Some(Event::Payload(p)) => {
                     let need = filled + p.len();
@@ -149,12 +184,15 @@ pub(crate) async fn read_frame(
                 Some(Event::End) => {
                     let h = header.take().expect("a frame ends after its header");
                     // SAFETY: the decoder delivered exactly `payload_bytes` bytes, all copied
-                    // into the capacity above.
+                    // into the capacity above (none for chunk frames).
                     unsafe { payload.set_len(filled / 4) };
+                    if !small.is_empty() {
+                        pieces.push(bytes::Bytes::from(std::mem::take(&mut small)));
+                    }
                     if !rest.is_empty() {
                         return Err(ReadFrameError::Wire(WireError::Malformed("bytes after the frame".into())));
                     }
-                    return Ok(Some(Frame { header: h, payload, charge }));
+                    return Ok(Some(Frame { header: h, payload, pieces, charge }));
                 }
                 None if used == 0 => break,
                 None => {}
@@ -280,16 +318,21 @@ impl PeerLink {
     /// as it is, without another copy. Waits at most the request timeout for a stream
     /// and for flow-control credit: a peer that grants neither makes this fail, not hang.
     pub async fn send_owned(&self, body: Body, payload: bytes::Bytes) -> Result<(), NetError> {
+        self.send_payload(body, Payload::from(payload)).await
+    }
+
+    /// Sends one message whose payload is `payload`'s pieces, in order, without a copy.
+    pub async fn send_payload(&self, body: Body, payload: Payload) -> Result<(), NetError> {
         let what = body.name();
         let _pending = Pending::new(&self.sending);
         let header = Header::new(body, payload.len() as u64);
         let head = frame_header_bytes(&header).map_err(|e| self.lost(e))?;
+        let mut pieces = Vec::with_capacity(payload.pieces().len() + 1);
+        pieces.push(bytes::Bytes::from(head));
+        pieces.extend(payload.into_pieces());
         let fut = async {
             let mut s = self.conn.open_uni().await.map_err(|e| self.lost(e))?;
-            s.write_all(&head).await.map_err(|e| self.lost(e))?;
-            if !payload.is_empty() {
-                s.write_chunk(payload).await.map_err(|e| self.lost(e))?;
-            }
+            s.write_all_chunks(&mut pieces).await.map_err(|e| self.lost(e))?;
             s.finish().map_err(|e| self.lost(e))?;
             Ok::<_, NetError>(s)
         };
@@ -322,13 +365,20 @@ impl PeerLink {
 
     /// Sends a segment of collective operation `op`.
     pub async fn send_chunk(&self, op: u64, tag: ChunkTag, data: &[f32]) -> Result<(), NetError> {
-        self.send_chunk_owned(op, tag, crate::buffers::bytes_of_f32(data)).await
+        self.send_chunk_payload(op, tag, DType::F32, crate::buffers::bytes_of_f32(data).into()).await
     }
 
-    /// Sends a segment of collective operation `op` from little-endian f32 bytes.
-    pub async fn send_chunk_owned(&self, op: u64, tag: ChunkTag, data: bytes::Bytes) -> Result<(), NetError> {
-        let body = Body::Chunk { op, tag, dtype: strata_tensor::DType::F32, len: (data.len() / 4) as u32 };
-        self.send_owned(body, data).await
+    /// Sends a segment of collective operation `op` whose elements of `dtype` are the
+    /// little-endian bytes of `data`'s pieces.
+    pub async fn send_chunk_payload(
+        &self,
+        op: u64,
+        tag: ChunkTag,
+        dtype: DType,
+        data: Payload,
+    ) -> Result<(), NetError> {
+        let body = Body::Chunk { op, tag, dtype, len: (data.len() / dtype.size_bytes()) as u32 };
+        self.send_payload(body, data).await
     }
 
     /// Sends a request and waits (up to the request timeout) for the answer.
@@ -385,7 +435,7 @@ impl PeerLink {
 
     /// Sends a tensor to mailbox `mailbox` on the peer and waits for its acknowledgement.
     pub async fn send_tensor(&self, mailbox: &str, tag: u64, tensor: &HostTensor<f32>) -> Result<(), NetError> {
-        let meta = TensorMeta { dtype: strata_tensor::DType::F32, shape: tensor.shape().clone() };
+        let meta = TensorMeta { dtype: DType::F32, shape: tensor.shape().clone() };
         let body = Body::Tensor { mailbox: mailbox.to_string(), tag, meta };
         let (answer, _) = self.request(body, bytemuck::cast_slice(tensor.data())).await?;
         match answer.body {
@@ -527,7 +577,7 @@ async fn handle_one_way(
     router: &Router,
     frame: Frame,
 ) -> Result<(), OneWayError> {
-    let Frame { header, payload, charge } = frame;
+    let Frame { header, pieces, charge, .. } = frame;
     let deliver = |d: Delivery| match d {
         Delivery::Delivered | Delivery::Dropped => Ok(()),
         Delivery::OverBudget(m) => Err(OneWayError::OverBudget(m)),
@@ -544,10 +594,10 @@ async fn handle_one_way(
             Ok(())
         }
         Body::Chunk { op, tag, dtype, .. } => {
-            if dtype != strata_tensor::DType::F32 {
+            if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
                 return Err(OneWayError::Refused(format!("chunks of dtype {dtype} are not supported")));
             }
-            let msg = ChunkMessage::Data { from: link.name.to_string(), tag, data: payload, charge };
+            let msg = ChunkMessage::Data { from: link.name.to_string(), tag, dtype, data: pieces, charge };
             deliver(router.deliver_chunk(op, &link.name, msg, link.request_timeout).await)
         }
         Body::Abort { op, message } => {
@@ -607,14 +657,14 @@ pub(crate) async fn answer_request(
     router: &Router,
     frame: Frame,
 ) -> (Body, Vec<f32>) {
-    let Frame { header, payload, charge } = frame;
+    let Frame { header, payload, charge, .. } = frame;
     let body = match header.body {
         Body::StatusRequest => match node.send(StatusQuery).await {
             Ok(records) => Body::Members(records),
             Err(_) => Body::Error { message: "the node is shutting down".into() },
         },
         Body::Tensor { mailbox, tag, meta } => {
-            if meta.dtype != strata_tensor::DType::F32 {
+            if meta.dtype != DType::F32 {
                 Body::Error { message: format!("tensors of dtype {} are not supported", meta.dtype) }
             } else {
                 match HostTensor::new(meta.shape, payload) {

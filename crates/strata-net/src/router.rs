@@ -5,11 +5,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use strata_tensor::HostTensor;
+use strata_tensor::{DType, HostTensor};
 use strata_wire::ChunkTag;
 use tokio::sync::mpsc;
 
 use crate::budget::Charge;
+use crate::buffers::Payload;
 
 /// A tensor that arrived for a mailbox.
 #[derive(Debug)]
@@ -34,8 +35,10 @@ pub enum ChunkMessage {
         from: String,
         /// Position in the algorithm.
         tag: ChunkTag,
-        /// Elements.
-        data: Vec<f32>,
+        /// Element type on the wire.
+        dtype: DType,
+        /// The elements' little-endian bytes, as they arrived.
+        data: Payload,
         /// The elements' bytes, charged to the sender's budget until dropped.
         charge: Charge,
     },
@@ -307,7 +310,14 @@ mod tests {
     fn data(from: &str, budget: &std::sync::Arc<PeerBudget>, len: usize) -> ChunkMessage {
         let mut charge = Charge::new(budget);
         charge.grow(len as u64 * 4).unwrap();
-        ChunkMessage::Data { from: from.into(), tag: ChunkTag { step: 0, segment: 0 }, data: vec![0.0; len], charge }
+        let tag = ChunkTag { step: 0, segment: 0 };
+        ChunkMessage::Data {
+            from: from.into(),
+            tag,
+            dtype: DType::F32,
+            data: Payload::from_f32(&vec![0.0; len]),
+            charge,
+        }
     }
 
     #[tokio::test]

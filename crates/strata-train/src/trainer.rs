@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_collective::{Group, ReduceOp};
+use strata_collective::{Compression, Group, ReduceOp};
 use strata_gpu::{GpuHandle, TensorId};
 use strata_nn::checkpoint::{self, Checkpoint, TrainState};
 use strata_nn::data::{Batch, Dataset, DistributedSampler, Loader};
@@ -42,6 +42,9 @@ pub struct TrainConfig {
     pub bucket_bytes: usize,
     /// Batches the loader prepares ahead.
     pub prefetch: usize,
+    /// Gradient buckets on the wire as bf16 or fp16, with error feedback: what rounding
+    /// drops from a bucket on this rank is added to the same bucket at the next step.
+    pub compression: Compression,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +61,7 @@ impl Default for TrainConfig {
             eval_batch: 250,
             bucket_bytes: strata_nn::BUCKET_BYTES_DEFAULT,
             prefetch: 4,
+            compression: Compression::None,
         }
     }
 }
@@ -135,6 +139,21 @@ pub struct Trainer {
     /// (a step at a new size builds new programs, so it is not measured).
     window: Throughput,
     last_samples: usize,
+    /// Per gradient bucket, what compression's rounding dropped last step (this rank's).
+    residuals: Vec<Vec<f32>>,
+}
+
+/// Error feedback for one bucket: adds the residual of the previous step to `x` and
+/// keeps what rounding `x` to `wire` will drop (the all-reduce rounds each rank's input).
+fn error_feedback(wire: Compression, x: &mut [f32], residual: &mut Vec<f32>) {
+    if residual.len() != x.len() {
+        *residual = vec![0.0; x.len()];
+    }
+    for (v, r) in x.iter_mut().zip(residual.iter_mut()) {
+        let s = *v + *r;
+        *r = s - wire.round_one(s);
+        *v = s;
+    }
 }
 
 /// What one pass over (part of) an epoch's data gave on this rank.
@@ -247,6 +266,7 @@ impl Trainer {
             balancer,
             window: Throughput::default(),
             last_samples: 0,
+            residuals: Vec::new(),
         };
         t.initialise().await?;
         Ok(t)
@@ -434,7 +454,15 @@ impl Trainer {
             let op = reduce_op(weight);
             gpu.run(first).await?;
             let mut flat = self.download_many(vec![model.buckets[0].flat]).await?.remove(0).into_data();
-            for k in 0..model.buckets.len() {
+            let wire = self.config.compression;
+            let mut residuals = std::mem::take(&mut self.residuals);
+            residuals.resize_with(model.buckets.len(), Vec::new);
+            for (k, residual) in residuals.iter_mut().enumerate() {
+                // Weighted first: the residual is what the wire drops of what is sent.
+                flat = weigh(std::mem::take(&mut flat), weight);
+                if wire != Compression::None {
+                    error_feedback(wire, &mut flat, residual);
+                }
                 let next = segments.next();
                 let next_bucket = model.buckets.get(k + 1).map(|b| b.flat);
                 // The GPU works on the next segment while this bucket crosses the network.
@@ -449,7 +477,7 @@ impl Trainer {
                     }
                 };
                 let comm_part = async {
-                    let r = group.all_reduce(weigh(std::mem::take(&mut flat), weight), op).await;
+                    let r = group.all_reduce_compressed(std::mem::take(&mut flat), op, wire).await;
                     (r, Instant::now())
                 };
                 let (gpu_result, (reduced, comm_done)) = tokio::join!(gpu_part, comm_part);
@@ -465,6 +493,7 @@ impl Trainer {
                     flat = f;
                 }
             }
+            self.residuals = residuals;
         } else {
             first.extend(segments.flatten());
             gpu.run(first).await?;

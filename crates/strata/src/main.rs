@@ -202,6 +202,9 @@ enum WorkerCommand {
         /// All-reduce the largest size until stopped.
         #[arg(long)]
         forever: bool,
+        /// Wire formats to time after f32, comma-separated: bf16, fp16 (none: only f32).
+        #[arg(long, value_delimiter = ',', default_value = "none")]
+        compress: Vec<strata::collective::Compression>,
     },
     /// Time all-reduces over the plaintext TCP ring (the benchmark's reference).
     TcpAllreduce {
@@ -318,6 +321,10 @@ enum BenchCommand {
         /// Python with PyTorch for the gloo reference ("" skips it).
         #[arg(long, env = "STRATA_PYTHON", default_value = "python3")]
         python: String,
+        /// Compressed all-reduces measured besides f32, comma-separated: bf16, fp16 (none:
+        /// only f32); their busBW counts f32 bytes.
+        #[arg(long, value_delimiter = ',', default_value = "bf16")]
+        compress: Vec<strata::collective::Compression>,
     },
 }
 
@@ -375,20 +382,19 @@ fn main() -> Result<()> {
         Command::Bench { what: BenchCommand::Kernels { json, iters, filter } } => {
             bench_kernels(&cli.device, *json, *iters, filter.clone())
         }
-        Command::Bench { what: BenchCommand::Allreduce { json, worlds, sizes, iters, python } } => {
+        Command::Bench { what: BenchCommand::Allreduce { json, worlds, sizes, iters, python, compress } } => {
             let opts = bench::allreduce::AllReduceBench {
                 worlds: worlds.clone(),
                 sizes_mib: sizes.clone(),
                 iters: *iters,
                 python: python.clone(),
+                compress: compress.clone(),
             };
             print_figures(*json, |on| {
-                let line = bench::allreduce::run(&opts, on)?.references_line();
+                let report = bench::allreduce::run(&opts, on)?;
                 // On stderr with --json, so stdout stays one figure per line.
-                if *json {
-                    eprintln!("{line}")
-                } else {
-                    println!("{line}")
+                for line in report.cpu_lines().into_iter().chain([report.references_line()]) {
+                    if *json { eprintln!("{line}") } else { println!("{line}") }
                 }
                 Ok(())
             })
@@ -442,9 +448,14 @@ fn main() -> Result<()> {
         Command::Cancel { op, id } => actix::System::new().block_on(strata::cli::tasks::cancel(op, *id)),
         Command::Cert { dir, cluster, operators, names } => cert(dir, cluster, operators, names),
         Command::Status { node, cert_dir, as_name, json } => status(node, cert_dir.as_deref(), as_name, *json),
-        Command::Worker { what: WorkerCommand::Allreduce { node, sizes, iters, forever } } => {
+        Command::Worker { what: WorkerCommand::Allreduce { node, sizes, iters, forever, compress } } => {
             let config = node.config()?;
-            let plan = bench::allreduce::WorkerPlan { sizes_mib: sizes.clone(), iters: *iters, forever: *forever };
+            let plan = bench::allreduce::WorkerPlan {
+                sizes_mib: sizes.clone(),
+                iters: *iters,
+                forever: *forever,
+                compress: compress.clone(),
+            };
             actix::System::new().block_on(bench::allreduce::worker(config, plan))
         }
         Command::Worker { what: WorkerCommand::TcpAllreduce { sizes, iters } } => {
@@ -452,6 +463,7 @@ fn main() -> Result<()> {
                 sizes_mib: sizes.clone(),
                 iters: *iters,
                 forever: false,
+                compress: Vec::new(),
             })
         }
     }

@@ -78,6 +78,10 @@ pub struct TrainArgs {
     /// Compare replica checksums every N steps (0: never).
     #[arg(long, default_value_t = 50)]
     pub checksum_every: u64,
+    /// Gradients on the wire as bf16 or fp16 (half the bytes), with error feedback; none
+    /// keeps f32.
+    #[arg(long, default_value = "none")]
+    pub compress: strata_collective::Compression,
     /// Stop after this many steps of the first epoch and report throughput (benchmark).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub bench_steps: Option<u64>,
@@ -227,6 +231,7 @@ async fn train_on(
         checkpoint_dir: args.checkpoint_dir.clone(),
         resume: args.resume,
         checksum_every: args.checksum_every,
+        compression: args.compress,
         ..Default::default()
     };
     let mut trainer = Trainer::new(gpu.clone(), group, spec, config).await?;

@@ -7,7 +7,7 @@
 //! thread (frames to the right) and a receiver thread (frames from the left); the
 //! caller's thread adds, as the QUIC driver's task does.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use socket2::{Domain, Socket, Type};
-use strata_collective::{Algorithm, AllReduce, GroupOptions, Machine, Rank, ReduceOp};
+use strata_collective::{Algorithm, AllReduce, GroupOptions, Machine, Rank, Received, ReduceOp, SendData};
 use strata_wire::ChunkTag;
 
-use super::allreduce::{WorkerPlan, WorkerReport, tuned_options};
+use super::allreduce::{WorkerPlan, WorkerReport, process_cpu_seconds, tuned_options};
 
 /// Frame header: operation number, step, segment, element count (u32 little-endian each).
 const HEADER: usize = 16;
@@ -208,15 +208,32 @@ impl TcpRing {
         self.op = self.op.wrapping_add(1);
         let mut stashed = std::mem::take(&mut self.early);
         let mut in_flight = 0;
+        // Received segments the machine forwards later (the all-gather's).
+        let mut kept: HashMap<ChunkTag, (Vec<f32>, usize)> = HashMap::new();
         loop {
             while in_flight < self.options.sends_in_flight_max.max(1) {
                 let Some(a) = m.poll_send() else { break };
                 let mut frame = self.spare.pop().unwrap_or_default();
                 frame.clear();
-                for v in [op, a.tag.step, a.tag.segment, a.range.len() as u32] {
-                    frame.extend_from_slice(&v.to_le_bytes());
+                let forwarded = match &a.data {
+                    SendData::Bytes(_) => None,
+                    SendData::Forward(tag) => Some(
+                        kept.remove(tag)
+                            .ok_or_else(|| anyhow!("all_reduce on rank {rank}: nothing kept for {tag:?}"))?,
+                    ),
+                };
+                let data: &[u8] = match (&a.data, &forwarded) {
+                    (_, Some((v, len))) => bytemuck::cast_slice(&v[..*len]),
+                    (SendData::Bytes(b), None) => b,
+                    (SendData::Forward(_), None) => unreachable!("a forward without data failed above"),
+                };
+                for w in [op, a.tag.step, a.tag.segment, (data.len() / 4) as u32] {
+                    frame.extend_from_slice(&w.to_le_bytes());
                 }
-                frame.extend_from_slice(bytemuck::cast_slice(&m.buffer()[a.range]));
+                frame.extend_from_slice(data);
+                if let Some((v, _)) = forwarded {
+                    let _ = self.recycle.send(v);
+                }
                 self.to_right
                     .send(frame)
                     .map_err(|_| anyhow!("all_reduce on rank {rank}: the sender thread stopped"))?;
@@ -252,8 +269,14 @@ impl TcpRing {
                     if got != op {
                         bail!("all_reduce on rank {rank}: rank {left} sent a frame of operation {got} during {op}");
                     }
-                    m.on_receive(left, tag, &data[..len])?;
-                    let _ = self.recycle.send(data);
+                    match m.on_receive(left, tag, &[bytemuck::cast_slice(&data[..len])])? {
+                        Received::Keep => {
+                            kept.insert(tag, (data, len));
+                        }
+                        Received::Done => {
+                            let _ = self.recycle.send(data);
+                        }
+                    }
                 }
                 Event::Closed => self.left_closed = true,
                 Event::Failed(why) => bail!("all_reduce on rank {rank}: {why}"),
@@ -371,11 +394,15 @@ pub fn worker(plan: &WorkerPlan) -> Result<()> {
         let mut buf = Some(vec![(rank + 1) as f32; len]);
         let want = (world * (world + 1) / 2) as f32;
         let mut times = Vec::with_capacity(plan.iters);
+        let mut cpu = 0.0;
         for i in 0..plan.iters + 2 {
             ring.all_reduce(vec![0.0])?;
-            let start = Instant::now();
+            let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
             let out = ring.all_reduce(buf.take().expect("buffer returned"))?;
             let t = start.elapsed().as_secs_f64();
+            if i >= 2 {
+                cpu += process_cpu_seconds() - cpu_start;
+            }
             if i == 0 {
                 if let Some(p) = out.iter().position(|v| *v != want) {
                     bail!(
@@ -390,7 +417,12 @@ pub fn worker(plan: &WorkerPlan) -> Result<()> {
         }
         times.sort_by(f64::total_cmp);
         if rank == 0 {
-            let report = WorkerReport::AllReduce { bytes: len * 4, seconds: times[times.len() / 2] };
+            let report = WorkerReport::AllReduce {
+                bytes: len * 4,
+                seconds: times[times.len() / 2],
+                compression: None,
+                cpu_seconds: Some(cpu / plan.iters as f64),
+            };
             println!("{}", serde_json::to_string(&report)?);
         }
     }
