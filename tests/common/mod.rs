@@ -43,6 +43,15 @@ pub fn both_gemm_kernels(kernels: &[GemmKernel], require: bool) -> Result<bool, 
     Ok(false)
 }
 
+/// Options for tests that compare training runs bitwise or to tight tolerances: the
+/// convolution algorithm is pinned to im2col, because `ConvAlgo::Auto` times each device
+/// handle and batch size on its own and may choose Winograd for one run and not the
+/// other (different rounding; Adam turns it into parameter differences up to its
+/// learning rate). The kernel tests hold Winograd to the CPU reference.
+pub fn pinned_gpu_options() -> GpuOptions {
+    GpuOptions { conv_algo: Some(strata_gpu::ConvAlgo::Im2col), ..GpuOptions::from_env() }
+}
+
 /// The default test device.
 pub fn gpu() -> Option<Gpu> {
     gpu_with(None)
@@ -95,4 +104,27 @@ pub fn init_logging() {
                 .try_init();
         }
     });
+}
+
+/// Joins futures concurrently, preserving order.
+pub async fn futures_join<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let futs: Vec<_> = futs.into_iter().collect();
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut outs: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..set.len()).collect();
+    std::future::poll_fn(|cx| {
+        pending.retain(|&i| match set[i].as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => {
+                outs[i] = Some(v);
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        if pending.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    outs.into_iter().map(|o| o.expect("all polled to completion")).collect()
 }

@@ -8,6 +8,7 @@ use strata_tensor::shard::even_ranges;
 use strata_tensor::{HostTensor, SplitMix64};
 
 use super::helpers::{cluster, groups};
+use crate::common::futures_join;
 
 fn inputs(world: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {
     let mut rng = SplitMix64(seed);
@@ -138,29 +139,6 @@ async fn a_vanished_node_is_detected_and_fails_collectives_naming_it() {
     .await
     .unwrap();
     assert_eq!(failed, "node-2");
-}
-
-/// Joins futures concurrently, preserving order.
-async fn futures_join<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let futs: Vec<_> = futs.into_iter().collect();
-    let mut set = Vec::new();
-    for f in futs {
-        set.push(Box::pin(f));
-    }
-    let mut outs: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
-    let mut pending: Vec<usize> = (0..set.len()).collect();
-    std::future::poll_fn(|cx| {
-        pending.retain(|&i| match set[i].as_mut().poll(cx) {
-            std::task::Poll::Ready(v) => {
-                outs[i] = Some(v);
-                false
-            }
-            std::task::Poll::Pending => true,
-        });
-        if pending.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
-    })
-    .await;
-    outs.into_iter().map(|o| o.expect("all polled to completion")).collect()
 }
 
 /// Echoes the caller and doubles the tensor data; "fail" answers an error.

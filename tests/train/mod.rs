@@ -8,9 +8,11 @@ use strata_collective::{Group, GroupOptions};
 use strata_gpu::{ConvAlgo, GpuHandle, GpuOptions};
 use strata_nn::data::{Batch, Dataset};
 use strata_nn::{Layer, ModelSpec, Optimizer};
-use strata_tensor::cpu::AdamParams;
+use strata_tensor::cpu::{AdamParams, SgdParams};
 use strata_tensor::{HostTensor, SplitMix64};
-use strata_train::{TrainConfig, Trainer};
+use strata_train::{Balance, StepStats, TrainConfig, Trainer};
+
+mod pipeline;
 
 use crate::common;
 use crate::net::helpers::cluster;
@@ -55,14 +57,7 @@ async fn two_ranks_of_32_reach_the_parameters_of_one_rank_of_64() {
     const STEPS: u64 = 3;
     let batches: Vec<Batch> = (0..STEPS).map(|s| batch(64, 100 + s)).collect();
 
-    // The comparison's tolerance assumes both runs compute their gradients with the same
-    // arithmetic up to summation order. Winograd rounds differently at each batch size
-    // (and `Auto` may choose differently for 32 and 64), and Adam turns the relative
-    // error of a near-zero gradient into a parameter difference of up to its learning
-    // rate; so both runs use im2col here, and the kernel tests hold Winograd to the
-    // CPU reference.
-    let options = GpuOptions { conv_algo: Some(ConvAlgo::Im2col), ..GpuOptions::from_env() };
-    let solo_gpu = GpuHandle::start(&options).unwrap();
+    let solo_gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
     let mut solo = Trainer::new(solo_gpu, None, spec(), config(64)).await.unwrap();
     for b in &batches {
         solo.step(b.clone()).await.unwrap();
@@ -74,7 +69,7 @@ async fn two_ranks_of_32_reach_the_parameters_of_one_rank_of_64() {
     let mut trainers = Vec::new();
     for node in &nodes {
         let g = Group::form(node.clone(), 2, Duration::from_secs(10), GroupOptions::default()).await.unwrap();
-        let gpu = GpuHandle::start(&options).unwrap();
+        let gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
         trainers.push(Trainer::new(gpu, Some(g), spec(), config(32)));
     }
     let (a, b) = (trainers.remove(0), trainers.remove(0));
@@ -100,6 +95,171 @@ async fn two_ranks_of_32_reach_the_parameters_of_one_rank_of_64() {
     for n in &nodes {
         n.shutdown().await;
     }
+}
+
+fn synthetic(n: usize, seed: u64) -> Arc<Dataset> {
+    let mut rng = SplitMix64(seed);
+    Arc::new(Dataset {
+        name: "synthetic".into(),
+        images: HostTensor::random([n, 1, 12, 12], seed).into_data(),
+        labels: (0..n).map(|_| rng.below(10) as u32).collect(),
+        sample: [1, 12, 12],
+        classes: 10,
+    })
+}
+
+/// SGD with momentum: the update is linear in the gradient, so the parameters' distance
+/// from single-node training measures the gradients' rounding differences themselves.
+/// (Adam's first steps move each parameter by about `lr * sign(g)`, so a rounding-level
+/// change of a near-zero gradient can move it by `2 * lr`, and an elementwise comparison
+/// of Adam runs is either loose or flaky.)
+fn sgd_config(batch: usize, balance: Balance) -> TrainConfig {
+    TrainConfig {
+        optimizer: Optimizer::Sgd(SgdParams { lr: 0.05, ..Default::default() }),
+        balance,
+        rebalance_every: 2,
+        ..config(batch)
+    }
+}
+
+/// Largest difference of any parameter from `want`, and the largest distance any
+/// parameter of `want` moved from its initial value.
+fn distance(got: &[HostTensor], want: &[HostTensor]) -> (f32, f32) {
+    let init = spec().init(7);
+    let diff = got.iter().zip(want).map(|(g, w)| g.max_abs_diff(w).unwrap()).fold(0.0, f32::max);
+    let moved = want.iter().zip(&init).map(|(w, i)| w.max_abs_diff(i).unwrap()).fold(0.0, f32::max);
+    (diff, moved)
+}
+
+/// One node's epoch on `data` with a global batch of 64 (SGD).
+async fn solo_epoch(data: &Arc<Dataset>) -> Vec<HostTensor> {
+    let gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
+    let mut solo = Trainer::new(gpu.clone(), None, spec(), sgd_config(64, Balance::Equal)).await.unwrap();
+    let (_, _, samples, _, _) = solo.train_epoch(data, |_| {}).await.unwrap();
+    assert_eq!(samples, data.len());
+    let params = solo.params().await.unwrap();
+    gpu.shutdown().await;
+    params
+}
+
+/// Two ranks' epoch on `data` (32 per rank, so a global batch of 64) under `balance`, the
+/// second rank on `gpu1`; returns both ranks' parameters and samples per step.
+async fn pair_epoch(
+    data: &Arc<Dataset>,
+    balance: Balance,
+    gpu1: GpuOptions,
+) -> ([Vec<HostTensor>; 2], [Vec<usize>; 2]) {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 2).await;
+    let mut trainers = Vec::new();
+    for (r, node) in nodes.iter().enumerate() {
+        let g = Group::form(node.clone(), 2, Duration::from_secs(10), GroupOptions::default()).await.unwrap();
+        let gpu = GpuHandle::start(&if r == 1 { gpu1.clone() } else { common::pinned_gpu_options() }).unwrap();
+        trainers.push(Trainer::new(gpu, Some(g), spec(), sgd_config(32, balance.clone())));
+    }
+    let (a, b) = (trainers.remove(0), trainers.remove(0));
+    let (a, b) = tokio::join!(a, b);
+    let (mut a, mut b) = (a.unwrap(), b.unwrap());
+    let (mut s0, mut s1) = (Vec::new(), Vec::new());
+    let (r0, r1) = tokio::join!(
+        a.train_epoch(data, |s: &StepStats| s0.push(s.samples)),
+        b.train_epoch(data, |s: &StepStats| s1.push(s.samples))
+    );
+    assert_eq!(r0.unwrap().2, data.len());
+    assert_eq!(r1.unwrap().2, data.len());
+    let params = [a.params().await.unwrap(), b.params().await.unwrap()];
+    assert_eq!(params[0], params[1], "the two ranks must hold bitwise identical parameters");
+    for t in [&a, &b] {
+        t.gpu().shutdown().await;
+    }
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    (params, [s0, s1])
+}
+
+/// How close weighted shares come to one node on the global batch: every parameter
+/// within 1e-5 of the distance the parameters moved. Each rank's gradient sums its own
+/// slice of the batch and the all-reduce adds the two, so the summation order differs
+/// from one node's and the gradients differ by rounding (a few ulp, relative 1e-7 to
+/// 1e-6 after the cancellation in a sum of 64 terms); three SGD steps carry that into the
+/// parameters. The unweighted mean of a 48 and a 16 sample mean misses by far more.
+const SHARE_TOLERANCE: f32 = 1e-5;
+
+#[actix_rt::test]
+async fn shares_of_3_to_1_weighted_by_size_train_as_one_node_on_the_global_batch() {
+    if common::gpu().is_none() {
+        return;
+    }
+    // 136 samples: global batches of 64, 64 and 8.
+    let data = synthetic(136, 11);
+    let want = solo_epoch(&data).await;
+    let (params, samples) = pair_epoch(&data, Balance::Fixed(vec![3.0, 1.0]), common::pinned_gpu_options()).await;
+    assert_eq!(samples, [vec![48, 48, 6], vec![16, 16, 2]]);
+    let (diff, moved) = distance(&params[0], &want);
+    eprintln!("3:1 shares vs one node: max |diff| {diff:e}, parameters moved up to {moved:e}");
+    assert!(moved > 1e-2, "training moved the parameters (by {moved})");
+    assert!(diff <= SHARE_TOLERANCE * moved, "3:1 shares differ from one node by {diff:e} (moved {moved:e})");
+
+    // The same slices averaged without weights (each rank's mean counted once) are not
+    // the global batch's gradient: the comparison above can fail.
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 2).await;
+    let mut unweighted = Vec::new();
+    for node in &nodes {
+        let g = Group::form(node.clone(), 2, Duration::from_secs(10), GroupOptions::default()).await.unwrap();
+        let gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
+        unweighted.push(Trainer::new(gpu, Some(g), spec(), sgd_config(32, Balance::Equal)));
+    }
+    let (a, b) = (unweighted.remove(0), unweighted.remove(0));
+    let (a, b) = tokio::join!(a, b);
+    let (mut a, mut b) = (a.unwrap(), b.unwrap());
+    let order = strata_nn::data::DistributedSampler::new(data.len(), 0, 1, 7, true).indices(0);
+    for global in order.chunks(64) {
+        let cut = global.len() * 3 / 4;
+        let (r0, r1) = tokio::join!(a.step(data.batch(&global[..cut])), b.step(data.batch(&global[cut..])));
+        r0.unwrap();
+        r1.unwrap();
+    }
+    let (diff_unweighted, _) = distance(&a.params().await.unwrap(), &want);
+    eprintln!("unweighted 3:1 vs one node: max |diff| {diff_unweighted:e}");
+    assert!(diff_unweighted > 100.0 * SHARE_TOLERANCE * moved, "unweighted means differ by only {diff_unweighted:e}");
+    // A share that does not fit the global batch is refused.
+    let e = a.step_share(batch(8, 1), 4).await.unwrap_err().to_string();
+    assert_eq!(e, "training: rank 0 of 2 cannot take 8 samples as its share of a global batch of 4");
+    for t in [&a, &b] {
+        t.gpu().shutdown().await;
+    }
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Measured shares: whatever split the timings give (they are never asserted), every
+/// global batch is divided without loss or overlap, the replicas agree, and training
+/// equals one node's. The second rank runs on the GL adapter when there is one (llvmpipe
+/// next to lavapipe here, several times slower), so the split really moves.
+#[actix_rt::test]
+async fn measured_shares_divide_every_global_batch_and_train_as_one_node() {
+    if common::gpu().is_none() {
+        return;
+    }
+    // Six global batches of 64 and one of 8: rebalancing after steps 2, 4 and 6.
+    let data = synthetic(392, 12);
+    let want = solo_epoch(&data).await;
+    let gl = strata_gpu::AdapterRequest { backend: Some("gl".into()), adapter: None };
+    let gpu1 = match strata_gpu::list_adapters(&gl) {
+        Ok(a) if !a.is_empty() => GpuOptions { adapter: gl, ..common::pinned_gpu_options() },
+        _ => common::pinned_gpu_options(),
+    };
+    let (params, samples) = pair_epoch(&data, Balance::Measured, gpu1).await;
+    let sums: Vec<usize> = samples[0].iter().zip(&samples[1]).map(|(a, b)| a + b).collect();
+    assert_eq!(sums, [64, 64, 64, 64, 64, 64, 8], "samples per step: {samples:?}");
+    assert_eq!(&samples[0][..2], [32, 32], "the first round is split equally");
+    eprintln!("measured shares per step: {samples:?}");
+    let (diff, moved) = distance(&params[0], &want);
+    eprintln!("measured shares vs one node: max |diff| {diff:e}, parameters moved up to {moved:e}");
+    assert!(diff <= SHARE_TOLERANCE * moved, "measured shares differ from one node by {diff:e} (moved {moved:e})");
 }
 
 /// Ranks may choose different convolution algorithms (each times its own device): their
@@ -145,7 +305,7 @@ async fn checkpoints_resume_and_refuse_another_model() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cfg = TrainConfig { checkpoint_dir: Some(dir.path().to_path_buf()), ..config(16) };
-    let gpu = GpuHandle::start(&GpuOptions::from_env()).unwrap();
+    let gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
     let mut t = Trainer::new(gpu.clone(), None, spec(), cfg.clone()).await.unwrap();
     let data = Arc::new(Dataset {
         name: "synthetic".into(),

@@ -23,7 +23,7 @@ pub use actor::{Download, Free, GpuActor, GpuHandle, Info, Run, Shutdown, Stats,
 pub use device::{AdapterRequest, DeviceInfo, list_adapters};
 pub use error::{GpuError, Result};
 pub use gpu::{DEVICE_TIMEOUT_DEFAULT, GemmKernel, Gpu, GpuOptions, GpuStats, KernelTime};
-pub use ops::{Conv2dGrads, ConvAlgo, ConvChoice, ConvForward};
+pub use ops::{BackwardParts, Conv2dGrads, ConvAlgo, ConvChoice, ConvForward};
 pub use pool::PoolStats;
 pub use program::{Executor, Op, Program, TensorId};
 pub use tensor::GpuTensor;

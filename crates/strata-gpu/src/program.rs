@@ -86,13 +86,15 @@ pub enum Op {
         #[serde(default)]
         relu: bool,
     },
+    /// `dx: None` skips the input gradient, `dw`/`db: None` the weight and bias gradients
+    /// (both or neither).
     LinearBackward {
         x: TensorId,
         w: TensorId,
         dy: TensorId,
-        dx: TensorId,
-        dw: TensorId,
-        db: TensorId,
+        dx: Option<TensorId>,
+        dw: Option<TensorId>,
+        db: Option<TensorId>,
     },
     /// `relu` fuses a ReLU into the output pass; `col` keeps what the backward pass can
     /// reuse (the patch matrix, or the input transform of a Winograd forward pass).
@@ -107,15 +109,16 @@ pub enum Op {
         #[serde(default)]
         col: Option<TensorId>,
     },
-    /// `dx: None` skips the input gradient; `col` reuses what `Conv2d` kept.
+    /// `dx: None` skips the input gradient, `dw`/`db: None` the weight and bias gradients
+    /// (both or neither); `col` reuses what `Conv2d` kept.
     Conv2dBackward {
         x: TensorId,
         w: TensorId,
         dy: TensorId,
         params: Conv2dParams,
         dx: Option<TensorId>,
-        dw: TensorId,
-        db: TensorId,
+        dw: Option<TensorId>,
+        db: Option<TensorId>,
         #[serde(default)]
         col: Option<TensorId>,
     },
@@ -273,9 +276,9 @@ impl Op {
                 ids.push(x);
                 ids.push(w);
                 ids.push(dy);
-                ids.push(dx);
-                ids.push(dw);
-                ids.push(db);
+                ids.extend(dx.as_mut());
+                ids.extend(dw.as_mut());
+                ids.extend(db.as_mut());
             }
             Op::Conv2d { x, w, bias, out, col, .. } => {
                 ids.push(x);
@@ -289,8 +292,8 @@ impl Op {
                 ids.push(w);
                 ids.push(dy);
                 ids.extend(dx.as_mut());
-                ids.push(dw);
-                ids.push(db);
+                ids.extend(dw.as_mut());
+                ids.extend(db.as_mut());
                 ids.extend(col.as_mut());
             }
             Op::MaxPool2d { x, out, indices, .. } => {
@@ -518,10 +521,21 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
         }
         LinearBackward { x, w, dy, dx, dw, db } => {
             const N: &str = "linear_backward";
-            let (gx, gw, gb) = gpu.linear_backward(&s.get(N, *x)?, &s.get(N, *w)?, &s.get(N, *dy)?)?;
-            s.put(*dx, gx);
-            s.put(*dw, gw);
-            s.put(*db, gb);
+            let weight = weight_outputs(N, *dw, *db)?;
+            let g = gpu.linear_backward_parts(
+                &s.get(N, *x)?,
+                &s.get(N, *w)?,
+                &s.get(N, *dy)?,
+                dx.is_some(),
+                weight.is_some(),
+            )?;
+            if let (Some(id), Some(t)) = (dx, g.dx) {
+                s.put(*id, t);
+            }
+            if let (Some((dw, db)), Some((gw, gb))) = (weight, g.weight) {
+                s.put(dw, gw);
+                s.put(db, gb);
+            }
         }
         Conv2d { x, w, bias, params, out, relu, col } => {
             let b = bias.map(|b| s.get("conv2d", b)).transpose()?;
@@ -544,19 +558,23 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
                 Some(id) => s.get(N, *id).ok(),
                 None => None,
             };
-            let g = gpu.conv2d_backward_with(
+            let weight = weight_outputs(N, *dw, *db)?;
+            let g = gpu.conv2d_backward_parts(
                 &s.get(N, *x)?,
                 &s.get(N, *w)?,
                 &s.get(N, *dy)?,
                 *params,
                 dx.is_some(),
+                weight.is_some(),
                 saved.as_ref(),
             )?;
             if let (Some(id), Some(t)) = (dx, g.dx) {
                 s.put(*id, t);
             }
-            s.put(*dw, g.dw);
-            s.put(*db, g.db);
+            if let (Some((dw, db)), Some((gw, gb))) = (weight, g.weight) {
+                s.put(dw, gw);
+                s.put(db, gb);
+            }
         }
         MaxPool2d { x, kernel, params, out, indices } => {
             let (y, i) = gpu.max_pool2d(&s.get("max_pool2d", *x)?, *kernel, *params)?;
@@ -641,6 +659,19 @@ fn apply(gpu: &mut Gpu, s: &mut Staged<'_>, op: &Op) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The weight and bias outputs of a backward op: both or neither.
+fn weight_outputs(
+    op: &'static str,
+    dw: Option<TensorId>,
+    db: Option<TensorId>,
+) -> Result<Option<(TensorId, TensorId)>> {
+    match (dw, db) {
+        (Some(w), Some(b)) => Ok(Some((w, b))),
+        (None, None) => Ok(None),
+        _ => Err(strata_tensor::TensorError::argument(op, "dw and db must be given together (both or neither)").into()),
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,15 @@ pub enum NnError {
         /// What is wrong.
         message: String,
     },
+    /// A pipeline cut that does not fit the model (too many stages, an unknown split
+    /// point, a checkpoint of another cut).
+    #[error("model {model}: pipeline cut: {message}")]
+    Cut {
+        /// Model name.
+        model: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The GPU refused.
     #[error(transparent)]
     Gpu(#[from] GpuError),

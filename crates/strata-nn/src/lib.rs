@@ -10,10 +10,12 @@ pub mod data;
 mod error;
 mod model;
 mod optim;
+mod stage;
 
 pub use error::NnError;
 pub use model::{BUCKET_BYTES_DEFAULT, Bucket, Layer, Model, ModelSpec, ParamSlot};
 pub use optim::Optimizer;
+pub use stage::{Accumulate, Cut, StageModel};
 
 /// Result type of this crate.
 pub type Result<T, E = NnError> = std::result::Result<T, E>;

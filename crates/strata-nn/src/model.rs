@@ -59,8 +59,13 @@ impl Layer {
         }
     }
 
+    /// Number of parameters (weights and biases).
+    pub fn param_count(&self) -> usize {
+        self.params().iter().map(|p| p.1.numel()).sum()
+    }
+
     /// Parameter shapes: `(suffix, shape, fan_in)`.
-    fn params(&self) -> Vec<(&'static str, Shape, usize)> {
+    pub(crate) fn params(&self) -> Vec<(&'static str, Shape, usize)> {
         match *self {
             Layer::Conv2d { in_channels, out_channels, kernel, .. } => {
                 let fan_in = in_channels * kernel * kernel;
@@ -118,6 +123,24 @@ impl ModelSpec {
                 l("log_softmax", Layer::LogSoftmax),
             ],
         }
+    }
+
+    /// A multilayer perceptron: flatten, then `depth` linear layers of `hidden` features
+    /// with ReLUs (`fc1`..), a linear layer to the classes and log-softmax. With as many
+    /// input features as `hidden`, its layers cost the same, which makes it the model of
+    /// the pipeline benchmark (stages of equal work).
+    pub fn mlp(input: [usize; 3], hidden: usize, depth: usize, classes: usize) -> Self {
+        let features = input.iter().product();
+        let mut layers = vec![("flatten".to_string(), Layer::Flatten)];
+        for k in 1..=depth {
+            let in_features = if k == 1 { features } else { hidden };
+            layers.push((format!("fc{k}"), Layer::Linear { in_features, out_features: hidden }));
+            layers.push((format!("relu{k}"), Layer::Relu));
+        }
+        let in_features = if depth == 0 { features } else { hidden };
+        layers.push((format!("fc{}", depth + 1), Layer::Linear { in_features, out_features: classes }));
+        layers.push(("log_softmax".into(), Layer::LogSoftmax));
+        Self { name: format!("mlp-{hidden}x{depth}"), input, classes, layers }
     }
 
     fn layer_err(&self, layer: &str, source: TensorError) -> NnError {
@@ -231,7 +254,7 @@ impl ModelSpec {
     }
 }
 
-fn conv_params(layer: &Layer) -> Conv2dParams {
+pub(crate) fn conv_params(layer: &Layer) -> Conv2dParams {
     match layer {
         Layer::Conv2d { stride, padding, .. } => Conv2dParams::new(*stride, *padding),
         _ => unreachable!("only convolutions have convolution parameters"),
@@ -515,8 +538,8 @@ impl Model {
                     dy,
                     params: conv_params(layer),
                     dx: (i > self.first_param_layer).then_some(dx),
-                    dw: self.params[p[0]].grad,
-                    db: self.params[p[1]].grad,
+                    dw: Some(self.params[p[0]].grad),
+                    db: Some(self.params[p[1]].grad),
                     col: Some(self.cols[i]),
                 }),
                 Layer::MaxPool2d { kernel, stride } => {
@@ -545,9 +568,9 @@ impl Model {
                     x,
                     w: self.params[p[0]].value,
                     dy,
-                    dx,
-                    dw: self.params[p[0]].grad,
-                    db: self.params[p[1]].grad,
+                    dx: Some(dx),
+                    dw: Some(self.params[p[0]].grad),
+                    db: Some(self.params[p[1]].grad),
                 }),
                 Layer::LogSoftmax => ops.push(Op::LogSoftmaxBackward { y: self.acts[i + 1], dy, out: dx }),
             }

@@ -28,6 +28,18 @@ pub enum TrainError {
         /// Rank 0's checksum.
         ours: u64,
     },
+    /// A pipeline stage's node failed or left during a step.
+    #[error("pipeline stage {stage} of replica {replica} (node {node}) was lost: {reason}")]
+    StageLost {
+        /// The node.
+        node: String,
+        /// Its stage.
+        stage: usize,
+        /// Its replica.
+        replica: usize,
+        /// What happened.
+        reason: String,
+    },
     /// A training setting is invalid.
     #[error("training: {0}")]
     Config(String),

@@ -12,14 +12,20 @@ use strata_nn::{Model, ModelSpec, Optimizer};
 use strata_tensor::{HostTensor, Shape};
 
 use crate::TrainError;
+use crate::balance::{Balance, Balancer, Throughput};
 
 type Result<T, E = TrainError> = std::result::Result<T, E>;
 
 /// Settings of a training run.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
-    /// Samples per step on each rank.
+    /// Samples per step on each rank; the global batch of a step is this times the world size.
     pub batch: usize,
+    /// How the global batch is divided between ranks (see [`Balance`]).
+    pub balance: Balance,
+    /// With `Balance::Measured`, the ranks pool their throughput measurements and
+    /// re-decide the split every this many steps.
+    pub rebalance_every: u64,
     /// The optimiser.
     pub optimizer: Optimizer,
     /// Seed of parameter initialisation and shuffling.
@@ -42,6 +48,8 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             batch: 64,
+            balance: Balance::Equal,
+            rebalance_every: 5,
             optimizer: Optimizer::Adam(Default::default()),
             seed: 0,
             checkpoint_dir: None,
@@ -84,6 +92,10 @@ pub struct StepStats {
     pub samples: usize,
     /// Where the time went.
     pub times: StepTimes,
+    /// This rank's own work in the step: all of it but the waits for the all-reduce and
+    /// the replica check (the throughput measurement of `Balance::Measured`; the fixed
+    /// costs, such as the optimiser, count too, so the split evens out whole steps).
+    pub busy: Duration,
 }
 
 /// One epoch's outcome, over all ranks.
@@ -118,6 +130,21 @@ pub struct Trainer {
     step: u64,
     epoch: u64,
     segments_cache: Option<(usize, Vec<Vec<strata_gpu::Op>>)>,
+    balancer: Balancer,
+    /// This rank's throughput since the last rebalancing, and its previous batch size
+    /// (a step at a new size builds new programs, so it is not measured).
+    window: Throughput,
+    last_samples: usize,
+}
+
+/// What one pass over (part of) an epoch's data gave on this rank.
+struct EpochRun {
+    loss_sum: f64,
+    correct: u64,
+    samples: usize,
+    all_samples: usize,
+    steps: u64,
+    times: StepTimes,
 }
 
 fn fnv64(data: &[f32]) -> u64 {
@@ -157,6 +184,41 @@ fn unflatten(flat: &[f32], shapes: &[Shape]) -> Vec<HostTensor> {
         .collect()
 }
 
+/// The all-reduce of a step: the mean of equal shares, or the sum of shares already
+/// weighted by their part of the global batch.
+fn reduce_op(weight: Option<f32>) -> ReduceOp {
+    if weight.is_some() { ReduceOp::Sum } else { ReduceOp::Mean }
+}
+
+/// Scales a rank's mean gradient by its part of the global batch (`n / global`).
+fn weigh(mut grads: Vec<f32>, weight: Option<f32>) -> Vec<f32> {
+    if let Some(w) = weight {
+        grads.iter_mut().for_each(|g| *g *= w);
+    }
+    grads
+}
+
+impl EpochRun {
+    fn add(&mut self, s: &StepStats, all_samples: usize) {
+        self.times += s.times;
+        self.loss_sum += f64::from(s.loss);
+        self.correct += u64::from(s.correct);
+        self.samples += s.samples;
+        self.all_samples += all_samples;
+        self.steps += 1;
+    }
+
+    fn summary(&self, wall: Duration) -> (f64, f64, usize, Duration, StepTimes) {
+        (
+            self.loss_sum / self.steps.max(1) as f64,
+            self.correct as f64 / self.samples.max(1) as f64,
+            self.all_samples,
+            wall,
+            self.times,
+        )
+    }
+}
+
 impl Trainer {
     /// Sets up training on this rank: binds the model, then initialises it from rank 0
     /// (a fresh seeded initialisation, or the latest checkpoint with `resume`), broadcast
@@ -165,8 +227,27 @@ impl Trainer {
         if config.batch == 0 || config.eval_batch == 0 {
             return Err(TrainError::Config("batch sizes must be at least 1".into()));
         }
+        let world = group.as_ref().map_or(1, |g| g.world());
+        if config.batch.checked_mul(world).is_none() {
+            return Err(TrainError::Config(format!("a batch of {} on each of {world} ranks overflows", config.batch)));
+        }
+        if config.balance == Balance::Measured && config.rebalance_every == 0 {
+            return Err(TrainError::Config("measured balance needs rebalance_every of at least 1 step".into()));
+        }
+        let balancer = Balancer::new(&config.balance, world)?;
         let model = Model::new(spec, &gpu, config.bucket_bytes)?;
-        let mut t = Self { gpu, model, group, config, step: 0, epoch: 0, segments_cache: None };
+        let mut t = Self {
+            gpu,
+            model,
+            group,
+            config,
+            step: 0,
+            epoch: 0,
+            segments_cache: None,
+            balancer,
+            window: Throughput::default(),
+            last_samples: 0,
+        };
         t.initialise().await?;
         Ok(t)
     }
@@ -174,6 +255,11 @@ impl Trainer {
     /// This rank and the world size.
     pub fn rank_world(&self) -> (usize, usize) {
         self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()))
+    }
+
+    /// The group of ranks, when training data-parallel.
+    pub fn group(&self) -> Option<&Group> {
+        self.group.as_ref()
     }
 
     /// The GPU actor.
@@ -184,6 +270,18 @@ impl Trainer {
     /// Samples per step on this rank.
     pub fn batch_size(&self) -> usize {
         self.config.batch
+    }
+
+    /// Samples per rank of a full global batch under the current shares (equal ones
+    /// with `Balance::Equal`).
+    pub fn split(&self) -> Vec<usize> {
+        let (_, world) = self.rank_world();
+        self.balancer.split(self.config.batch * world).expect("checked in Trainer::new")
+    }
+
+    /// The shares: current weights and, with `Balance::Measured`, the smoothed throughputs.
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
     }
 
     /// Epochs completed (also after resuming).
@@ -289,7 +387,27 @@ impl Trainer {
     }
 
     /// One optimiser step on `batch`: forward, backward with bucketed all-reduce, update.
+    /// Every rank's batch has the same size, and gradients are averaged.
     pub async fn step(&mut self, batch: Batch) -> Result<StepStats> {
+        self.step_weighted(batch, None).await
+    }
+
+    /// One optimiser step on this rank's `batch`, a slice of a global batch of `global`
+    /// samples whose other slices the other ranks hold (of any sizes). This rank's mean
+    /// gradient is weighted by `batch / global` and the buckets are summed, so the update
+    /// is that of one node on the global batch (up to the rounding of another summation order).
+    pub async fn step_share(&mut self, batch: Batch, global: usize) -> Result<StepStats> {
+        let n = batch.y.data().len();
+        if n == 0 || n > global || (!self.distributed() && n != global) {
+            let (rank, world) = self.rank_world();
+            return Err(TrainError::Config(format!(
+                "rank {rank} of {world} cannot take {n} samples as its share of a global batch of {global}"
+            )));
+        }
+        self.step_weighted(batch, Some((n as f64 / global as f64) as f32)).await
+    }
+
+    async fn step_weighted(&mut self, batch: Batch, weight: Option<f32>) -> Result<StepStats> {
         let start = Instant::now();
         let n = batch.y.data().len();
         let (model, gpu) = (&self.model, &self.gpu);
@@ -313,6 +431,7 @@ impl Trainer {
         let mut exposed = Duration::ZERO;
         if distributed {
             let group = self.group.as_ref().expect("distributed");
+            let op = reduce_op(weight);
             gpu.run(first).await?;
             let mut flat = self.download_many(vec![model.buckets[0].flat]).await?.remove(0).into_data();
             for k in 0..model.buckets.len() {
@@ -330,7 +449,7 @@ impl Trainer {
                     }
                 };
                 let comm_part = async {
-                    let r = group.all_reduce(std::mem::take(&mut flat), ReduceOp::Mean).await;
+                    let r = group.all_reduce(weigh(std::mem::take(&mut flat), weight), op).await;
                     (r, Instant::now())
                 };
                 let (gpu_result, (reduced, comm_done)) = tokio::join!(gpu_part, comm_part);
@@ -354,6 +473,7 @@ impl Trainer {
         gpu.run(model.apply(&self.config.optimizer, self.step as u32, distributed)).await?;
         let out = self.download_many(vec![model.loss, model.correct]).await?;
         let (loss, correct) = (out[0].data()[0], out[1].data()[0] as u32);
+        let busy = start.elapsed().saturating_sub(exposed);
         if self.config.checksum_every > 0 && self.step.is_multiple_of(self.config.checksum_every) {
             self.verify_replicas().await?;
         }
@@ -363,6 +483,7 @@ impl Trainer {
             correct,
             samples: n,
             times: StepTimes { compute: total.saturating_sub(exposed), comm_exposed: exposed, data: Duration::ZERO },
+            busy,
         })
     }
 
@@ -382,40 +503,117 @@ impl Trainer {
         Ok(())
     }
 
-    /// Trains one epoch on this rank's shard of `train`, calling `on_step` after every
-    /// step. Returns mean loss, accuracy, samples over all ranks, wall time and step times.
+    /// Trains one epoch, calling `on_step` after every step. With `Balance::Equal` this
+    /// rank takes its shard of `train` (`DistributedSampler`); otherwise each step's global
+    /// batch is the next `batch * world` indices of the epoch's order (those one node would
+    /// take) and this rank takes its contiguous slice of it by the current shares. A last
+    /// global batch with fewer samples than ranks is left out. Returns mean loss, accuracy
+    /// of this rank, samples over all ranks, wall time and step times.
     pub async fn train_epoch(
         &mut self,
         train: &Arc<Dataset>,
-        mut on_step: impl FnMut(&StepStats),
+        on_step: impl FnMut(&StepStats),
     ) -> Result<(f64, f64, usize, Duration, StepTimes)> {
-        let (rank, world) = self.rank_world();
-        let sampler = DistributedSampler::new(train.len(), rank, world, self.config.seed, true);
-        let loader = Loader::new(train.clone(), sampler.indices(self.epoch), self.config.batch, self.config.prefetch);
         let start = Instant::now();
-        let (mut loss_sum, mut correct, mut samples, mut steps) = (0f64, 0u64, 0usize, 0u64);
-        let mut times = StepTimes::default();
-        loop {
-            let t = Instant::now();
-            let Some(batch) = loader.next_batch() else { break };
-            let waited = t.elapsed();
-            let mut s = self.step(batch).await?;
-            s.times.data = waited;
-            times += s.times;
-            loss_sum += f64::from(s.loss);
-            correct += u64::from(s.correct);
-            samples += s.samples;
-            steps += 1;
-            on_step(&s);
-        }
+        let r = self.run_epoch(train, None, on_step).await?;
         self.epoch += 1;
-        Ok((
-            loss_sum / steps.max(1) as f64,
-            correct as f64 / samples.max(1) as f64,
-            samples * world,
-            start.elapsed(),
-            times,
-        ))
+        Ok(r.summary(start.elapsed()))
+    }
+
+    /// Trains the first `steps` steps of the current epoch's data as `train_epoch` would,
+    /// without counting an epoch (benchmarks).
+    pub async fn train_steps(
+        &mut self,
+        train: &Arc<Dataset>,
+        steps: u64,
+        on_step: impl FnMut(&StepStats),
+    ) -> Result<(f64, f64, usize, Duration, StepTimes)> {
+        let start = Instant::now();
+        Ok(self.run_epoch(train, Some(steps), on_step).await?.summary(start.elapsed()))
+    }
+
+    async fn run_epoch(
+        &mut self,
+        train: &Arc<Dataset>,
+        limit: Option<u64>,
+        mut on_step: impl FnMut(&StepStats),
+    ) -> Result<EpochRun> {
+        let (rank, world) = self.rank_world();
+        let mut run =
+            EpochRun { loss_sum: 0.0, correct: 0, samples: 0, all_samples: 0, steps: 0, times: StepTimes::default() };
+        let more = |run: &EpochRun| limit.is_none_or(|l| run.steps < l);
+        if self.config.balance.by_shares() {
+            let order = DistributedSampler::new(train.len(), 0, 1, self.config.seed, true).indices(self.epoch);
+            let full = self.config.batch * world;
+            for global in order.chunks(full) {
+                if !more(&run) || global.len() < world {
+                    break;
+                }
+                let counts = self.balancer.split(global.len())?;
+                let first: usize = counts[..rank].iter().sum();
+                let t = Instant::now();
+                let batch = train.batch(&global[first..first + counts[rank]]);
+                let waited = t.elapsed();
+                let mut s = self.step_share(batch, global.len()).await?;
+                s.times.data = waited;
+                run.add(&s, global.len());
+                on_step(&s);
+                self.measure(&s);
+                if self.step.is_multiple_of(self.config.rebalance_every.max(1)) {
+                    self.rebalance(full).await?;
+                }
+            }
+        } else {
+            let sampler = DistributedSampler::new(train.len(), rank, world, self.config.seed, true);
+            let loader =
+                Loader::new(train.clone(), sampler.indices(self.epoch), self.config.batch, self.config.prefetch);
+            while more(&run) {
+                let t = Instant::now();
+                let Some(batch) = loader.next_batch() else { break };
+                let waited = t.elapsed();
+                let mut s = self.step(batch).await?;
+                s.times.data = waited;
+                run.add(&s, s.samples * world);
+                on_step(&s);
+            }
+        }
+        Ok(run)
+    }
+
+    /// Adds a step to this rank's throughput window, unless its batch size is new.
+    fn measure(&mut self, s: &StepStats) {
+        if s.samples == self.last_samples {
+            self.window.samples += s.samples;
+            self.window.busy += s.busy;
+        }
+        self.last_samples = s.samples;
+    }
+
+    /// Pools every rank's throughput window and lets the balancer re-decide the shares;
+    /// every rank computes the same split from the same gathered numbers.
+    async fn rebalance(&mut self, global: usize) -> Result<()> {
+        let mine = std::mem::take(&mut self.window);
+        if self.config.balance != Balance::Measured {
+            return Ok(());
+        }
+        let Some(group) = self.group.as_ref().filter(|g| g.world() > 1) else { return Ok(()) };
+        let all = group.all_gather(&[mine.samples as f32, mine.busy.as_secs_f32()]).await?;
+        let measured: Vec<Throughput> = all
+            .chunks_exact(2)
+            .map(|c| match Duration::try_from_secs_f32(c[1]) {
+                Ok(busy) => Throughput { samples: c[0] as usize, busy },
+                Err(_) => Throughput::default(),
+            })
+            .collect();
+        if self.balancer.observe(global, &measured) {
+            tracing::info!(
+                step = self.step,
+                "global batch of {global} now split {:?} (smoothed samples/s per rank {:.1?})",
+                self.balancer.split(global)?,
+                self.balancer.rates().unwrap_or_default()
+            );
+        }
+        Ok(())
     }
 
     /// Loss and accuracy over all of `test`, each rank evaluating its share.

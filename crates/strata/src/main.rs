@@ -169,6 +169,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Checkpoints: merge a pipeline's stage checkpoints into one single-node checkpoint.
+    Checkpoint {
+        #[command(subcommand)]
+        what: CheckpointCommand,
+    },
     /// Internal: benchmark worker processes.
     #[command(hide = true)]
     Worker {
@@ -210,7 +215,39 @@ enum WorkerCommand {
 }
 
 #[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Merge the newest epoch every stage has (`DIR/stage-S/epoch-N`, as `strata train
+    /// --pipeline-stages` writes them) into `OUT/epoch-N`, the layout and PyTorch names of
+    /// a single-node checkpoint.
+    Merge {
+        /// The pipeline's checkpoint directory.
+        dir: PathBuf,
+        /// Where the merged checkpoint goes.
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
+    /// Pipeline schedules across stage processes (one lavapipe thread each): the measured
+    /// bubble against each schedule's formula, throughput and activation peaks.
+    Pipeline {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Stage counts (2, 3 or 6).
+        #[arg(long, value_delimiter = ',', default_value = "2,3", value_parser = strata::cli::args::count(1, 6))]
+        stages: Vec<usize>,
+        /// Micro-batches per step.
+        #[arg(long, default_value_t = 8, value_parser = strata::cli::args::count(1, 256))]
+        micro_batches: usize,
+        /// Timed steps per case (after 2 warm-up steps).
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..1000))]
+        steps: u64,
+        /// Write each case's timeline (Chrome trace JSON and PNG) into this directory.
+        #[arg(long)]
+        timelines: Option<PathBuf>,
+    },
     /// Convolution, matrix multiply and reductions on the GPU against CPU references.
     Kernels {
         /// One JSON object per line instead of text.
@@ -223,14 +260,20 @@ enum BenchCommand {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// Training throughput of the reference CNN on 1 and 2 node processes.
+    /// Training throughput of the reference CNN on 1 and 2 node processes, and on 2 nodes
+    /// of different speed (one on the Vulkan adapter, one on the GL adapter) with an equal
+    /// and a measured split of the global batch.
     Train {
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
-        /// Timed steps per configuration (after 2 warm-up steps).
+        /// Timed steps per configuration (after 2 warm-up steps; 8 with a measured split,
+        /// which settles in two rounds of 3 steps).
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
         steps: u64,
+        /// Leave out the heterogeneous nodes (three runs with a node on the slower GL adapter).
+        #[arg(long)]
+        skip_heterogeneous: bool,
         /// Data directory.
         #[arg(long, default_value = strata_nn::data::FASHION_MNIST_DIR)]
         data: PathBuf,
@@ -289,8 +332,29 @@ fn main() -> Result<()> {
             let started = std::time::Instant::now();
             actix::System::new().block_on(strata::cli::train::run((**args).clone(), cli.device.options(), started))
         }
-        Command::Bench { what: BenchCommand::Train { json, steps, data } } => {
-            print_figures(*json, |on| strata::cli::demo::bench(data, *steps, on).map(|_| ()))
+        Command::Bench { what: BenchCommand::Pipeline { json, stages, micro_batches, steps, timelines } } => {
+            let json = *json;
+            strata::cli::pipeline::bench(stages, *micro_batches, *steps, timelines.as_deref(), |f| {
+                if json {
+                    println!("{}", serde_json::to_string(f).expect("figures serialise"));
+                } else {
+                    println!(
+                        "{}  ({:.0} samples/s, activation peaks {:?})",
+                        f.figure.line(),
+                        f.samples_per_s,
+                        f.activation_peak
+                    );
+                }
+            })
+            .map(|_| ())
+        }
+        Command::Checkpoint { what: CheckpointCommand::Merge { dir, out } } => {
+            let path = strata::cli::pipeline::merge(dir, out)?;
+            println!("merged {} into {}", dir.display(), path.display());
+            Ok(())
+        }
+        Command::Bench { what: BenchCommand::Train { json, steps, data, skip_heterogeneous } } => {
+            print_figures(*json, |on| strata::cli::demo::bench(data, *steps, !skip_heterogeneous, on).map(|_| ()))
         }
         Command::Bench { what: BenchCommand::Sched { json, placements, round_trips, pipelined, image, iters } } => {
             let opts = bench::sched::SchedBench {

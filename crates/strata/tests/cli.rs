@@ -227,12 +227,16 @@ fn wait_timeout(c: &mut Child, limit: Duration) -> Output {
         assert!(Instant::now() < deadline, "process {} did not exit within {limit:?}", c.id());
         std::thread::sleep(Duration::from_millis(50));
     }
+    use std::io::Read;
     let mut stderr = String::new();
     if let Some(mut e) = c.stderr.take() {
-        use std::io::Read;
         let _ = e.read_to_string(&mut stderr);
     }
-    Output { status: c.wait().unwrap(), stdout: Vec::new(), stderr: stderr.into_bytes() }
+    let mut stdout = Vec::new();
+    if let Some(mut o) = c.stdout.take() {
+        let _ = o.read_to_end(&mut stdout);
+    }
+    Output { status: c.wait().unwrap(), stdout, stderr: stderr.into_bytes() }
 }
 
 /// A tiny IDX dataset (12x12 images) in `dir`.
@@ -354,6 +358,17 @@ fn out_of_range_values_and_missing_files_are_refused_with_clear_errors() {
         (&["train", "--data", "data", "--lr", "NaN"], &[], "NaN is not a finite number above 0"),
         (&["train", "--data", "data", "--momentum=-1"], &[], "-1 is not a finite number in [0, 1]"),
         (
+            &["train", "--data", "data", "--balance", "3:0"],
+            &[],
+            "balance \"3:0\" is not equal, measured or positive weights such as 3:1",
+        ),
+        (
+            &["train", "--data", "data", "--balance", "3:1"],
+            &[],
+            "training: balance 3:1 gives 2 weights for a world of 1",
+        ),
+        (&["train", "--data", "data", "--rebalance-every", "0"], &[], "invalid value '0' for '--rebalance-every"),
+        (
             &[
                 "train",
                 "--data",
@@ -386,6 +401,26 @@ fn out_of_range_values_and_missing_files_are_refused_with_clear_errors() {
         (&["demo", "--train-limit", "0"], &[], "invalid value '0' for '--train-limit"),
         (&["demo", "--data", "missing"], &[], "no data in missing"),
         (&["status", "--node", "nowhere"], &[], "invalid socket address"),
+        (
+            &["train", "--data", "data", "--pipeline-stages", "20"],
+            &[],
+            "20 pipeline stages asked for, but the model has 11 layers",
+        ),
+        (&["train", "--data", "data", "--pipeline-stages", "2"], &[], "1 nodes cannot hold 2-stage pipelines"),
+        (&["train", "--data", "data", "--pipeline-stages", "0"], &[], "invalid value '0' for '--pipeline-stages"),
+        (
+            &["train", "--data", "data", "--pipeline-stages", "1", "--batch-size", "10", "--micro-batches", "4"],
+            &[],
+            "--batch-size 10 does not split into 4 equal micro-batches",
+        ),
+        (
+            &["train", "--data", "data", "--schedule", "pipedream"],
+            &[],
+            "unknown schedule \"pipedream\" (gpipe, 1f1b or zb)",
+        ),
+        (&["train", "--data", "data", "--model", "resnet"], &[], "unknown model \"resnet\" (reference-cnn or mlp)"),
+        (&["checkpoint", "merge", "missing", "out"], &[], "no stage checkpoint in missing/stage-0"),
+        (&["bench", "pipeline", "--stages", "7"], &[], "invalid value '7' for '--stages <STAGES>'"),
     ];
     for (args, env, want) in cases {
         refused(d, args, env, want);
@@ -614,4 +649,99 @@ fn a_killed_scheduler_restarts_on_its_journal_and_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// Starts a `strata train` process of a torchrun-style world.
+fn train_rank(d: &Path, rank: usize, world: usize, port: &str, args: &[&str]) -> Child {
+    strata(d)
+        .arg("train")
+        .args(args)
+        .args(["--cert-dir", "certs", "--failure-timeout-ms", "2000"])
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_pipeline_stage_killed_mid_step_stops_the_others_and_the_stages_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("data")).unwrap();
+    tiny_idx(&d.join("data"), 192, 32);
+    run(d, &["cert", "--dir", "certs", "rank-0", "rank-1", "rank-2"]);
+    let common = [
+        "--data",
+        "data",
+        "--batch-size",
+        "16",
+        "--pipeline-stages",
+        "3",
+        "--micro-batches",
+        "4",
+        "--schedule",
+        "zb",
+        "--split",
+        "conv2,fc1",
+        "--checkpoint-dir",
+        "ck",
+    ];
+    let port = free_port().to_string();
+    let mut args = common.to_vec();
+    args.extend(["--epochs", "1000", "--json"]);
+    let mut procs = Procs((0..3).map(|r| train_rank(d, r, 3, &port, &args)).collect());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(0..3).all(|s| d.join(format!("ck/stage-{s}/latest")).exists()) {
+        assert!(Instant::now() < deadline, "no checkpoint of every stage appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The middle stage dies: both neighbours stop, naming it.
+    let killed = Instant::now();
+    procs.0[1].kill().unwrap();
+    procs.0[1].wait().unwrap();
+    for r in [0, 2] {
+        let out = wait_timeout(&mut procs.0[r], Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "rank {r} went on without stage 1");
+        assert!(
+            stderr.contains("pipeline stage 1 of replica 0 (node rank-1) was lost"),
+            "rank {r} should name the lost stage: {stderr}"
+        );
+    }
+    assert!(killed.elapsed() < Duration::from_secs(10), "took {:?}", killed.elapsed());
+    // Every stage resumes from the newest epoch they all have, and trains one more.
+    let done: u64 = (0..3)
+        .map(|s| {
+            let l = std::fs::read_to_string(d.join(format!("ck/stage-{s}/latest"))).unwrap();
+            l.trim().trim_start_matches("epoch-").parse::<u64>().unwrap()
+        })
+        .min()
+        .unwrap();
+    let target = (done + 1).to_string();
+    let port = free_port().to_string();
+    let mut args = common.to_vec();
+    args.extend(["--epochs", &target, "--resume"]);
+    let mut procs = Procs((0..3).map(|r| train_rank(d, r, 3, &port, &args)).collect());
+    let outs: Vec<Output> = procs.0.iter_mut().map(|c| wait_timeout(c, Duration::from_secs(120))).collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let text = String::from_utf8_lossy(&outs[0].stdout);
+    assert!(text.contains(&format!("resumed from a checkpoint after epoch {done}")), "{text}");
+    assert!(text.contains(&format!("epoch {target}:")), "{text}");
+    // The stages' checkpoints merge into a single-node one, which single-node training resumes.
+    let out = run(d, &["checkpoint", "merge", "ck", "merged"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("merged/epoch-{target}")));
+    let next = (done + 2).to_string();
+    let out = run(
+        d,
+        &["train", "--data", "data", "--epochs", &next, "--batch-size", "16", "--checkpoint-dir", "merged", "--resume"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("resumed from a checkpoint after epoch {target}")), "{text}");
 }

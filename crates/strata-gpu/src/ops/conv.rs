@@ -58,6 +58,15 @@ pub struct Conv2dGrads {
     pub db: GpuTensor,
 }
 
+/// What [`Gpu::conv2d_backward_parts`] and [`Gpu::linear_backward_parts`] computed.
+#[derive(Debug)]
+pub struct BackwardParts {
+    /// Gradient with respect to the input, when requested.
+    pub dx: Option<GpuTensor>,
+    /// Gradients with respect to the weight and the bias, when requested.
+    pub weight: Option<(GpuTensor, GpuTensor)>,
+}
+
 pub(super) struct Plan {
     pub(super) g: ConvGeometry,
     /// Images per chunk.
@@ -280,6 +289,25 @@ impl Gpu {
         input_grad: bool,
         saved: Option<&GpuTensor>,
     ) -> Result<Conv2dGrads> {
+        let parts = self.conv2d_backward_parts(x, w, dy, params, input_grad, true, saved)?;
+        let (dw, db) = parts.weight.expect("weight gradients were requested");
+        Ok(Conv2dGrads { dx: parts.dx, dw, db })
+    }
+
+    /// The two halves of [`Gpu::conv2d_backward_with`], each optional: the input gradient
+    /// (which the previous pipeline stage waits for) and the weight and bias gradients
+    /// (which a zero-bubble schedule defers). Each half costs only its own work.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d_backward_parts(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        dy: &GpuTensor,
+        params: Conv2dParams,
+        input_grad: bool,
+        weight_grad: bool,
+        saved: Option<&GpuTensor>,
+    ) -> Result<BackwardParts> {
         const OP: &str = "conv2d_backward";
         let g = geometry::conv2d(x.shape(), w.shape(), None, params)?;
         if *dy.shape() != g.output_shape() {
@@ -296,6 +324,9 @@ impl Gpu {
             true => Some(self.conv2d_input_grad_im2col(&plan, w, dy)?),
             false => None,
         };
+        if !weight_grad {
+            return Ok(BackwardParts { dx, weight: None });
+        }
         let dw = if self.conv_uses_winograd(&g, Direction::WeightGrad) {
             self.conv2d_weight_grad_winograd(&g, x, dy, saved)?
         } else {
@@ -304,7 +335,7 @@ impl Gpu {
         let db = self.empty([g.co], DType::F32)?;
         let p = plan.params(0, g.n);
         self.dispatch(OP, (FILE, "bias_grad"), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
-        Ok(Conv2dGrads { dx, dw, db })
+        Ok(BackwardParts { dx, weight: Some((dw, db)) })
     }
 
     /// The weight gradient by im2col + GEMM, reusing the patch matrix `saved` when it

@@ -432,4 +432,32 @@ impl Gpu {
         let db = self.reduce(dy, ReduceOp::Sum, Some(0))?;
         Ok((dx, dw, db))
     }
+
+    /// [`Gpu::linear_backward`] in two optional halves: the input gradient `dx` and the
+    /// weight and bias gradients `(dw, db)`, each computed only when asked for (the same
+    /// GEMMs, so the halves equal the whole bitwise).
+    pub fn linear_backward_parts(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        dy: &GpuTensor,
+        input_grad: bool,
+        weight_grad: bool,
+    ) -> Result<crate::BackwardParts> {
+        let (batch, _, out) = geometry::linear(x.shape(), w.shape(), None)?;
+        if dy.shape().dims() != [batch, out] {
+            return Err(strata_tensor::TensorError::shape(
+                "linear_backward",
+                format!("output gradient {} must be [{batch},{out}]", dy.shape()),
+            )
+            .into());
+        }
+        let dx = if input_grad { Some(self.matmul(dy, w, false, false)?) } else { None };
+        let weight = if weight_grad {
+            Some((self.matmul(dy, x, true, false)?, self.reduce(dy, ReduceOp::Sum, Some(0))?))
+        } else {
+            None
+        };
+        Ok(crate::BackwardParts { dx, weight })
+    }
 }

@@ -12,7 +12,7 @@ mod pool;
 mod reduce;
 pub(crate) mod winograd;
 
-pub use conv::{Conv2dGrads, ConvForward};
+pub use conv::{BackwardParts, Conv2dGrads, ConvForward};
 pub(crate) use winograd::ConvKey;
 pub use winograd::{ConvAlgo, ConvChoice};
 

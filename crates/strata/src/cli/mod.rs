@@ -6,6 +6,7 @@ pub mod bench;
 pub mod check;
 pub mod demo;
 pub mod node;
+pub mod pipeline;
 pub mod plot;
 pub mod tasks;
 pub mod train;

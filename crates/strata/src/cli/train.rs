@@ -12,7 +12,7 @@ use strata_gpu::{GpuHandle, GpuOptions};
 use strata_nn::data::{self, Dataset};
 use strata_nn::{ModelSpec, Optimizer};
 use strata_tensor::cpu::{AdamParams, SgdParams};
-use strata_train::{StepTimes, TrainConfig, Trainer};
+use strata_train::{Balance, StepTimes, TrainConfig, Trainer};
 
 use crate::cli::node::NodeArgs;
 
@@ -22,7 +22,8 @@ pub struct TrainArgs {
     /// Directory with IDX (MNIST, Fashion-MNIST) or CIFAR-10 binary files.
     #[arg(long, default_value = data::FASHION_MNIST_DIR)]
     pub data: PathBuf,
-    /// Model (only the reference CNN for now).
+    /// Model: reference-cnn, or mlp (6 hidden layers of 512 features, whose equal layers
+    /// make balanced pipeline stages).
     #[arg(long, default_value = "reference-cnn")]
     pub model: String,
     /// Epochs to train (counting epochs already in a resumed checkpoint).
@@ -31,6 +32,18 @@ pub struct TrainArgs {
     /// Samples per step on each worker.
     #[arg(long, default_value_t = 64, value_parser = crate::cli::args::count(1, 1 << 20))]
     pub batch_size: usize,
+    /// How each step's global batch (batch size x nodes) is divided between nodes:
+    /// `equal` (each takes its shard, as PyTorch's DistributedSampler deals it),
+    /// `measured` (in proportion to each node's measured throughput, re-measured as
+    /// training goes, for nodes of different speed), or fixed weights such as `3:1`.
+    /// Gradients are weighted by each node's share, so the update is that of one node on
+    /// the global batch. Default `equal`: the run then depends on the seed alone, never on
+    /// timings.
+    #[arg(long, default_value = "equal", value_parser = parse_balance)]
+    pub balance: Balance,
+    /// With `--balance measured`, re-decide the shares every N steps.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub rebalance_every: u64,
     /// `adam` or `sgd` (with momentum).
     #[arg(long, default_value = "adam")]
     pub optimizer: String,
@@ -71,6 +84,9 @@ pub struct TrainArgs {
     /// One JSON object per epoch instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Pipeline parallelism.
+    #[command(flatten)]
+    pub pipeline: crate::cli::pipeline::PipelineArgs,
     /// Cluster settings for multi-node training (certificates, torchrun variables).
     #[command(flatten)]
     pub node: NodeArgs,
@@ -107,9 +123,29 @@ pub struct BenchLine {
     pub data_seconds: f64,
     /// From process start to the end of the first step.
     pub first_step_seconds: f64,
+    /// How the global batch was divided (`--balance`).
+    #[serde(default)]
+    pub balance: String,
+    /// Samples per node of the last global batch.
+    #[serde(default)]
+    pub split: Vec<usize>,
+    /// With `--balance measured`, each node's smoothed throughput (samples/s of its own
+    /// forward and backward passes).
+    #[serde(default)]
+    pub rates: Vec<f64>,
+    /// Mean compute seconds per step of each node.
+    #[serde(default)]
+    pub node_compute_seconds: Vec<f64>,
+    /// Mean exposed all-reduce seconds per step of each node (waiting for the others).
+    #[serde(default)]
+    pub node_comm_exposed_seconds: Vec<f64>,
 }
 
-fn optimizer(args: &TrainArgs) -> Result<Optimizer> {
+fn parse_balance(s: &str) -> Result<Balance, String> {
+    s.parse().map_err(|e: strata_train::TrainError| e.to_string())
+}
+
+pub(crate) fn optimizer(args: &TrainArgs) -> Result<Optimizer> {
     Ok(match args.optimizer.as_str() {
         "adam" => Optimizer::Adam(AdamParams { lr: args.lr.unwrap_or(1e-3), ..Default::default() }),
         "sgd" => {
@@ -131,6 +167,7 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
     };
     // Cluster settings are checked before the data loads, so a mistake there fails at once.
     let node_config = if world > 1 { Some(args.node.config()?) } else { None };
+    strata_train::balance::Balancer::new(&args.balance, world)?;
     let (mut train, mut test) =
         data::load_dir(&args.data).with_context(|| format!("loading data from {}", args.data.display()))?;
     if let Some(n) = args.train_limit {
@@ -139,11 +176,12 @@ pub async fn run(args: TrainArgs, gpu_options: GpuOptions, started: Instant) -> 
     if let Some(n) = args.test_limit {
         test = test.truncate(n);
     }
-    if args.model != "reference-cnn" {
-        bail!("unknown model {:?} (reference-cnn)", args.model);
-    }
     let [c, h, w] = train.sample;
-    let spec = ModelSpec::reference_cnn(c, h, w, train.classes);
+    let spec = match args.model.as_str() {
+        "reference-cnn" => ModelSpec::reference_cnn(c, h, w, train.classes),
+        "mlp" => ModelSpec::mlp(train.sample, 512, 6, train.classes),
+        other => bail!("unknown model {other:?} (reference-cnn or mlp)"),
+    };
     // A model that does not fit the data fails here, before any step.
     spec.check_data(train.sample, train.classes)?;
     let gpu = GpuHandle::start(&gpu_options).context("opening the GPU")?;
@@ -172,9 +210,18 @@ async fn train_on(
     } else {
         (None, None)
     };
+    if args.pipeline.pipeline_stages.is_some() {
+        let result = crate::cli::pipeline::run(args, group, gpu, spec, train, test, started).await;
+        if let Some(n) = node {
+            n.shutdown().await;
+        }
+        return result;
+    }
     let rank = group.as_ref().map_or(0, |g| g.rank());
     let config = TrainConfig {
         batch: args.batch_size,
+        balance: args.balance.clone(),
+        rebalance_every: args.rebalance_every,
         optimizer: optimizer(args)?,
         seed: args.shuffle_seed,
         checkpoint_dir: args.checkpoint_dir.clone(),
@@ -204,13 +251,14 @@ async fn epochs(
     let (train, test) = (Arc::new(train), Arc::new(test));
     if rank == 0 && !args.json && args.bench_steps.is_none() {
         println!(
-            "training {} on {} ({} train / {} test samples) on {} node(s), {} per node per step, {} on {}",
+            "training {} on {} ({} train / {} test samples) on {} node(s), {} per node per step ({} split), {} on {}",
             trainer.model().spec().name,
             args.data.display(),
             train.len(),
             test.len(),
             world,
             args.batch_size,
+            args.balance,
             args.optimizer,
             gpu.info().name
         );
@@ -219,18 +267,22 @@ async fn epochs(
         }
     }
     if let Some(steps) = args.bench_steps {
-        return bench(trainer, &train, steps, world, started).await;
+        return bench(trainer, &train, steps, world, started, args).await;
     }
     let mut history: Vec<(u64, f64, f64, f64)> = Vec::new();
+    let mut step_losses: Vec<f32> = Vec::new();
     while trainer.epoch() < args.epochs {
         let epoch = trainer.epoch() + 1;
         let per_rank = train.len().div_ceil(world);
         let bar = (rank == 0 && !args.json).then(|| progress(per_rank as u64 * world as u64, epoch, args.epochs));
         let mut done = 0u64;
         let t0 = Instant::now();
+        let global = (args.batch_size * world) as u64;
         let (loss, acc, samples, train_time, times) = trainer
             .train_epoch(&train, |s| {
-                done += (s.samples * world) as u64;
+                step_losses.push(s.loss);
+                // Every step takes one global batch, however it is divided.
+                done = (done + global).min(per_rank as u64 * world as u64);
                 if let Some(b) = &bar {
                     b.set_position(done);
                     b.set_message(format!(
@@ -287,7 +339,7 @@ async fn epochs(
     if rank == 0
         && let Some(path) = &args.plot
     {
-        crate::cli::plot::loss_and_accuracy(path, &history)?;
+        crate::cli::plot::training(path, &history, &step_losses)?;
         if !args.json {
             println!("plot {}", path.display());
         }
@@ -300,7 +352,7 @@ fn share(t: &StepTimes, part: Duration) -> f64 {
     if total > 0.0 { part.as_secs_f64() / total * 100.0 } else { 0.0 }
 }
 
-fn progress(total: u64, epoch: u64, epochs: u64) -> indicatif::ProgressBar {
+pub(crate) fn progress(total: u64, epoch: u64, epochs: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
     let style = indicatif::ProgressStyle::with_template(&format!(
         "epoch {epoch}/{epochs} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}}]"
@@ -310,30 +362,32 @@ fn progress(total: u64, epoch: u64, epochs: u64) -> indicatif::ProgressBar {
     bar
 }
 
-async fn bench(trainer: &mut Trainer, train: &Arc<Dataset>, steps: u64, world: usize, started: Instant) -> Result<()> {
+async fn bench(
+    trainer: &mut Trainer,
+    train: &Arc<Dataset>,
+    steps: u64,
+    world: usize,
+    started: Instant,
+    args: &TrainArgs,
+) -> Result<()> {
     let (rank, _) = trainer.rank_world();
-    let sampler = data::DistributedSampler::new(train.len(), rank, world, 0, true);
-    let indices = sampler.indices(0);
     let batch = trainer_batch(trainer);
-    let loader = data::Loader::new(train.clone(), indices, batch, 4);
+    // Measured shares settle after two rounds of measurement.
+    let warmup = if args.balance == Balance::Measured { 2 + 2 * args.rebalance_every } else { 2 };
+    let mut ends = Vec::new();
     let mut times = StepTimes::default();
-    let mut first = None;
-    let mut timed = Duration::ZERO;
-    let warmup = 2;
-    for i in 0..steps + warmup {
-        let t = Instant::now();
-        let b = loader.next_batch().context("the benchmark needs more training samples")?;
-        let waited = t.elapsed();
-        let mut s = trainer.step(b).await?;
-        s.times.data = waited;
-        if first.is_none() {
-            first = Some(started.elapsed());
-        }
-        if i >= warmup {
-            times += s.times;
-            timed += t.elapsed();
-        }
+    trainer
+        .train_steps(train, steps + warmup, |s| {
+            ends.push(Instant::now());
+            if ends.len() as u64 > warmup {
+                times += s.times;
+            }
+        })
+        .await?;
+    if (ends.len() as u64) < steps + warmup {
+        bail!("the benchmark needs more training samples: {} steps of {} ran", ends.len(), batch * world);
     }
+    let timed = ends[ends.len() - 1] - ends[warmup as usize - 1];
     if std::env::var_os("STRATA_PROFILE").is_some() {
         let profile = trainer_gpu_profile(trainer).await?;
         for k in profile {
@@ -358,6 +412,13 @@ async fn bench(trainer: &mut Trainer, train: &Arc<Dataset>, steps: u64, world: u
             );
         }
     }
+    // Every node's own split of its step, for the report.
+    let mine =
+        [(times.compute.as_secs_f64() / steps as f64) as f32, (times.comm_exposed.as_secs_f64() / steps as f64) as f32];
+    let per_node = match trainer.group().filter(|g| g.world() > 1) {
+        Some(g) => g.all_gather(&mine).await?,
+        None => mine.to_vec(),
+    };
     if rank == 0 {
         let n = steps as f64;
         let line = BenchLine {
@@ -367,7 +428,12 @@ async fn bench(trainer: &mut Trainer, train: &Arc<Dataset>, steps: u64, world: u
             compute_seconds: times.compute.as_secs_f64() / n,
             comm_exposed_seconds: times.comm_exposed.as_secs_f64() / n,
             data_seconds: times.data.as_secs_f64() / n,
-            first_step_seconds: first.unwrap_or_default().as_secs_f64(),
+            first_step_seconds: ends[0].duration_since(started).as_secs_f64(),
+            balance: args.balance.to_string(),
+            split: trainer.split(),
+            rates: trainer.balancer().rates().map(<[f64]>::to_vec).unwrap_or_default(),
+            node_compute_seconds: per_node.chunks_exact(2).map(|c| f64::from(c[0])).collect(),
+            node_comm_exposed_seconds: per_node.chunks_exact(2).map(|c| f64::from(c[1])).collect(),
         };
         println!("{}", serde_json::to_string(&line)?);
     }
