@@ -43,6 +43,15 @@ pub fn both_gemm_kernels(kernels: &[GemmKernel], require: bool) -> Result<bool, 
     Ok(false)
 }
 
+/// Options for tests that compare training runs bitwise or to tight tolerances: the
+/// convolution algorithm is pinned to im2col, because `ConvAlgo::Auto` times each device
+/// handle and batch size on its own and may choose Winograd for one run and not the
+/// other (different rounding; Adam turns it into parameter differences up to its
+/// learning rate). The kernel tests hold Winograd to the CPU reference.
+pub fn pinned_gpu_options() -> GpuOptions {
+    GpuOptions { conv_algo: Some(strata_gpu::ConvAlgo::Im2col), ..GpuOptions::from_env() }
+}
+
 /// The default test device.
 pub fn gpu() -> Option<Gpu> {
     gpu_with(None)

@@ -63,7 +63,7 @@ async fn two_ranks_of_32_reach_the_parameters_of_one_rank_of_64() {
     // error of a near-zero gradient into a parameter difference of up to its learning
     // rate; so both runs use im2col here, and the kernel tests hold Winograd to the
     // CPU reference.
-    let options = GpuOptions { conv_algo: Some(ConvAlgo::Im2col), ..GpuOptions::from_env() };
+    let options = GpuOptions { conv_algo: Some(ConvAlgo::Im2col), ..common::pinned_gpu_options() };
     let solo_gpu = GpuHandle::start(&options).unwrap();
     let mut solo = Trainer::new(solo_gpu, None, spec(), config(64)).await.unwrap();
     for b in &batches {
@@ -140,7 +140,7 @@ fn distance(got: &[HostTensor], want: &[HostTensor]) -> (f32, f32) {
 
 /// One node's epoch on `data` with a global batch of 64 (SGD).
 async fn solo_epoch(data: &Arc<Dataset>) -> Vec<HostTensor> {
-    let gpu = GpuHandle::start(&GpuOptions::from_env()).unwrap();
+    let gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
     let mut solo = Trainer::new(gpu.clone(), None, spec(), sgd_config(64, Balance::Equal)).await.unwrap();
     let (_, _, samples, _, _) = solo.train_epoch(data, |_| {}).await.unwrap();
     assert_eq!(samples, data.len());
@@ -161,7 +161,7 @@ async fn pair_epoch(
     let mut trainers = Vec::new();
     for (r, node) in nodes.iter().enumerate() {
         let g = Group::form(node.clone(), 2, Duration::from_secs(10), GroupOptions::default()).await.unwrap();
-        let gpu = GpuHandle::start(&if r == 1 { gpu1.clone() } else { GpuOptions::from_env() }).unwrap();
+        let gpu = GpuHandle::start(&if r == 1 { gpu1.clone() } else { common::pinned_gpu_options() }).unwrap();
         trainers.push(Trainer::new(gpu, Some(g), spec(), sgd_config(32, balance.clone())));
     }
     let (a, b) = (trainers.remove(0), trainers.remove(0));
@@ -201,7 +201,7 @@ async fn shares_of_3_to_1_weighted_by_size_train_as_one_node_on_the_global_batch
     // 136 samples: global batches of 64, 64 and 8.
     let data = synthetic(136, 11);
     let want = solo_epoch(&data).await;
-    let (params, samples) = pair_epoch(&data, Balance::Fixed(vec![3.0, 1.0]), GpuOptions::from_env()).await;
+    let (params, samples) = pair_epoch(&data, Balance::Fixed(vec![3.0, 1.0]), common::pinned_gpu_options()).await;
     assert_eq!(samples, [vec![48, 48, 6], vec![16, 16, 2]]);
     let (diff, moved) = distance(&params[0], &want);
     eprintln!("3:1 shares vs one node: max |diff| {diff:e}, parameters moved up to {moved:e}");
@@ -215,7 +215,7 @@ async fn shares_of_3_to_1_weighted_by_size_train_as_one_node_on_the_global_batch
     let mut unweighted = Vec::new();
     for node in &nodes {
         let g = Group::form(node.clone(), 2, Duration::from_secs(10), GroupOptions::default()).await.unwrap();
-        let gpu = GpuHandle::start(&GpuOptions::from_env()).unwrap();
+        let gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
         unweighted.push(Trainer::new(gpu, Some(g), spec(), sgd_config(32, Balance::Equal)));
     }
     let (a, b) = (unweighted.remove(0), unweighted.remove(0));
@@ -256,8 +256,8 @@ async fn measured_shares_divide_every_global_batch_and_train_as_one_node() {
     let want = solo_epoch(&data).await;
     let gl = strata_gpu::AdapterRequest { backend: Some("gl".into()), adapter: None };
     let gpu1 = match strata_gpu::list_adapters(&gl) {
-        Ok(a) if !a.is_empty() => GpuOptions { adapter: gl, ..GpuOptions::from_env() },
-        _ => GpuOptions::from_env(),
+        Ok(a) if !a.is_empty() => GpuOptions { adapter: gl, ..common::pinned_gpu_options() },
+        _ => common::pinned_gpu_options(),
     };
     let (params, samples) = pair_epoch(&data, Balance::Measured, gpu1).await;
     let sums: Vec<usize> = samples[0].iter().zip(&samples[1]).map(|(a, b)| a + b).collect();
@@ -283,7 +283,7 @@ async fn compressed_gradients_keep_replicas_bitwise_identical() {
         let mut trainers = Vec::new();
         for node in &nodes {
             let g = Group::form(node.clone(), 2, Duration::from_secs(10), GroupOptions::default()).await.unwrap();
-            let gpu = GpuHandle::start(&GpuOptions::from_env()).unwrap();
+            let gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
             // Checksums every step: a replica that drifts fails its step.
             // SGD: parameters move in proportion to the gradients, so the two runs'
             // difference measures what compression changed (Adam would normalise it away
@@ -332,7 +332,7 @@ async fn checkpoints_resume_and_refuse_another_model() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cfg = TrainConfig { checkpoint_dir: Some(dir.path().to_path_buf()), ..config(16) };
-    let gpu = GpuHandle::start(&GpuOptions::from_env()).unwrap();
+    let gpu = GpuHandle::start(&common::pinned_gpu_options()).unwrap();
     let mut t = Trainer::new(gpu.clone(), None, spec(), cfg.clone()).await.unwrap();
     let data = Arc::new(Dataset {
         name: "synthetic".into(),
@@ -392,7 +392,7 @@ async fn replicas_stay_identical_when_ranks_compute_convolutions_differently() {
     let mut trainers = Vec::new();
     for (node, algo) in nodes.iter().zip([ConvAlgo::Winograd, ConvAlgo::Im2col]) {
         let g = Group::form(node.clone(), 2, Duration::from_secs(10), GroupOptions::default()).await.unwrap();
-        let gpu = GpuHandle::start(&GpuOptions { conv_algo: Some(algo), ..GpuOptions::from_env() }).unwrap();
+        let gpu = GpuHandle::start(&GpuOptions { conv_algo: Some(algo), ..common::pinned_gpu_options() }).unwrap();
         trainers.push(Trainer::new(gpu, Some(g), spec(), config(16)));
     }
     let (a, b) = (trainers.remove(0), trainers.remove(0));
