@@ -388,7 +388,11 @@ fn out_of_range_values_and_missing_files_are_refused_with_clear_errors() {
         (&["worker", "allreduce", "--sizes", "0"], &[], "invalid value '0' for '--sizes <SIZES>'"),
         (&["bench", "allreduce", "--worlds", "1"], &[], "invalid value '1' for '--worlds <WORLDS>'"),
         (&["bench", "allreduce", "--sizes", "1,99999"], &[], "invalid value '99999' for '--sizes <SIZES>'"),
-        (&["bench", "allreduce", "--compress", "int8"], &[], "unknown compression \"int8\": expected none, bf16 or fp16"),
+        (
+            &["bench", "allreduce", "--compress", "int8"],
+            &[],
+            "unknown compression \"int8\": expected none, bf16 or fp16",
+        ),
         (&["train", "--compress", "fp8"], &[], "unknown compression \"fp8\": expected none, bf16 or fp16"),
         (&["bench", "kernels", "--iters", "0"], &[], "invalid value '0' for '--iters <ITERS>'"),
         (&["bench", "train", "--steps", "0"], &[], "invalid value '0' for '--steps <STEPS>'"),
