@@ -219,6 +219,14 @@ fn bench_allreduce_measures_the_tcp_ring_reference_and_says_gloo_did_not_run() {
         stderr.contains("references: tcp-ring (measured), gloo (not available: /nonexistent/python3: "),
         "{stderr}"
     );
+    // The compressed all-reduce (bf16 by default) next to it, counted in f32 bytes and
+    // held to no target; CPU time per operation for both and for the reference.
+    let bf16: Vec<_> =
+        figures.iter().filter(|f| f["case"] == "all_reduce 1 MiB x2 nodes bf16 (busBW in f32 bytes)").collect();
+    assert_eq!(bf16.len(), 1, "{figures:?}");
+    assert!(bf16[0]["value"].as_f64().unwrap() > 0.0 && bf16[0]["target"].is_null(), "{}", bf16[0]);
+    assert!(stderr.contains("cpu ms per op, rank 0 process, all_reduce 1 MiB x2 nodes (busBW): strata "), "{stderr}");
+    assert!(stderr.contains(", tcp ring "), "{stderr}");
 }
 
 fn wait_timeout(c: &mut Child, limit: Duration) -> Output {
@@ -395,6 +403,12 @@ fn out_of_range_values_and_missing_files_are_refused_with_clear_errors() {
         (&["worker", "allreduce", "--sizes", "0"], &[], "invalid value '0' for '--sizes <SIZES>'"),
         (&["bench", "allreduce", "--worlds", "1"], &[], "invalid value '1' for '--worlds <WORLDS>'"),
         (&["bench", "allreduce", "--sizes", "1,99999"], &[], "invalid value '99999' for '--sizes <SIZES>'"),
+        (
+            &["bench", "allreduce", "--compress", "int8"],
+            &[],
+            "unknown compression \"int8\": expected none, bf16 or fp16",
+        ),
+        (&["train", "--compress", "fp8"], &[], "unknown compression \"fp8\": expected none, bf16 or fp16"),
         (&["bench", "kernels", "--iters", "0"], &[], "invalid value '0' for '--iters <ITERS>'"),
         (&["bench", "train", "--steps", "0"], &[], "invalid value '0' for '--steps <STEPS>'"),
         (&["demo", "--epochs", "0"], &[], "invalid value '0' for '--epochs <EPOCHS>'"),
