@@ -280,14 +280,18 @@ pub struct PipelineFigure {
     pub activation_peak: Vec<usize>,
 }
 
-/// Writes a synthetic labelled dataset of `n` samples of 1x16x32 (512 features) as IDX.
+/// Writes a synthetic labelled dataset of `n` samples of 1x24x32 (768 features) as IDX.
+///
+/// 768 input features make the stages equal: the first layer (768x512, 1.5 units of
+/// work) needs no input gradient, so stage 0's forward, weight gradient and input
+/// gradient add up to what a later stage's 512x512 layers cost.
 fn synthetic_idx(dir: &Path, n: usize) -> Result<()> {
     for (prefix, count) in [("train", n), ("t10k", 16)] {
         let mut img = 0x0000_0803u32.to_be_bytes().to_vec();
-        for v in [count as u32, 16, 32] {
+        for v in [count as u32, 24, 32] {
             img.extend_from_slice(&v.to_be_bytes());
         }
-        img.extend((0..count * 512).map(|i| ((i * 37 + i / 512) % 256) as u8));
+        img.extend((0..count * 768).map(|i| ((i * 37 + i / 768) % 256) as u8));
         std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img)?;
         let mut lab = 0x0000_0801u32.to_be_bytes().to_vec();
         lab.extend_from_slice(&(count as u32).to_be_bytes());
@@ -298,8 +302,8 @@ fn synthetic_idx(dir: &Path, n: usize) -> Result<()> {
 }
 
 /// `strata bench pipeline`: every schedule with `stages` stages (one process each, one
-/// lavapipe thread each) and `micro` micro-batches of 32 samples, training the MLP (equal
-/// layers, cut evenly; SGD, whose step is cheap next to the micro-batches' work, as the
+/// lavapipe thread each) and `micro` micro-batches of 32 samples, training the MLP on
+/// 768-feature samples (stages of equal work, see `synthetic_idx`; SGD, whose step is cheap next to the micro-batches' work, as the
 /// formulas leave the optimiser out), against the schedule's bubble formula.
 pub fn bench(
     stage_counts: &[usize],
