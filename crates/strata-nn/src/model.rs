@@ -403,48 +403,17 @@ impl Model {
 
     /// Uploads parameter values (in [`ModelSpec::params`] order) and zeroes the optimiser state.
     pub async fn upload_params(&self, gpu: &GpuHandle, values: &[HostTensor]) -> Result<()> {
-        if values.len() != self.params.len() {
-            return Err(NnError::DataMismatch {
-                model: self.spec.name.clone(),
-                message: format!("{} parameter tensors given, the model has {}", values.len(), self.params.len()),
-            });
-        }
-        for (slot, v) in self.params.iter().zip(values) {
-            if *v.shape() != slot.shape {
-                return Err(NnError::DataMismatch {
-                    model: self.spec.name.clone(),
-                    message: format!("parameter {} has shape {}, the value {}", slot.name, slot.shape, v.shape()),
-                });
-            }
-            gpu.upload_as(slot.value, v.clone()).await?;
-        }
-        let zeros = self
-            .params
-            .iter()
-            .flat_map(|s| s.state.iter().map(|&id| Op::Zeros { shape: s.shape.clone(), dtype: DType::F32, out: id }))
-            .collect();
-        gpu.run(zeros).await?;
-        Ok(())
+        upload_params(&self.spec.name, "the model", &self.params, gpu, values).await
     }
 
     /// Parameter values, in [`ModelSpec::params`] order.
     pub async fn download_params(&self, gpu: &GpuHandle) -> Result<Vec<HostTensor>> {
-        let mut out = Vec::with_capacity(self.params.len());
-        for s in &self.params {
-            out.push(gpu.download(s.value).await?);
-        }
-        Ok(out)
+        download_params(&self.params, gpu).await
     }
 
     /// Optimiser state tensors as `(name, tensor)`, e.g. `fc1.weight.exp_avg`.
     pub async fn download_state(&self, gpu: &GpuHandle, optimizer: &Optimizer) -> Result<Vec<(String, HostTensor)>> {
-        let mut out = Vec::new();
-        for s in &self.params {
-            for (suffix, id) in optimizer.state_names().iter().zip(s.state) {
-                out.push((format!("{}.{suffix}", s.name), gpu.download(id).await?));
-            }
-        }
-        Ok(out)
+        download_state(&self.params, gpu, optimizer).await
     }
 
     /// Restores optimiser state saved by [`Model::download_state`].
@@ -454,18 +423,7 @@ impl Model {
         optimizer: &Optimizer,
         state: &[(String, HostTensor)],
     ) -> Result<()> {
-        for s in &self.params {
-            for (suffix, id) in optimizer.state_names().iter().zip(s.state) {
-                let name = format!("{}.{suffix}", s.name);
-                let t =
-                    state.iter().find(|(n, _)| *n == name).map(|(_, t)| t).ok_or_else(|| NnError::DataMismatch {
-                        model: self.spec.name.clone(),
-                        message: format!("optimiser state {name} is missing"),
-                    })?;
-                gpu.upload_as(id, t.clone()).await?;
-            }
-        }
-        Ok(())
+        upload_state(&self.spec.name, &self.params, gpu, optimizer, state).await
     }
 
     /// The forward pass over the batch at [`Model::input`]; with `loss`, also the mean
@@ -610,4 +568,81 @@ impl Model {
         }
         ops
     }
+}
+
+/// Uploads `values` into `params` (in order) and zeroes their optimiser state; `owner`
+/// names the holder in errors ("the model", "stage 1").
+pub(crate) async fn upload_params(
+    model: &str,
+    owner: &str,
+    params: &[ParamSlot],
+    gpu: &GpuHandle,
+    values: &[HostTensor],
+) -> Result<()> {
+    if values.len() != params.len() {
+        return Err(NnError::DataMismatch {
+            model: model.to_string(),
+            message: format!("{} parameter tensors given, {owner} has {}", values.len(), params.len()),
+        });
+    }
+    for (slot, v) in params.iter().zip(values) {
+        if *v.shape() != slot.shape {
+            return Err(NnError::DataMismatch {
+                model: model.to_string(),
+                message: format!("parameter {} has shape {}, the value {}", slot.name, slot.shape, v.shape()),
+            });
+        }
+        gpu.upload_as(slot.value, v.clone()).await?;
+    }
+    let zeros = params
+        .iter()
+        .flat_map(|s| s.state.iter().map(|&id| Op::Zeros { shape: s.shape.clone(), dtype: DType::F32, out: id }))
+        .collect();
+    gpu.run(zeros).await?;
+    Ok(())
+}
+
+/// The values of `params`, in order.
+pub(crate) async fn download_params(params: &[ParamSlot], gpu: &GpuHandle) -> Result<Vec<HostTensor>> {
+    let mut out = Vec::with_capacity(params.len());
+    for s in params {
+        out.push(gpu.download(s.value).await?);
+    }
+    Ok(out)
+}
+
+/// The optimiser state of `params` as `(name, tensor)`, e.g. `fc1.weight.exp_avg`.
+pub(crate) async fn download_state(
+    params: &[ParamSlot],
+    gpu: &GpuHandle,
+    optimizer: &Optimizer,
+) -> Result<Vec<(String, HostTensor)>> {
+    let mut out = Vec::new();
+    for s in params {
+        for (suffix, id) in optimizer.state_names().iter().zip(s.state) {
+            out.push((format!("{}.{suffix}", s.name), gpu.download(id).await?));
+        }
+    }
+    Ok(out)
+}
+
+/// Restores optimiser state saved by [`download_state`].
+pub(crate) async fn upload_state(
+    model: &str,
+    params: &[ParamSlot],
+    gpu: &GpuHandle,
+    optimizer: &Optimizer,
+    state: &[(String, HostTensor)],
+) -> Result<()> {
+    for s in params {
+        for (suffix, id) in optimizer.state_names().iter().zip(s.state) {
+            let name = format!("{}.{suffix}", s.name);
+            let t = state.iter().find(|(n, _)| *n == name).map(|(_, t)| t).ok_or_else(|| NnError::DataMismatch {
+                model: model.to_string(),
+                message: format!("optimiser state {name} is missing"),
+            })?;
+            gpu.upload_as(id, t.clone()).await?;
+        }
+    }
+    Ok(())
 }

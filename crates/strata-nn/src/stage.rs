@@ -10,9 +10,9 @@ use std::ops::Range;
 
 use strata_gpu::{GpuHandle, Op, TensorId};
 use strata_tensor::geometry::Conv2dParams;
-use strata_tensor::{DType, HostTensor, Shape};
+use strata_tensor::{HostTensor, Shape};
 
-use crate::model::conv_params;
+use crate::model::{self, conv_params};
 use crate::{Layer, ModelSpec, NnError, Optimizer, ParamSlot, Result};
 
 /// Where a model is cut into pipeline stages: the first layer of each stage.
@@ -313,33 +313,7 @@ impl StageModel {
 
     /// Uploads parameter values (this stage's, in order) and zeroes the optimiser state.
     pub async fn upload_params(&self, gpu: &GpuHandle, values: &[HostTensor]) -> Result<()> {
-        if values.len() != self.params.len() {
-            return Err(NnError::DataMismatch {
-                model: self.spec.name.clone(),
-                message: format!(
-                    "{} parameter tensors given, stage {} has {}",
-                    values.len(),
-                    self.stage,
-                    self.params.len()
-                ),
-            });
-        }
-        for (slot, v) in self.params.iter().zip(values) {
-            if *v.shape() != slot.shape {
-                return Err(NnError::DataMismatch {
-                    model: self.spec.name.clone(),
-                    message: format!("parameter {} has shape {}, the value {}", slot.name, slot.shape, v.shape()),
-                });
-            }
-            gpu.upload_as(slot.value, v.clone()).await?;
-        }
-        let zeros = self
-            .params
-            .iter()
-            .flat_map(|s| s.state.iter().map(|&id| Op::Zeros { shape: s.shape.clone(), dtype: DType::F32, out: id }))
-            .collect();
-        gpu.run(zeros).await?;
-        Ok(())
+        model::upload_params(&self.spec.name, &format!("stage {}", self.stage), &self.params, gpu, values).await
     }
 
     /// The forward pass of slot `slot` over a micro-batch of `batch` samples; on the last
@@ -526,22 +500,12 @@ impl StageModel {
 
     /// Parameter values in order.
     pub async fn download_params(&self, gpu: &GpuHandle) -> Result<Vec<HostTensor>> {
-        let mut out = Vec::with_capacity(self.params.len());
-        for s in &self.params {
-            out.push(gpu.download(s.value).await?);
-        }
-        Ok(out)
+        model::download_params(&self.params, gpu).await
     }
 
     /// Optimiser state tensors as `(name, tensor)`, e.g. `fc1.weight.exp_avg`.
     pub async fn download_state(&self, gpu: &GpuHandle, optimizer: &Optimizer) -> Result<Vec<(String, HostTensor)>> {
-        let mut out = Vec::new();
-        for s in &self.params {
-            for (suffix, id) in optimizer.state_names().iter().zip(s.state) {
-                out.push((format!("{}.{suffix}", s.name), gpu.download(id).await?));
-            }
-        }
-        Ok(out)
+        model::download_state(&self.params, gpu, optimizer).await
     }
 
     /// Restores optimiser state saved by [`StageModel::download_state`].
@@ -551,18 +515,7 @@ impl StageModel {
         optimizer: &Optimizer,
         state: &[(String, HostTensor)],
     ) -> Result<()> {
-        for s in &self.params {
-            for (suffix, id) in optimizer.state_names().iter().zip(s.state) {
-                let name = format!("{}.{suffix}", s.name);
-                let t =
-                    state.iter().find(|(n, _)| *n == name).map(|(_, t)| t).ok_or_else(|| NnError::DataMismatch {
-                        model: self.spec.name.clone(),
-                        message: format!("optimiser state {name} is missing"),
-                    })?;
-                gpu.upload_as(id, t.clone()).await?;
-            }
-        }
-        Ok(())
+        model::upload_state(&self.spec.name, &self.params, gpu, optimizer, state).await
     }
 }
 

@@ -186,11 +186,11 @@ fn f32s_to_u64(v: &[f32]) -> u64 {
     v.iter().take(4).enumerate().fold(0u64, |acc, (i, x)| acc | ((*x as u64) << (16 * i)))
 }
 
-fn flatten(ts: &[HostTensor]) -> Vec<f32> {
+pub(crate) fn flatten(ts: &[HostTensor]) -> Vec<f32> {
     ts.iter().flat_map(|t| t.data().iter().copied()).collect()
 }
 
-fn unflatten(flat: &[f32], shapes: &[Shape]) -> Vec<HostTensor> {
+pub(crate) fn unflatten(flat: &[f32], shapes: &[Shape]) -> Vec<HostTensor> {
     let mut off = 0;
     shapes
         .iter()

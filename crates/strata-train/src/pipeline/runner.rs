@@ -19,6 +19,7 @@ use super::partition::{UnitCost, balance};
 use super::schedule::{Next, Schedule, StagePlan, Work};
 use super::timeline::{Event, EventKind, Timeline, decode, encode, now_us};
 use crate::TrainError;
+use crate::trainer::{flatten, unflatten};
 
 type Result<T, E = TrainError> = std::result::Result<T, E>;
 
@@ -251,7 +252,7 @@ impl PipelineTrainer {
         // Replicas of a stage start from replica 0's values.
         let (params, meta) = match &self.dp {
             Some(g) => {
-                let flat: Vec<f32> = params.iter().flat_map(|t| t.data().iter().copied()).collect();
+                let flat = flatten(&params);
                 let flat = g.broadcast(0, flat).await?;
                 (unflatten(&flat, &shapes), g.broadcast(0, meta.to_vec()).await?)
             }
@@ -283,7 +284,7 @@ impl PipelineTrainer {
                 .collect();
             if let Some(g) = &self.dp {
                 let shapes: Vec<Shape> = names.iter().map(|(_, s)| s.clone()).collect();
-                let flat: Vec<f32> = values.iter().flat_map(|t| t.data().iter().copied()).collect();
+                let flat = flatten(&values);
                 values = unflatten(&g.broadcast(0, flat).await?, &shapes);
             }
             let named: Vec<(String, HostTensor)> = names.into_iter().map(|(n, _)| n).zip(values).collect();
@@ -719,7 +720,7 @@ impl PipelineTrainer {
     pub async fn all_params(&self) -> Result<Vec<HostTensor>> {
         let spec = self.stage.spec().clone();
         let shapes: Vec<Shape> = spec.params().into_iter().map(|(_, s)| s).collect();
-        let mine: Vec<f32> = self.params().await?.iter().flat_map(|t| t.data().iter().copied()).collect();
+        let mine = flatten(&self.params().await?);
         let Some(w) = self.world.as_ref().filter(|w| w.world() > 1) else { return Ok(unflatten(&mine, &shapes)) };
         // Each stage contributes its slice of the whole flat vector; the sum assembles it.
         let total: usize = shapes.iter().map(Shape::numel).sum();
@@ -785,19 +786,6 @@ fn stage_dir(dir: &Path, s: usize) -> PathBuf {
 
 fn host(shape: &Shape, v: Vec<f32>) -> Result<HostTensor> {
     Ok(HostTensor::new(shape.clone(), v).map_err(NnError::from)?)
-}
-
-fn unflatten(flat: &[f32], shapes: &[Shape]) -> Vec<HostTensor> {
-    let mut off = 0;
-    shapes
-        .iter()
-        .map(|s| {
-            let n = s.numel();
-            let t = HostTensor::new(s.clone(), flat[off..off + n].to_vec()).expect("sizes agree");
-            off += n;
-            t
-        })
-        .collect()
 }
 
 /// Uploads, runs and downloads in one message to the GPU actor; returns when the work is
