@@ -2,6 +2,8 @@
 //! weight-gradient work, each send and receive, and each optimiser step. Exported as Chrome
 //! trace JSON (Perfetto, chrome://tracing), measured as a bubble fraction.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// What an event was.
@@ -151,17 +153,7 @@ impl Timeline {
     /// stage's first piece of work to the last stage's last; each stage is idle in it for
     /// the window less its own work (forward, backward, optimiser). `None` without steps.
     pub fn bubble(&self, from_step: u64) -> Option<Bubble> {
-        use std::collections::BTreeMap;
-        // (replica, step) -> (window start, window end, busy per stage)
-        let mut steps: BTreeMap<(u32, u64), (u64, u64, Vec<u64>)> = BTreeMap::new();
-        for e in self.events.iter().filter(|e| e.kind.is_compute() && e.step >= from_step) {
-            let w = steps.entry((e.replica, e.step)).or_insert((u64::MAX, 0, vec![0; self.stages]));
-            w.0 = w.0.min(e.start_us);
-            w.1 = w.1.max(e.end_us);
-            if let Some(b) = w.2.get_mut(e.stage as usize) {
-                *b += e.end_us - e.start_us;
-            }
-        }
+        let steps = self.step_windows(|s| s >= from_step);
         if steps.is_empty() {
             return None;
         }
@@ -178,6 +170,22 @@ impl Timeline {
             steps: steps.len() / replicas,
             step_seconds: span / steps.len() as f64 / 1e6,
         })
+    }
+
+    /// Per (replica, step) of the steps `keep` accepts: the window from the first piece of
+    /// work (forward, backward, optimiser) on any stage to the last, in µs, and each
+    /// stage's busy time in it.
+    pub fn step_windows(&self, keep: impl Fn(u64) -> bool) -> BTreeMap<(u32, u64), (u64, u64, Vec<u64>)> {
+        let mut steps: BTreeMap<(u32, u64), (u64, u64, Vec<u64>)> = BTreeMap::new();
+        for e in self.events.iter().filter(|e| e.kind.is_compute() && keep(e.step)) {
+            let w = steps.entry((e.replica, e.step)).or_insert((u64::MAX, 0, vec![0; self.stages]));
+            w.0 = w.0.min(e.start_us);
+            w.1 = w.1.max(e.end_us);
+            if let Some(b) = w.2.get_mut(e.stage as usize) {
+                *b += e.end_us - e.start_us;
+            }
+        }
+        steps
     }
 
     /// The most micro-batches each (replica, stage) held at once, from its events: a

@@ -143,14 +143,9 @@ pub fn timeline(path: &Path, t: &strata_train::pipeline::Timeline) -> Result<()>
         chart.configure_mesh().x_desc("ms").y_labels(rows * 4).y_label_formatter(&label).draw().map_err(e)?;
     }
     // Each step's window per row, shaded; the work drawn over it leaves the idle time red.
-    let mut windows: std::collections::BTreeMap<(u32, u64), (u64, u64)> = Default::default();
-    for ev in events.iter().filter(|e| e.kind.is_compute()) {
-        let w = windows.entry((ev.replica, ev.step)).or_insert((u64::MAX, 0));
-        w.0 = w.0.min(ev.start_us);
-        w.1 = w.1.max(ev.end_us);
-    }
+    let windows = t.step_windows(shown);
     let idle = RGBColor(244, 180, 180);
-    for ((replica, _), (a, b)) in &windows {
+    for ((replica, _), (a, b, _)) in &windows {
         for s in 0..t.stages {
             let y = (*replica as usize * t.stages + s) as f64;
             chart.draw_series([Rectangle::new([(ms(*a), y + 0.1), (ms(*b), y + 0.9)], idle.filled())]).map_err(e)?;
