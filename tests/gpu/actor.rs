@@ -99,3 +99,37 @@ async fn device_waits_and_actor_calls_are_bounded() {
     assert_eq!(y.shape().dims(), &[n, n]);
     handle.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn ranges_read_and_write_part_of_a_tensor_and_refuse_what_lies_outside() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let gpu = GpuHandle::start(&GpuOptions::from_env()).unwrap();
+    let x = HostTensor::random([7, 11], 5);
+    let id = gpu.upload(x.clone()).await.unwrap();
+    // Odd offsets and lengths, into a reused buffer of another size.
+    let got = gpu.read_range::<f32>(id, 13..50, vec![0.0; 3]).await.unwrap();
+    assert_eq!(got, x.data()[13..50]);
+    let got = gpu.read_range::<f32>(id, 76..77, got).await.unwrap();
+    assert_eq!(got, x.data()[76..77]);
+    assert!(gpu.read_range::<f32>(id, 5..5, Vec::new()).await.unwrap().is_empty());
+
+    let back = gpu.write_range(id, 3, vec![-1.0f32, -2.0, -3.0]).await.unwrap();
+    assert_eq!(back, vec![-1.0, -2.0, -3.0]);
+    let mut want = x.data().to_vec();
+    want[3..6].copy_from_slice(&[-1.0, -2.0, -3.0]);
+    assert_eq!(gpu.download::<f32>(id).await.unwrap().data(), &want[..]);
+
+    let e = gpu.read_range::<f32>(id, 70..78, Vec::new()).await.unwrap_err();
+    assert_eq!(e, GpuError::Range { op: "read_range", start: 70, end: 78, len: 77 });
+    assert_eq!(e.to_string(), "read_range: elements 70..78 are not within a tensor of 77 elements");
+    let e = gpu.write_range(id, 76, vec![0.0f32; 2]).await.unwrap_err();
+    assert_eq!(e, GpuError::Range { op: "write_range", start: 76, end: 78, len: 77 });
+    assert!(matches!(gpu.read_range::<u32>(id, 0..1, Vec::new()).await, Err(GpuError::DType { .. })));
+    let ghost = TensorId(999_999);
+    assert!(matches!(gpu.write_range(ghost, 0, vec![1.0f32]).await, Err(GpuError::UnknownTensor { .. })));
+    // Nothing refused changed the tensor.
+    assert_eq!(gpu.download::<f32>(id).await.unwrap().data(), &want[..]);
+    gpu.shutdown().await;
+}

@@ -224,3 +224,102 @@ async fn services_answer_members_and_operators_with_their_verified_names() {
         n.shutdown().await;
     }
 }
+
+/// Device tensors into the all-reduce and back: every rank's result is bitwise the host
+/// all-reduce of each piece (f32 and compressed, with a prepare step, in place or into
+/// another tensor), and a rank's mistake fails it at once and aborts the others promptly.
+#[actix_rt::test]
+async fn device_tensors_all_reduce_piece_by_piece_and_mistakes_abort_every_rank() {
+    use strata_collective::{CollectiveError, TensorReduce};
+    use strata_gpu::{GpuHandle, GpuOptions};
+    if crate::common::gpu().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path(), 3).await;
+    let gs =
+        groups(&nodes, GroupOptions { seg_len: 1000, timeout: Duration::from_secs(20), ..Default::default() }).await;
+    let gpus: Vec<GpuHandle> = (0..3).map(|_| GpuHandle::start(&GpuOptions::from_env()).unwrap()).collect();
+    let cases = [
+        (1usize, TensorReduce::new(ReduceOp::Sum), false),
+        (2_501, TensorReduce::new(ReduceOp::Mean).piece_len(700), true),
+        (100_003, TensorReduce::new(ReduceOp::Mean).piece_len(30_000), false),
+        (20_011, TensorReduce::new(ReduceOp::Sum).wire(Compression::Bf16).piece_len(4_000), true),
+        (20_011, TensorReduce::new(ReduceOp::Mean).wire(Compression::Fp16).piece_len(100_000), false),
+    ];
+    for (case, (len, spec, in_place)) in cases.into_iter().enumerate() {
+        let xs = inputs(3, len, 90 + case as u64);
+        // What each rank's prepare step makes of its input: doubled.
+        let prepared: Vec<Vec<f32>> = xs.iter().map(|x| x.iter().map(|v| v * 2.0).collect()).collect();
+        let mut want = Vec::with_capacity(len);
+        for piece in spec.pieces(len) {
+            let futs = gs
+                .iter()
+                .zip(&prepared)
+                .map(|(g, x)| g.all_reduce_compressed(x[piece.clone()].to_vec(), spec.op, spec.wire));
+            want.extend(futures_join(futs).await.remove(0).unwrap());
+        }
+        let mut ids = Vec::new();
+        for (gpu, x) in gpus.iter().zip(&xs) {
+            let src = gpu.upload(HostTensor::new([len], x.clone()).unwrap()).await.unwrap();
+            let dst = if in_place {
+                src
+            } else {
+                gpu.upload(HostTensor::new([len], vec![f32::NAN; len]).unwrap()).await.unwrap()
+            };
+            ids.push((src, dst));
+        }
+        let futs = gs.iter().zip(&gpus).zip(&ids).map(|((g, gpu), &(src, dst))| {
+            g.all_reduce_tensor_with(gpu, src, dst, len, &spec, |range, x| {
+                assert_eq!(range.len(), x.len());
+                x.iter_mut().for_each(|v| *v *= 2.0);
+            })
+        });
+        for r in futures_join(futs).await {
+            r.unwrap();
+        }
+        let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+        for (r, (gpu, &(_, dst))) in gpus.iter().zip(&ids).enumerate() {
+            let got: Vec<u32> = gpu.download::<f32>(dst).await.unwrap().data().iter().map(|v| v.to_bits()).collect();
+            assert!(got == want, "case {case} ({len} elements, {spec:?}): rank {r} differs from the host all-reduce");
+        }
+    }
+
+    // Rank 0 names a length its tensor does not have, then a tensor it does not hold:
+    // it fails at once with what is wrong, and the others are aborted long before their
+    // 20 s timeout.
+    let len = 5_000;
+    let mut ids = Vec::new();
+    for gpu in &gpus {
+        ids.push(gpu.upload(HostTensor::new([len], vec![1.0f32; len]).unwrap()).await.unwrap());
+    }
+    let spec = TensorReduce::new(ReduceOp::Sum).piece_len(2_000);
+    for mistake in 0..2 {
+        let started = std::time::Instant::now();
+        let futs = gs.iter().zip(&gpus).zip(&ids).enumerate().map(|(r, ((g, gpu), &id))| {
+            let src = if r == 0 && mistake == 1 { gpu.new_id() } else { id };
+            let n = if r == 0 && mistake == 0 { len + 1 } else { len };
+            g.all_reduce_tensor(gpu, src, id, n, &spec)
+        });
+        let results = futures_join(futs).await;
+        match (&results[0], mistake) {
+            (Err(CollectiveError::Argument { message, .. }), 0) => {
+                assert!(message.contains("5000 elements, the call says 5001"), "{message}")
+            }
+            (Err(CollectiveError::Device { message, .. }), 1) => {
+                assert!(message.contains("unknown tensor"), "{message}")
+            }
+            (other, _) => panic!("mistake {mistake}: rank 0 got {other:?}"),
+        }
+        for (r, res) in results.iter().enumerate().skip(1) {
+            assert!(matches!(res, Err(CollectiveError::Aborted { .. })), "mistake {mistake}: rank {r} got {res:?}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the others waited {:?}", started.elapsed());
+    }
+    for gpu in &gpus {
+        gpu.shutdown().await;
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}

@@ -139,7 +139,7 @@ impl Group {
         &self.node
     }
 
-    fn next_op(&self) -> u64 {
+    pub(crate) fn next_op(&self) -> u64 {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         fnv(&[&self.id.to_le_bytes(), b"collective", &seq.to_le_bytes()])
     }
@@ -155,6 +155,10 @@ impl Group {
             &(to as u64).to_le_bytes(),
             &seq.to_le_bytes(),
         ])
+    }
+
+    pub(crate) fn options(&self) -> &GroupOptions {
+        &self.options
     }
 
     /// Sum or mean of `buf` over all ranks; every rank gets bitwise the same result.
@@ -247,7 +251,7 @@ impl Group {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&r);
     }
 
-    async fn run(&self, op: u64, machine: impl Machine + 'static) -> Result<Vec<f32>, CollectiveError> {
+    pub(crate) async fn run(&self, op: u64, machine: impl Machine + 'static) -> Result<Vec<f32>, CollectiveError> {
         let name = machine.name();
         let mut inbox = self.node.open_op(op);
         let result = self.drive(op, machine, &mut inbox).await;
@@ -255,19 +259,23 @@ impl Group {
         if let Err(e) = &result {
             // Tell the others, so they fail now rather than at their timeout.
             if !matches!(e, CollectiveError::Aborted { .. }) {
-                let message = e.to_string();
-                for r in (0..self.world()).filter(|&r| r != self.rank) {
-                    if let Ok(l) = self.link(r).await {
-                        let body = Body::Abort { op, message: message.clone() };
-                        tokio::spawn(async move {
-                            let _ = tokio::time::timeout(Duration::from_secs(1), l.send(body, &[])).await;
-                        });
-                    }
-                }
+                self.abort_peers(op, e.to_string()).await;
             }
             tracing::warn!("{name} failed on {}: {e}", self.node.name());
         }
         result
+    }
+
+    /// Tells every other rank that operation `op` failed here (without waiting for them).
+    pub(crate) async fn abort_peers(&self, op: u64, message: String) {
+        for r in (0..self.world()).filter(|&r| r != self.rank) {
+            if let Ok(l) = self.link(r).await {
+                let body = Body::Abort { op, message: message.clone() };
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), l.send(body, &[])).await;
+                });
+            }
+        }
     }
 
     async fn drive(

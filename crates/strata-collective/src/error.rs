@@ -48,6 +48,15 @@ pub enum CollectiveError {
     /// The node runtime refused.
     #[error("collective: {0}")]
     Net(#[from] strata_net::NetError),
+    /// The GPU actor holding the operation's tensor failed (reading, writing, or a tensor
+    /// of another length than the call said).
+    #[error("collective {op} on a device tensor: {message}")]
+    Device {
+        /// Operation name.
+        op: &'static str,
+        /// The device's error.
+        message: String,
+    },
     /// The arguments do not fit the operation.
     #[error("collective {op}: {message}")]
     Argument {

@@ -14,10 +14,12 @@
 //! ([`Compression`]) rounds in the same places on every rank, so it stays bitwise
 //! identical too.
 
+mod device;
 mod driver;
 mod error;
 mod machines;
 
+pub use device::TensorReduce;
 pub use driver::{Group, GroupOptions};
 pub use error::CollectiveError;
 pub use machines::{

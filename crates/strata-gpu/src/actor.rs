@@ -51,6 +51,32 @@ pub struct Download<T: Element> {
     pub _t: PhantomData<fn() -> T>,
 }
 
+/// Copies elements `range` of the tensor under `id` into `buf` (resized to the range's
+/// length) and hands `buf` back, so callers reuse their host memory.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<T>>")]
+pub struct ReadRange<T: Element> {
+    /// The handle.
+    pub id: TensorId,
+    /// Elements to read.
+    pub range: std::ops::Range<usize>,
+    /// Where to put them.
+    pub buf: Vec<T>,
+}
+
+/// Overwrites elements `offset..offset + data.len()` of the tensor under `id`, and hands
+/// `data` back for reuse.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<T>>")]
+pub struct WriteRange<T: Element> {
+    /// The handle.
+    pub id: TensorId,
+    /// First element written.
+    pub offset: usize,
+    /// The values.
+    pub data: Vec<T>,
+}
+
 /// Runs a program atomically.
 #[derive(Message)]
 #[rtype(result = "Result<()>")]
@@ -100,6 +126,24 @@ impl<T: Element> Handler<Download<T>> for GpuActor {
     type Result = Result<HostTensor<T>>;
     fn handle(&mut self, msg: Download<T>, _: &mut SyncContext<Self>) -> Self::Result {
         self.exec()?.download(msg.id)
+    }
+}
+
+impl<T: Element> Handler<ReadRange<T>> for GpuActor {
+    type Result = Result<Vec<T>>;
+    fn handle(&mut self, msg: ReadRange<T>, _: &mut SyncContext<Self>) -> Self::Result {
+        let ReadRange { id, range, mut buf } = msg;
+        buf.resize(range.len(), T::default());
+        self.exec()?.read_range(id, range, &mut buf)?;
+        Ok(buf)
+    }
+}
+
+impl<T: Element> Handler<WriteRange<T>> for GpuActor {
+    type Result = Result<Vec<T>>;
+    fn handle(&mut self, msg: WriteRange<T>, _: &mut SyncContext<Self>) -> Self::Result {
+        self.exec()?.write_range(msg.id, msg.offset, &msg.data)?;
+        Ok(msg.data)
     }
 }
 
@@ -234,6 +278,23 @@ impl GpuHandle {
     /// Downloads a tensor.
     pub async fn download<T: Element>(&self, id: TensorId) -> Result<HostTensor<T>> {
         self.ask("download", Download::<T> { id, _t: PhantomData }).await?
+    }
+
+    /// Reads elements `range` of a tensor into `buf` (resized to fit; its allocation is
+    /// reused) and returns it: one host copy, out of the staging buffer.
+    pub async fn read_range<T: Element>(
+        &self,
+        id: TensorId,
+        range: std::ops::Range<usize>,
+        buf: Vec<T>,
+    ) -> Result<Vec<T>> {
+        self.ask("read_range", ReadRange { id, range, buf }).await?
+    }
+
+    /// Overwrites elements `offset..offset + data.len()` of a tensor, keeping the rest, and
+    /// returns `data` for reuse.
+    pub async fn write_range<T: Element>(&self, id: TensorId, offset: usize, data: Vec<T>) -> Result<Vec<T>> {
+        self.ask("write_range", WriteRange { id, offset, data }).await?
     }
 
     /// Runs a program atomically.

@@ -108,6 +108,18 @@ pub enum GpuError {
     /// The GPU actor is gone (its thread stopped).
     #[error("the GPU actor is not running")]
     ActorGone,
+    /// An element range that does not lie within the tensor.
+    #[error("{op}: elements {start}..{end} are not within a tensor of {len} elements")]
+    Range {
+        /// The operation.
+        op: &'static str,
+        /// First element of the range.
+        start: usize,
+        /// One past its last element.
+        end: usize,
+        /// The tensor's element count.
+        len: usize,
+    },
 }
 
 /// Result type of this crate.

@@ -6,6 +6,7 @@
 //! parameter blocks are packed into a reusable uniform arena and bound with dynamic
 //! offsets, so a steady loop creates no buffers at all.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use strata_tensor::{DType, Element, HostTensor, Shape};
@@ -394,20 +395,61 @@ impl Gpu {
 
     /// Copies a device tensor back to the host (flushes and waits).
     pub fn download<T: Element>(&mut self, t: &GpuTensor) -> Result<HostTensor<T>> {
-        if t.dtype() != T::DTYPE {
-            return Err(GpuError::DType {
-                op: "download",
-                what: "source",
-                got: t.dtype().name(),
-                expected: T::DTYPE.name(),
-            });
+        check_dtype::<T>("download", "source", t)?;
+        let mut data = Vec::new();
+        self.read_bytes(t, 0, t.size_bytes() as usize, |bytes| data = bytemuck::cast_slice(bytes).to_vec())?;
+        Ok(HostTensor::new(t.shape().clone(), data)?)
+    }
+
+    /// Copies elements `range` of a device tensor into `dst` (flushes and waits): one
+    /// copy on the host, from the mapped staging buffer into the caller's memory, which
+    /// can be reused from call to call (gradient buckets, collective pieces).
+    pub fn read_range<T: Element>(&mut self, t: &GpuTensor, range: Range<usize>, dst: &mut [T]) -> Result<()> {
+        check_dtype::<T>("read_range", "source", t)?;
+        check_range("read_range", t, &range)?;
+        if dst.len() != range.len() {
+            return Err(strata_tensor::TensorError::DataLength {
+                shape: format!("[{}]", range.len()),
+                expected: range.len(),
+                got: dst.len(),
+            }
+            .into());
         }
-        let bytes = t.size_bytes().next_multiple_of(4);
-        if bytes == 0 {
-            return Ok(HostTensor::new(t.shape().clone(), Vec::new())?);
+        let size = size_of::<T>();
+        self.read_bytes(t, range.start * size, range.len() * size, |bytes| {
+            dst.copy_from_slice(bytemuck::cast_slice(bytes))
+        })
+    }
+
+    /// Overwrites elements `offset..offset + data.len()` of a device tensor; the rest keeps
+    /// its contents. Ordered after everything recorded before it, like [`Gpu::write`].
+    pub fn write_range<T: Element>(&mut self, t: &GpuTensor, offset: usize, data: &[T]) -> Result<()> {
+        check_dtype::<T>("write_range", "destination", t)?;
+        check_range("write_range", t, &(offset..offset + data.len()))?;
+        self.flush()?;
+        if !data.is_empty() {
+            let at = (offset * size_of::<T>()) as u64;
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            // Queue writes need sizes and offsets in multiples of 4 bytes; every element
+            // type here is 4 bytes wide.
+            debug_assert!(at.is_multiple_of(4) && bytes.len().is_multiple_of(4));
+            self.queue.write_buffer(t.buffer(), at, bytes);
         }
+        Ok(())
+    }
+
+    /// Copies `len` bytes of `t` from byte `offset` through a staging buffer and hands the
+    /// mapped bytes to `f` (flushes and waits); `f` is not called when `len` is 0.
+    fn read_bytes(&mut self, t: &GpuTensor, offset: usize, len: usize, f: impl FnOnce(&[u8])) -> Result<()> {
+        if len == 0 {
+            // Nothing to copy (and an empty byte slice need not be aligned for `T`).
+            return Ok(());
+        }
+        // Buffer copies move multiples of 4 bytes from 4-byte aligned offsets.
+        let start = offset & !3;
+        let bytes = (offset + len - start).next_multiple_of(4) as u64;
         let (staging, class) = self.staging.acquire(&self.device, bytes, u64::MAX)?;
-        self.encoder().copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, bytes);
+        self.encoder().copy_buffer_to_buffer(t.buffer(), start as u64, &staging, 0, bytes);
         self.flush()?;
         let slice = staging.slice(..bytes);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -417,14 +459,13 @@ impl Gpu {
         self.wait("download")?;
         let mapped = rx.recv().map_err(|e| GpuError::Readback(e.to_string()))?;
         mapped.map_err(|e| GpuError::Readback(e.to_string()))?;
-        let data: Vec<T> = {
+        {
             let view = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
-            bytemuck::cast_slice(&view[..t.size_bytes() as usize]).to_vec()
-        };
+            f(&view[offset - start..offset - start + len]);
+        }
         staging.unmap();
         self.staging.release(staging, class);
-        self.check_errors()?;
-        Ok(HostTensor::new(t.shape().clone(), data)?)
+        self.check_errors()
     }
 
     /// Downloads a one-element tensor as a scalar.
@@ -622,4 +663,18 @@ impl Gpu {
         // Keep room for the 16-byte round-up of a binding's size.
         (aligned - self.storage_align.max(16)) / elem_bytes
     }
+}
+
+fn check_dtype<T: Element>(op: &'static str, what: &'static str, t: &GpuTensor) -> Result<()> {
+    if t.dtype() != T::DTYPE {
+        return Err(GpuError::DType { op, what, got: t.dtype().name(), expected: T::DTYPE.name() });
+    }
+    Ok(())
+}
+
+fn check_range(op: &'static str, t: &GpuTensor, range: &Range<usize>) -> Result<()> {
+    if range.start > range.end || range.end > t.numel() {
+        return Err(GpuError::Range { op, start: range.start, end: range.end, len: t.numel() });
+    }
+    Ok(())
 }

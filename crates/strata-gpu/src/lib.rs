@@ -19,7 +19,7 @@ mod pool;
 mod program;
 mod tensor;
 
-pub use actor::{Download, Free, GpuActor, GpuHandle, Info, Run, Shutdown, Stats, Upload, With};
+pub use actor::{Download, Free, GpuActor, GpuHandle, Info, ReadRange, Run, Shutdown, Stats, Upload, With, WriteRange};
 pub use device::{AdapterRequest, DeviceInfo, list_adapters};
 pub use error::{GpuError, Result};
 pub use gpu::{DEVICE_TIMEOUT_DEFAULT, GemmKernel, Gpu, GpuOptions, GpuStats, KernelTime};

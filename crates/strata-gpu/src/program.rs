@@ -454,6 +454,18 @@ impl Executor {
         self.gpu.download(&t)
     }
 
+    /// Copies elements `range` of the tensor under `id` into `dst` (see [`Gpu::read_range`]).
+    pub fn read_range<T: Element>(&mut self, id: TensorId, range: std::ops::Range<usize>, dst: &mut [T]) -> Result<()> {
+        let t = self.tensors.get(&id).cloned().ok_or(GpuError::UnknownTensor { op: "read_range", id })?;
+        self.gpu.read_range(&t, range, dst)
+    }
+
+    /// Overwrites elements from `offset` of the tensor under `id` (see [`Gpu::write_range`]).
+    pub fn write_range<T: Element>(&mut self, id: TensorId, offset: usize, data: &[T]) -> Result<()> {
+        let t = self.tensors.get(&id).cloned().ok_or(GpuError::UnknownTensor { op: "write_range", id })?;
+        self.gpu.write_range(&t, offset, data)
+    }
+
     /// Runs `ops` atomically as one submission (see the module docs).
     pub fn run(&mut self, ops: &[Op]) -> Result<()> {
         let mut staged = Staged { table: &self.tensors, changes: HashMap::new() };

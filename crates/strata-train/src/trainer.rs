@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_collective::{Compression, Group, ReduceOp};
+use strata_collective::{Compression, Group, ReduceOp, TensorReduce};
 use strata_gpu::{GpuHandle, TensorId};
 use strata_nn::checkpoint::{self, Checkpoint, TrainState};
 use strata_nn::data::{Batch, Dataset, DistributedSampler, Loader};
@@ -141,14 +141,14 @@ pub struct Trainer {
     last_samples: usize,
     /// Per gradient bucket, what compression's rounding dropped last step (this rank's).
     residuals: Vec<Vec<f32>>,
+    /// Whether the buckets' all-reduce destinations exist on the device (the all-reduce
+    /// writes into them piece by piece).
+    reduced_allocated: bool,
 }
 
 /// Error feedback for one bucket: adds the residual of the previous step to `x` and
 /// keeps what rounding `x` to `wire` will drop (the all-reduce rounds each rank's input).
-fn error_feedback(wire: Compression, x: &mut [f32], residual: &mut Vec<f32>) {
-    if residual.len() != x.len() {
-        *residual = vec![0.0; x.len()];
-    }
+fn error_feedback(wire: Compression, x: &mut [f32], residual: &mut [f32]) {
     for (v, r) in x.iter_mut().zip(residual.iter_mut()) {
         let s = *v + *r;
         *r = s - wire.round_one(s);
@@ -210,11 +210,10 @@ fn reduce_op(weight: Option<f32>) -> ReduceOp {
 }
 
 /// Scales a rank's mean gradient by its part of the global batch (`n / global`).
-fn weigh(mut grads: Vec<f32>, weight: Option<f32>) -> Vec<f32> {
+fn weigh(grads: &mut [f32], weight: Option<f32>) {
     if let Some(w) = weight {
         grads.iter_mut().for_each(|g| *g *= w);
     }
-    grads
 }
 
 impl EpochRun {
@@ -267,6 +266,7 @@ impl Trainer {
             window: Throughput::default(),
             last_samples: 0,
             residuals: Vec::new(),
+            reduced_allocated: false,
         };
         t.initialise().await?;
         Ok(t)
@@ -452,46 +452,48 @@ impl Trainer {
         if distributed {
             let group = self.group.as_ref().expect("distributed");
             let op = reduce_op(weight);
+            if !self.reduced_allocated {
+                for b in &model.buckets {
+                    let zeros = HostTensor::new([b.len], vec![0.0f32; b.len]).map_err(strata_nn::NnError::from)?;
+                    gpu.upload_as(b.reduced, zeros).await?;
+                }
+                self.reduced_allocated = true;
+            }
             gpu.run(first).await?;
-            let mut flat = self.download_many(vec![model.buckets[0].flat]).await?.remove(0).into_data();
             let wire = self.config.compression;
+            let spec = TensorReduce::new(op).wire(wire);
             let mut residuals = std::mem::take(&mut self.residuals);
             residuals.resize_with(model.buckets.len(), Vec::new);
-            for (k, residual) in residuals.iter_mut().enumerate() {
-                // Weighted first: the residual is what the wire drops of what is sent.
-                flat = weigh(std::mem::take(&mut flat), weight);
-                if wire != Compression::None {
-                    error_feedback(wire, &mut flat, residual);
+            for (bucket, residual) in model.buckets.iter().zip(residuals.iter_mut()) {
+                if wire != Compression::None && residual.len() != bucket.len {
+                    *residual = vec![0.0; bucket.len];
                 }
                 let next = segments.next();
-                let next_bucket = model.buckets.get(k + 1).map(|b| b.flat);
-                // The GPU works on the next segment while this bucket crosses the network.
-                let gpu_part = async {
-                    match (next, next_bucket) {
-                        (Some(seg), Some(id)) => {
-                            gpu.run(seg).await?;
-                            let t = gpu.download::<f32>(id).await?;
-                            Ok::<_, TrainError>((Some(t.into_data()), Instant::now()))
-                        }
-                        _ => Ok((None, Instant::now())),
-                    }
-                };
+                // The bucket goes from the device into the all-reduce and back in pieces;
+                // their reads are queued on the GPU actor before the next segment, which
+                // runs while the pieces cross the network.
                 let comm_part = async {
-                    let r = group.all_reduce_compressed(std::mem::take(&mut flat), op, wire).await;
+                    let r = group
+                        .all_reduce_tensor_with(gpu, bucket.flat, bucket.reduced, bucket.len, &spec, |range, x| {
+                            // Weighted first: the residual is what the wire drops of what is sent.
+                            weigh(x, weight);
+                            if wire != Compression::None {
+                                error_feedback(wire, x, &mut residual[range]);
+                            }
+                        })
+                        .await;
                     (r, Instant::now())
                 };
-                let (gpu_result, (reduced, comm_done)) = tokio::join!(gpu_part, comm_part);
-                let (next_flat, gpu_done) = gpu_result?;
-                let reduced = reduced?;
+                let gpu_part = async {
+                    if let Some(seg) = next {
+                        gpu.run(seg).await?;
+                    }
+                    Ok::<_, TrainError>(Instant::now())
+                };
+                let ((reduced, comm_done), gpu_result) = tokio::join!(comm_part, gpu_part);
+                let gpu_done = gpu_result?;
+                reduced?;
                 exposed += comm_done.saturating_duration_since(gpu_done);
-                gpu.upload_as(
-                    model.buckets[k].reduced,
-                    HostTensor::new([reduced.len()], reduced).map_err(strata_nn::NnError::from)?,
-                )
-                .await?;
-                if let Some(f) = next_flat {
-                    flat = f;
-                }
             }
             self.residuals = residuals;
         } else {

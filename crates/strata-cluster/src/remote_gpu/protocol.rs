@@ -240,6 +240,7 @@ pub enum WireGpuError {
     Readback(String),
     Timeout { op: String, millis: u64 },
     ActorGone,
+    Range { op: String, start: u64, end: u64, len: u64 },
 }
 
 impl From<&GpuError> for WireGpuError {
@@ -273,6 +274,9 @@ impl From<&GpuError> for WireGpuError {
             GpuError::Readback(m) => Self::Readback(m),
             GpuError::Timeout { op, millis } => Self::Timeout { op: op.into(), millis },
             GpuError::ActorGone => Self::ActorGone,
+            GpuError::Range { op, start, end, len } => {
+                Self::Range { op: op.into(), start: start as u64, end: end as u64, len: len as u64 }
+            }
         }
     }
 }
@@ -308,6 +312,9 @@ impl WireGpuError {
             Self::Readback(m) => GpuError::Readback(m),
             Self::Timeout { op, millis } => GpuError::Timeout { op: intern(op), millis },
             Self::ActorGone => GpuError::ActorGone,
+            Self::Range { op, start, end, len } => {
+                GpuError::Range { op: intern(op), start: start as usize, end: end as usize, len: len as usize }
+            }
         }
     }
 }
@@ -373,6 +380,7 @@ mod tests {
             GpuError::OutOfMemory { requested_bytes: 1, in_use_bytes: 2, limit_bytes: 3 },
             GpuError::Timeout { op: "run", millis: 5 },
             GpuError::ActorGone,
+            GpuError::Range { op: "read_range", start: 3, end: 9, len: 4 },
         ];
         for e in errors {
             let wire: WireGpuError = decode(&encode(&WireGpuError::from(&e))).unwrap();
