@@ -301,10 +301,12 @@ pub fn verify_identity(cert: &CertificateDer<'_>, role: Role, name: &str) -> Res
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite::{
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
-    let mut p = rustls::crypto::ring::default_provider();
+    // aws-lc's AES-GCM uses the CPU's vector AES where it has it: 15.6-16.0 GB/s for one
+    // core sealing 64 KiB packets here, against 6.8-7.6 for ring's (BENCHMARKS.md).
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     // AES-128-GCM first: as secure for this purpose and about a third cheaper per byte
     // than AES-256, and on a 2-core machine every encrypted byte costs CPU.
     p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
