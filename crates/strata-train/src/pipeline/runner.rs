@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_collective::{CollectiveError, Group, GroupOptions, ReduceOp};
+use strata_collective::{CollectiveError, Group, GroupOptions, ReduceOp, TensorReduce};
 use strata_gpu::{GpuHandle, Op, TensorId};
 use strata_net::MembershipEvent;
 use strata_nn::checkpoint::{self, Checkpoint, TrainState};
@@ -523,16 +523,20 @@ impl PipelineTrainer {
         let scale = 1.0 / m as f32;
         match self.dp.as_ref().filter(|_| self.stage.flat_len() > 0) {
             Some(g) => {
+                let len = self.stage.flat_len();
+                let mut uploads = Vec::new();
+                if self.steps_run == 0 {
+                    // The all-reduce writes its result into this tensor piece by piece.
+                    uploads.push((self.stage.reduced, HostTensor::new([len], vec![0.0; len]).map_err(NnError::from)?));
+                }
                 let ops = self.stage.finish_gradients(scale, true);
-                let flat = run_on(&self.gpu, Vec::new(), Vec::new(), ops, vec![self.stage.flat]).await?.remove(0);
-                let reduced = match g.all_reduce(flat, ReduceOp::Mean).await {
-                    Ok(r) => r,
-                    Err(e) => return Err(self.explain(e.into()).await),
-                };
-                let len = reduced.len();
-                let reduced = HostTensor::new([len], reduced).map_err(NnError::from)?;
+                run_on(&self.gpu, uploads, Vec::new(), ops, Vec::new()).await?;
+                let spec = TensorReduce::new(ReduceOp::Mean);
+                if let Err(e) = g.all_reduce_tensor(&self.gpu, self.stage.flat, self.stage.reduced, len, &spec).await {
+                    return Err(self.explain(e.into()).await);
+                }
                 let ops = self.stage.apply(&self.config.optimizer, step_no, true);
-                run_on(&self.gpu, vec![(self.stage.reduced, reduced)], Vec::new(), ops, Vec::new()).await?;
+                run_on(&self.gpu, Vec::new(), Vec::new(), ops, Vec::new()).await?;
             }
             None => {
                 let mut ops = self.stage.finish_gradients(scale, false);
