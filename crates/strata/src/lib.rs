@@ -8,7 +8,9 @@
 //! - [`cluster`]: the cluster as one machine: the task queue ([`cluster::tasks`]: task
 //!   functions by name, priorities, resource demands, [`cluster::tasks::TaskClient`]),
 //!   remote GPU actors and map-reduce.
-//! - [`collective`]: all-reduce, broadcast, all-gather, reduce-scatter, send/recv.
+//! - [`collective`]: all-reduce (of host buffers, or of device tensors straight from and
+//!   back to a GPU actor: [`collective::Group::all_reduce_tensor`]), broadcast, all-gather,
+//!   reduce-scatter, send/recv.
 //! - [`nn`] and [`train`]: models, data, checkpoints, data-parallel training.
 //! - [`sched`]: the sans-IO scheduler under the task queue.
 //!
@@ -34,7 +36,7 @@ pub mod prelude {
         Demand, ExecOptions, ExecService, SchedulerOptions, SchedulerService, TaskClient, TaskContext, TaskFuture,
         TaskInput, TaskOutcome, TaskOutput, TaskRegistry, TaskRequest,
     };
-    pub use strata_collective::{Group, GroupOptions, ReduceOp};
+    pub use strata_collective::{Compression, Group, GroupOptions, ReduceOp, TensorReduce};
     pub use strata_gpu::{GpuHandle, GpuOptions, Op, TensorId};
     pub use strata_net::{Node, NodeConfig, NodeHandle, OperatorClient};
     pub use strata_tensor::HostTensor;
