@@ -225,11 +225,12 @@ async fn services_answer_members_and_operators_with_their_verified_names() {
     }
 }
 
-/// Device tensors into the all-reduce and back: every rank's result is bitwise the host
-/// all-reduce of each piece (f32 and compressed, with a prepare step, in place or into
-/// another tensor), and a rank's mistake fails it at once and aborts the others promptly.
+/// Device tensors into the collectives and back: every rank's all-reduce result is
+/// bitwise the host all-reduce of each piece (f32 and compressed, with a prepare step, in
+/// place or into another tensor), broadcast and send/recv deliver the exact data, and a
+/// rank's mistake fails it at once and aborts the others promptly.
 #[actix_rt::test]
-async fn device_tensors_all_reduce_piece_by_piece_and_mistakes_abort_every_rank() {
+async fn device_tensors_go_through_collectives_piece_by_piece_and_mistakes_abort_every_rank() {
     use strata_collective::{CollectiveError, TensorReduce};
     use strata_gpu::{GpuHandle, GpuOptions};
     if crate::common::gpu().is_none() {
@@ -284,6 +285,36 @@ async fn device_tensors_all_reduce_piece_by_piece_and_mistakes_abort_every_rank(
             assert!(got == want, "case {case} ({len} elements, {spec:?}): rank {r} differs from the host all-reduce");
         }
     }
+
+    // Broadcast from rank 1, then rank 2 sends to rank 0, over more than one piece.
+    let len = 600_001;
+    let xs = inputs(3, len, 77);
+    let mut ids = Vec::new();
+    for (gpu, x) in gpus.iter().zip(&xs) {
+        ids.push(gpu.upload(HostTensor::new([len], x.clone()).unwrap()).await.unwrap());
+    }
+    let futs = gs.iter().zip(&gpus).zip(&ids).map(|((g, gpu), &id)| g.broadcast_tensor(gpu, 1, id, len));
+    for r in futures_join(futs).await {
+        r.unwrap();
+    }
+    for (r, (gpu, &id)) in gpus.iter().zip(&ids).enumerate() {
+        assert!(gpu.download::<f32>(id).await.unwrap().data() == &xs[1][..], "broadcast: rank {r} differs");
+    }
+    let fresh = gpus[2].upload(HostTensor::new([len], xs[2].clone()).unwrap()).await.unwrap();
+    let (sent, received) =
+        tokio::join!(gs[2].send_tensor(&gpus[2], 0, fresh, len), gs[0].recv_tensor(&gpus[0], 2, ids[0], len));
+    sent.unwrap();
+    received.unwrap();
+    assert!(gpus[0].download::<f32>(ids[0]).await.unwrap().data() == &xs[2][..], "send/recv differs");
+    // A receive into a tensor of another length is refused, and the sender is aborted.
+    let short = gpus[0].upload(HostTensor::new([len - 1], vec![0.0f32; len - 1]).unwrap()).await.unwrap();
+    let (sent, received) =
+        tokio::join!(gs[2].send_tensor(&gpus[2], 0, fresh, len), gs[0].recv_tensor(&gpus[0], 2, short, len));
+    assert!(
+        matches!(&received, Err(CollectiveError::Argument { message, .. }) if message.contains("destination tensor has 600000 elements")),
+        "{received:?}"
+    );
+    assert!(matches!(sent, Err(CollectiveError::Aborted { .. })), "{sent:?}");
 
     // Rank 0 names a length its tensor does not have, then a tensor it does not hold:
     // it fails at once with what is wrong, and the others are aborted long before their

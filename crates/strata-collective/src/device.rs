@@ -25,9 +25,12 @@ use strata_gpu::{GpuHandle, TensorId};
 use strata_net::buffers::{recycle, take_f32};
 use strata_tensor::shard::even_ranges;
 
-use crate::CollectiveError;
 use crate::driver::Group;
-use crate::machines::{AllReduce, Compression, ReduceOp};
+use crate::machines::{self, AllReduce, Broadcast, Compression, Machine, Recv, ReduceOp};
+use crate::{CollectiveError, Rank};
+
+/// Elements per piece unless a call says otherwise (256 Ki, 1 MiB of f32).
+pub const PIECE_LEN_DEFAULT: usize = 256 << 10;
 
 const OP: &str = "all_reduce_tensor";
 
@@ -46,7 +49,7 @@ pub struct TensorReduce {
 impl TensorReduce {
     /// `op` with f32 on the wire and 256 Ki-element pieces.
     pub fn new(op: ReduceOp) -> Self {
-        Self { op, wire: Compression::None, piece_len: 256 << 10 }
+        Self { op, wire: Compression::None, piece_len: PIECE_LEN_DEFAULT }
     }
 
     /// The same with values travelling in `wire`.
@@ -111,75 +114,158 @@ impl Group {
         // Operation ids are taken now, in piece order, before anything waits, so that they
         // agree on every rank whatever order the pieces finish in.
         let ops: Vec<u64> = pieces.iter().map(|_| self.next_op()).collect();
+        let io = PieceIo { name: OP, read: Some(src), write: Some(dst), len };
+        let (rank, world, options) = (self.rank(), self.world(), self.options().clone());
+        self.run_pieces(gpu, io, pieces, ops, prepare, |_, buf| {
+            AllReduce::compressed(rank, world, buf, spec.op, options.algorithm, options.seg_len, spec.wire)
+        })
+        .await
+    }
+
+    /// Rank `root`'s device tensor `id` into every rank's `id` (each of `len` f32
+    /// elements; other ranks' contents are overwritten), in pieces of
+    /// [`PIECE_LEN_DEFAULT`] elements as [`Group::all_reduce_tensor`] does.
+    pub async fn broadcast_tensor(
+        &self,
+        gpu: &GpuHandle,
+        root: Rank,
+        id: TensorId,
+        len: usize,
+    ) -> Result<(), CollectiveError> {
+        const NAME: &str = "broadcast_tensor";
+        if root >= self.world() {
+            let message = format!("root {root} is not a rank of a group of {}", self.world());
+            return Err(CollectiveError::Argument { op: NAME, message });
+        }
+        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
+        let ops: Vec<u64> = pieces.iter().map(|_| self.next_op()).collect();
+        let mine = root == self.rank();
+        let io = PieceIo { name: NAME, read: mine.then_some(id), write: (!mine).then_some(id), len };
+        let (rank, world, seg_len) = (self.rank(), self.world(), self.options().seg_len);
+        self.run_pieces(gpu, io, pieces, ops, |_, _| {}, |_, buf| Broadcast::new(rank, world, root, buf, seg_len)).await
+    }
+
+    /// Sends this rank's device tensor `id` (`len` f32 elements) to rank `to`, which
+    /// calls [`Group::recv_tensor`] with the same length.
+    pub async fn send_tensor(
+        &self,
+        gpu: &GpuHandle,
+        to: Rank,
+        id: TensorId,
+        len: usize,
+    ) -> Result<(), CollectiveError> {
+        self.check_peer("send_tensor", to)?;
+        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
+        let ops: Vec<u64> = pieces.iter().map(|_| self.p2p_op(self.rank(), to)).collect();
+        let io = PieceIo { name: "send_tensor", read: Some(id), write: None, len };
+        let seg_len = self.options().seg_len;
+        self.run_pieces(gpu, io, pieces, ops, |_, _| {}, |_, buf| Ok(machines::Send::new(to, buf, seg_len))).await
+    }
+
+    /// Receives `len` f32 elements from rank `from` (its [`Group::send_tensor`]) into this
+    /// rank's existing device tensor `id` of that length.
+    pub async fn recv_tensor(
+        &self,
+        gpu: &GpuHandle,
+        from: Rank,
+        id: TensorId,
+        len: usize,
+    ) -> Result<(), CollectiveError> {
+        self.check_peer("recv_tensor", from)?;
+        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
+        let ops: Vec<u64> = pieces.iter().map(|_| self.p2p_op(from, self.rank())).collect();
+        let io = PieceIo { name: "recv_tensor", read: None, write: Some(id), len };
+        let seg_len = self.options().seg_len;
+        self.run_pieces(gpu, io, pieces, ops, |_, _| {}, |_, buf| Ok(Recv::into_buffer(from, buf, seg_len))).await
+    }
+
+    /// Runs one operation per piece, all at once (see the module docs): read the piece
+    /// (or start from zeros), prepare it, run `make`'s machine, write its result.
+    async fn run_pieces<P, M, F>(
+        &self,
+        gpu: &GpuHandle,
+        io: PieceIo,
+        pieces: Vec<Range<usize>>,
+        ops: Vec<u64>,
+        prepare: P,
+        make: F,
+    ) -> Result<(), CollectiveError>
+    where
+        P: FnMut(Range<usize>, &mut [f32]) + Send,
+        M: Machine + 'static,
+        F: Fn(Range<usize>, Vec<f32>) -> Result<M, CollectiveError>,
+    {
         let prepare = Mutex::new(prepare);
-        let prepare = &prepare;
+        let (prepare, make, io) = (&prepare, &make, &io);
         let futures: Vec<_> = pieces
             .into_iter()
             .zip(ops)
             .map(|(range, op)| async move {
-                let result = self.reduce_piece(gpu, src, dst, len, spec, range, op, prepare).await;
-                if let Err(e) = &result
-                    && matches!(e, CollectiveError::Device { .. } | CollectiveError::Argument { .. })
-                {
-                    // The ring never ran here: the others would wait for it until their
-                    // timeout.
-                    self.abort_peers(op, e.to_string()).await;
+                let result = async {
+                    let mut buf = io.fetch(gpu, range.clone()).await?;
+                    if io.read.is_some() {
+                        (prepare.lock().unwrap_or_else(|p| p.into_inner()))(range.clone(), &mut buf);
+                    }
+                    make(range.clone(), buf)
                 }
-                result
+                .await;
+                let machine = match result {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // The operation never ran here: the others would wait for this
+                        // rank until their timeout.
+                        self.abort_peers(op, e.to_string()).await;
+                        return Err(e);
+                    }
+                };
+                let out = self.run(op, machine).await?;
+                match io.write {
+                    Some(dst) => recycle(gpu.write_range(dst, range.start, out).await.map_err(|e| io.device(e))?),
+                    None => recycle(out),
+                }
+                Ok(())
             })
             .collect();
         join_all(futures).await.into_iter().collect()
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    async fn reduce_piece<P>(
-        &self,
-        gpu: &GpuHandle,
-        src: TensorId,
-        dst: TensorId,
-        len: usize,
-        spec: &TensorReduce,
-        range: Range<usize>,
-        op: u64,
-        prepare: &Mutex<P>,
-    ) -> Result<(), CollectiveError>
-    where
-        P: FnMut(Range<usize>, &mut [f32]) + Send,
-    {
-        fn device(e: strata_gpu::GpuError) -> CollectiveError {
-            CollectiveError::Device { op: OP, message: e.to_string() }
-        }
+/// Where a device-tensor collective's pieces come from and go to on this rank.
+struct PieceIo {
+    name: &'static str,
+    read: Option<TensorId>,
+    write: Option<TensorId>,
+    len: usize,
+}
+
+impl PieceIo {
+    fn device(&self, e: strata_gpu::GpuError) -> CollectiveError {
+        CollectiveError::Device { op: self.name, message: e.to_string() }
+    }
+
+    /// The piece's input: read from the device, or zeros to receive into. Either way the
+    /// tensors are first checked to hold `len` elements, in the same actor message.
+    async fn fetch(&self, gpu: &GpuHandle, range: Range<usize>) -> Result<Vec<f32>, CollectiveError> {
         let mut buf = take_f32(range.len());
         buf.resize(range.len(), 0.0);
-        let r = range.clone();
-        let mut buf = gpu
-            .with(move |ex| {
-                for (what, id) in [("source", src), ("destination", dst)] {
-                    let n = ex.get(id).map_err(device)?.numel();
-                    if n != len {
-                        let message = format!("the {what} tensor has {n} elements, the call says {len}");
-                        return Err(CollectiveError::Argument { op: OP, message });
-                    }
+        let (name, read, write, len) = (self.name, self.read, self.write, self.len);
+        let device = move |e: strata_gpu::GpuError| CollectiveError::Device { op: name, message: e.to_string() };
+        gpu.with(move |ex| {
+            for (what, id) in [("source", read), ("destination", write)] {
+                let Some(id) = id else { continue };
+                let n = ex.get(id).map_err(device)?.numel();
+                if n != len {
+                    let message = format!("the {what} tensor has {n} elements, the call says {len}");
+                    return Err(CollectiveError::Argument { op: name, message });
                 }
-                ex.read_range(src, r, &mut buf).map_err(device)?;
-                Ok(buf)
-            })
-            .await
-            .map_err(device)??;
-        (prepare.lock().unwrap_or_else(|p| p.into_inner()))(range.clone(), &mut buf);
-        let m = AllReduce::compressed(
-            self.rank(),
-            self.world(),
-            buf,
-            spec.op,
-            self.options().algorithm,
-            self.options().seg_len,
-            spec.wire,
-        )?;
-        let out = self.run(op, m).await?;
-        let out = gpu.write_range(dst, range.start, out).await.map_err(device)?;
-        recycle(out);
-        Ok(())
+            }
+            if let Some(src) = read {
+                ex.read_range(src, range, &mut buf).map_err(device)?;
+            }
+            Ok(buf)
+        })
+        .await
+        .map_err(device)?
     }
 }
 

@@ -144,7 +144,7 @@ impl Group {
         fnv(&[&self.id.to_le_bytes(), b"collective", &seq.to_le_bytes()])
     }
 
-    fn p2p_op(&self, from: Rank, to: Rank) -> u64 {
+    pub(crate) fn p2p_op(&self, from: Rank, to: Rank) -> u64 {
         let mut m = self.p2p.lock().unwrap_or_else(|p| p.into_inner());
         let seq = m.entry((from, to)).or_insert(0);
         *seq += 1;
@@ -226,7 +226,7 @@ impl Group {
         self.run(op, Recv::into_buffer(from, buf, self.options.seg_len)).await
     }
 
-    fn check_peer(&self, op: &'static str, r: Rank) -> Result<(), CollectiveError> {
+    pub(crate) fn check_peer(&self, op: &'static str, r: Rank) -> Result<(), CollectiveError> {
         if r >= self.world() || r == self.rank {
             return Err(CollectiveError::Argument {
                 op,

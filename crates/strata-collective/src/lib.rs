@@ -19,7 +19,7 @@ mod driver;
 mod error;
 mod machines;
 
-pub use device::TensorReduce;
+pub use device::{PIECE_LEN_DEFAULT, TensorReduce};
 pub use driver::{Group, GroupOptions};
 pub use error::CollectiveError;
 pub use machines::{
