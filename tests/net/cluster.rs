@@ -7,7 +7,7 @@ use strata_net::MembershipEvent;
 use strata_tensor::shard::even_ranges;
 use strata_tensor::{HostTensor, SplitMix64};
 
-use super::helpers::{cluster, groups};
+use super::helpers::{cluster, cluster_with, groups};
 use crate::common::futures_join;
 
 fn inputs(world: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {
@@ -153,8 +153,15 @@ async fn world_of_one_and_tensors_to_named_mailboxes() {
 
 #[actix_rt::test]
 async fn a_vanished_node_is_detected_and_fails_collectives_naming_it() {
+    // With the endpoint on a thread of its own, and sharing the node's thread.
+    for io_thread in [true, false] {
+        a_vanished_node_is_detected(io_thread).await;
+    }
+}
+
+async fn a_vanished_node_is_detected(io_thread: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = cluster(dir.path(), 3).await;
+    let nodes = cluster_with(dir.path(), 3, |c| strata_net::NodeConfig { io_thread: Some(io_thread), ..c }).await;
     let mut events = nodes[0].subscribe().await.unwrap();
     let gs = groups(&nodes, GroupOptions::default()).await;
     // node-2 stops answering without saying goodbye: its endpoint goes away.
@@ -166,9 +173,9 @@ async fn a_vanished_node_is_detected_and_fails_collectives_naming_it() {
         tokio::join!(gs[0].all_reduce(xs[0].clone(), ReduceOp::Sum), gs[1].all_reduce(xs[1].clone(), ReduceOp::Sum));
     for r in [r0, r1] {
         let e = r.unwrap_err().to_string();
-        assert!(e.contains("node-2"), "error does not name the dead peer: {e}");
+        assert!(e.contains("node-2"), "io thread {io_thread}: error does not name the dead peer: {e}");
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5), "io thread {io_thread}: took {:?}", started.elapsed());
     let failed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             if let Some(MembershipEvent::Failed { name, .. }) = events.recv().await {
@@ -179,6 +186,9 @@ async fn a_vanished_node_is_detected_and_fails_collectives_naming_it() {
     .await
     .unwrap();
     assert_eq!(failed, "node-2");
+    for node in &nodes[..2] {
+        node.shutdown().await;
+    }
 }
 
 /// Echoes the caller and doubles the tensor data; "fail" answers an error.

@@ -55,6 +55,13 @@ pub struct NodeConfig {
     pub peer_buffer_bytes_max: u64,
     /// How long data for a collective operation that nobody here opened is kept, ms.
     pub early_chunk_ttl_ms: u64,
+    /// Whether the QUIC endpoint (packet IO, encryption, stream reads) runs on a thread of
+    /// its own, overlapping with the actors and the collectives' arithmetic (`Some(true)`),
+    /// or on the node's thread (`Some(false)`), which saves a cross-thread wake-up per
+    /// datagram. `None` (the default) gives it a thread when the machine has at least two
+    /// cores per node process on it: the processes are counted by `LOCAL_WORLD_SIZE`, as
+    /// torchrun-style launchers set it, else 1. See [`NodeConfig::io_thread_of_its_own`].
+    pub io_thread: Option<bool>,
 }
 
 impl Default for NodeConfig {
@@ -80,6 +87,7 @@ impl Default for NodeConfig {
             socket_buffer_bytes: 8 << 20,
             peer_buffer_bytes_max: (Limits::default().frame_bytes_max).saturating_mul(3) / 2,
             early_chunk_ttl_ms: 60_000,
+            io_thread: None,
         }
     }
 }
@@ -93,6 +101,16 @@ fn cfg_err(m: impl Into<String>) -> NetError {
 }
 
 impl NodeConfig {
+    /// Whether the endpoint gets a thread of its own (see [`NodeConfig::io_thread`]).
+    pub fn io_thread_of_its_own(&self) -> bool {
+        self.io_thread.unwrap_or_else(|| {
+            let processes =
+                std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1).max(1);
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores >= 2 * processes
+        })
+    }
+
     /// Reads a TOML file whose keys are this struct's fields.
     pub fn from_toml_file(path: &Path) -> Result<Self, NetError> {
         let text = std::fs::read_to_string(path).map_err(|e| cfg_err(format!("reading {}: {e}", path.display())))?;

@@ -21,8 +21,8 @@ use crate::budget::PeerBudget;
 use crate::config::NodeConfig;
 use crate::membership::{Membership, MembershipEvent};
 use crate::peer::{
-    CODE_DUPLICATE, CODE_LEAVING, CODE_REFUSED_PEER, Close, Frame, PeerActor, PeerLink, ReadFrameError, SendHeartbeat,
-    read_frame, write_frame,
+    CODE_ABORTED, CODE_DUPLICATE, CODE_LEAVING, CODE_REFUSED_PEER, Close, Frame, PeerActor, PeerLink, ReadFrameError,
+    SendHeartbeat, read_frame, write_frame,
 };
 use crate::router::{ChunkMessage, Router, TensorMessage};
 use crate::tls::{self, Identity, Role};
@@ -62,9 +62,13 @@ impl Node {
             let dir = config.cert_dir.as_ref().expect("validated: a certificate directory is set");
             Some(Arc::new(tls::load_identity(dir, &config.name, Role::Node)?))
         };
-        // The endpoint's IO runs on its own thread: QUIC crypto and packet handling then
-        // overlap with the actors and the collective arithmetic.
-        let io = Arbiter::new();
+        // The endpoint's IO runs on its own thread where there are cores for it: QUIC
+        // crypto and packet handling then overlap with the actors and the collective
+        // arithmetic. Where node processes share few cores, every datagram's cross-thread
+        // wake-up costs more than the overlap gains (BENCHMARKS.md), so it shares the
+        // node's thread.
+        let io_arbiter = config.io_thread_of_its_own().then(Arbiter::new);
+        let io = io_arbiter.as_ref().map_or_else(Arbiter::current, Arbiter::handle);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (cfg, id) = (config.clone(), identity.clone());
         io.spawn(async move {
@@ -102,8 +106,8 @@ impl Node {
             identity,
             endpoint: endpoint.clone(),
             client,
-            io: io.handle(),
-            _io: io,
+            io,
+            io_arbiter,
             router: router.clone(),
             extras,
             peers: HashMap::new(),
@@ -294,7 +298,9 @@ impl NodeHandle {
     }
 
     /// Stops the node at once without telling its peers, as a crash would: its endpoint
-    /// falls silent and the others detect the failure by the silence.
+    /// falls silent and the others detect the failure by the silence. (When the endpoint
+    /// shares the node's thread, see [`NodeConfig::io_thread`], its connections are closed
+    /// instead, without a goodbye.)
     pub async fn abort(&self) {
         let _ = self.addr.send(Abort).await;
     }
@@ -317,7 +323,8 @@ pub(crate) struct NodeActor {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     io: ArbiterHandle,
-    _io: Arbiter,
+    /// The endpoint's own thread, if it has one.
+    io_arbiter: Option<Arbiter>,
     router: Arc<Router>,
     extras: NodeExtras,
     membership: Membership,
@@ -344,7 +351,9 @@ impl Actor for NodeActor {
         if !self.aborted {
             self.endpoint.close(CODE_LEAVING.into(), b"node stopped");
         }
-        self._io.stop();
+        if let Some(a) = &self.io_arbiter {
+            a.stop();
+        }
     }
 }
 
@@ -940,8 +949,16 @@ impl Handler<Abort> for NodeActor {
     fn handle(&mut self, _: Abort, ctx: &mut Context<Self>) {
         self.leaving = true;
         self.aborted = true;
-        // The endpoint and connection drivers run on the IO arbiter: stopping it silences them.
-        self._io.stop();
+        match &self.io_arbiter {
+            // The endpoint and connection drivers run on the IO arbiter: stopping it
+            // silences them.
+            Some(a) => {
+                a.stop();
+            }
+            // They share the node's thread, which goes on: close the endpoint without a
+            // goodbye, so peers see the connections end rather than silence.
+            None => self.endpoint.close(CODE_ABORTED.into(), b"node aborted"),
+        }
         ctx.stop();
     }
 }

@@ -28,6 +28,9 @@ pub(crate) const CODE_DUPLICATE: u32 = 3;
 pub(crate) const CODE_REFUSED_PEER: u32 = 4;
 /// Connection close code: the peer exceeded its memory budget.
 pub(crate) const CODE_OVER_BUDGET: u32 = 5;
+/// Connection close code: the node was aborted (sharing its thread with the endpoint, it
+/// cannot fall silent).
+pub(crate) const CODE_ABORTED: u32 = 6;
 
 /// Payload bytes reserved when a header arrives; larger payloads grow as their data
 /// arrives, so a header declaring a gigabyte reserves nothing it has not sent.

@@ -64,6 +64,8 @@ pub(crate) fn launch(
         if world > 1 {
             c.arg("--cert-dir").arg(tmp.path()).env("RANK", r.to_string()).env("WORLD_SIZE", world.to_string());
             c.env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
+            // All ranks run on this machine, as torchrun would say.
+            c.env("LOCAL_WORLD_SIZE", world.to_string());
         } else {
             c.env_remove("RANK").env_remove("WORLD_SIZE");
         }

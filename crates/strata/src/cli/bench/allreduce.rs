@@ -300,6 +300,7 @@ fn spawn_ranks(command: impl Fn() -> Command, world: usize, port: u16) -> Result
                 .env("WORLD_SIZE", world.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
                 .stdout(if r == 0 { Stdio::piped() } else { Stdio::null() })
                 .stderr(Stdio::inherit())
                 .spawn()
