@@ -234,9 +234,23 @@ impl TcpRing {
                 if let Some((v, _)) = forwarded {
                     let _ = self.recycle.send(v);
                 }
-                self.to_right
-                    .send(frame)
-                    .map_err(|_| anyhow!("all_reduce on rank {rank}: the sender thread stopped"))?;
+                if self.to_right.send(frame).is_err() {
+                    // The sender stopped on an error it reported (or the receiver saw the
+                    // neighbour go); say that rather than the symptom.
+                    let why = self
+                        .events
+                        .recv_timeout(Duration::from_secs(1))
+                        .ok()
+                        .into_iter()
+                        .chain(self.events.try_iter())
+                        .find_map(|e| match e {
+                            Event::Failed(why) => Some(why),
+                            Event::Closed => Some(format!("rank {left} closed the connection")),
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| "the sender thread stopped".into());
+                    bail!("all_reduce on rank {rank}: {why}");
+                }
                 in_flight += 1;
             }
             // Done like the QUIC driver: every segment received and every send accepted
