@@ -279,9 +279,11 @@ fn input_tile(ci: u32, t: Tile) -> array<f32, 36> {
 }
 
 // The 18 input columns under 4 horizontally adjacent tiles, one input row, zero outside
-// the image. `e0` is the element index of the first column, `iw0` its column. Loads
-// cost lavapipe per element whatever their width (each lane's element is a scalar
-// load), so the shared columns are loaded once and nothing more.
+// the image. `e0` is the element index of the first column, `iw0` its column. Each
+// lane's load is a loop over lanes on lavapipe, and a vec4 load costs about as much as
+// two scalar ones (measured), so the row is read as the 6 aligned vec4s that cover it
+// (24 elements) and the 18 columns are picked by the offset of e0 within its vec4.
+// vec4s clamped at either end of the tensor only hold taps outside the image.
 struct Row18 {
     c0: f32,
     c1: f32,
@@ -304,44 +306,36 @@ struct Row18 {
 }
 
 fn row18(e0: i32, iw0: i32, row_ok: bool) -> Row18 {
-    let last = i32(arrayLength(&x4)) * 4 - 1;
+    let last4 = i32(arrayLength(&x4)) - 1;
+    let q0 = e0 >> 2u;
+    let s1 = (e0 & 3) == 1;
+    let s2 = (e0 & 3) == 2;
+    let s3 = (e0 & 3) == 3;
+    let w0 = x4[clamp(q0 + 0, 0, last4)];
+    let w1 = x4[clamp(q0 + 1, 0, last4)];
+    let w2 = x4[clamp(q0 + 2, 0, last4)];
+    let w3 = x4[clamp(q0 + 3, 0, last4)];
+    let w4 = x4[clamp(q0 + 4, 0, last4)];
+    let w5 = x4[clamp(q0 + 5, 0, last4)];
     var r: Row18;
-    let i0 = u32(clamp(e0 + 0, 0, last));
-    r.c0 = select(0.0, x4[i0 >> 2u][i0 & 3u], row_ok && iw0 + 0 >= 0 && iw0 + 0 < i32(p.w));
-    let i1 = u32(clamp(e0 + 1, 0, last));
-    r.c1 = select(0.0, x4[i1 >> 2u][i1 & 3u], row_ok && iw0 + 1 >= 0 && iw0 + 1 < i32(p.w));
-    let i2 = u32(clamp(e0 + 2, 0, last));
-    r.c2 = select(0.0, x4[i2 >> 2u][i2 & 3u], row_ok && iw0 + 2 >= 0 && iw0 + 2 < i32(p.w));
-    let i3 = u32(clamp(e0 + 3, 0, last));
-    r.c3 = select(0.0, x4[i3 >> 2u][i3 & 3u], row_ok && iw0 + 3 >= 0 && iw0 + 3 < i32(p.w));
-    let i4 = u32(clamp(e0 + 4, 0, last));
-    r.c4 = select(0.0, x4[i4 >> 2u][i4 & 3u], row_ok && iw0 + 4 >= 0 && iw0 + 4 < i32(p.w));
-    let i5 = u32(clamp(e0 + 5, 0, last));
-    r.c5 = select(0.0, x4[i5 >> 2u][i5 & 3u], row_ok && iw0 + 5 >= 0 && iw0 + 5 < i32(p.w));
-    let i6 = u32(clamp(e0 + 6, 0, last));
-    r.c6 = select(0.0, x4[i6 >> 2u][i6 & 3u], row_ok && iw0 + 6 >= 0 && iw0 + 6 < i32(p.w));
-    let i7 = u32(clamp(e0 + 7, 0, last));
-    r.c7 = select(0.0, x4[i7 >> 2u][i7 & 3u], row_ok && iw0 + 7 >= 0 && iw0 + 7 < i32(p.w));
-    let i8 = u32(clamp(e0 + 8, 0, last));
-    r.c8 = select(0.0, x4[i8 >> 2u][i8 & 3u], row_ok && iw0 + 8 >= 0 && iw0 + 8 < i32(p.w));
-    let i9 = u32(clamp(e0 + 9, 0, last));
-    r.c9 = select(0.0, x4[i9 >> 2u][i9 & 3u], row_ok && iw0 + 9 >= 0 && iw0 + 9 < i32(p.w));
-    let i10 = u32(clamp(e0 + 10, 0, last));
-    r.c10 = select(0.0, x4[i10 >> 2u][i10 & 3u], row_ok && iw0 + 10 >= 0 && iw0 + 10 < i32(p.w));
-    let i11 = u32(clamp(e0 + 11, 0, last));
-    r.c11 = select(0.0, x4[i11 >> 2u][i11 & 3u], row_ok && iw0 + 11 >= 0 && iw0 + 11 < i32(p.w));
-    let i12 = u32(clamp(e0 + 12, 0, last));
-    r.c12 = select(0.0, x4[i12 >> 2u][i12 & 3u], row_ok && iw0 + 12 >= 0 && iw0 + 12 < i32(p.w));
-    let i13 = u32(clamp(e0 + 13, 0, last));
-    r.c13 = select(0.0, x4[i13 >> 2u][i13 & 3u], row_ok && iw0 + 13 >= 0 && iw0 + 13 < i32(p.w));
-    let i14 = u32(clamp(e0 + 14, 0, last));
-    r.c14 = select(0.0, x4[i14 >> 2u][i14 & 3u], row_ok && iw0 + 14 >= 0 && iw0 + 14 < i32(p.w));
-    let i15 = u32(clamp(e0 + 15, 0, last));
-    r.c15 = select(0.0, x4[i15 >> 2u][i15 & 3u], row_ok && iw0 + 15 >= 0 && iw0 + 15 < i32(p.w));
-    let i16 = u32(clamp(e0 + 16, 0, last));
-    r.c16 = select(0.0, x4[i16 >> 2u][i16 & 3u], row_ok && iw0 + 16 >= 0 && iw0 + 16 < i32(p.w));
-    let i17 = u32(clamp(e0 + 17, 0, last));
-    r.c17 = select(0.0, x4[i17 >> 2u][i17 & 3u], row_ok && iw0 + 17 >= 0 && iw0 + 17 < i32(p.w));
+    r.c0 = select(0.0, select(select(select(w0.x, w0.y, s1), w0.z, s2), w0.w, s3), row_ok && iw0 + 0 >= 0 && iw0 + 0 < i32(p.w));
+    r.c1 = select(0.0, select(select(select(w0.y, w0.z, s1), w0.w, s2), w1.x, s3), row_ok && iw0 + 1 >= 0 && iw0 + 1 < i32(p.w));
+    r.c2 = select(0.0, select(select(select(w0.z, w0.w, s1), w1.x, s2), w1.y, s3), row_ok && iw0 + 2 >= 0 && iw0 + 2 < i32(p.w));
+    r.c3 = select(0.0, select(select(select(w0.w, w1.x, s1), w1.y, s2), w1.z, s3), row_ok && iw0 + 3 >= 0 && iw0 + 3 < i32(p.w));
+    r.c4 = select(0.0, select(select(select(w1.x, w1.y, s1), w1.z, s2), w1.w, s3), row_ok && iw0 + 4 >= 0 && iw0 + 4 < i32(p.w));
+    r.c5 = select(0.0, select(select(select(w1.y, w1.z, s1), w1.w, s2), w2.x, s3), row_ok && iw0 + 5 >= 0 && iw0 + 5 < i32(p.w));
+    r.c6 = select(0.0, select(select(select(w1.z, w1.w, s1), w2.x, s2), w2.y, s3), row_ok && iw0 + 6 >= 0 && iw0 + 6 < i32(p.w));
+    r.c7 = select(0.0, select(select(select(w1.w, w2.x, s1), w2.y, s2), w2.z, s3), row_ok && iw0 + 7 >= 0 && iw0 + 7 < i32(p.w));
+    r.c8 = select(0.0, select(select(select(w2.x, w2.y, s1), w2.z, s2), w2.w, s3), row_ok && iw0 + 8 >= 0 && iw0 + 8 < i32(p.w));
+    r.c9 = select(0.0, select(select(select(w2.y, w2.z, s1), w2.w, s2), w3.x, s3), row_ok && iw0 + 9 >= 0 && iw0 + 9 < i32(p.w));
+    r.c10 = select(0.0, select(select(select(w2.z, w2.w, s1), w3.x, s2), w3.y, s3), row_ok && iw0 + 10 >= 0 && iw0 + 10 < i32(p.w));
+    r.c11 = select(0.0, select(select(select(w2.w, w3.x, s1), w3.y, s2), w3.z, s3), row_ok && iw0 + 11 >= 0 && iw0 + 11 < i32(p.w));
+    r.c12 = select(0.0, select(select(select(w3.x, w3.y, s1), w3.z, s2), w3.w, s3), row_ok && iw0 + 12 >= 0 && iw0 + 12 < i32(p.w));
+    r.c13 = select(0.0, select(select(select(w3.y, w3.z, s1), w3.w, s2), w4.x, s3), row_ok && iw0 + 13 >= 0 && iw0 + 13 < i32(p.w));
+    r.c14 = select(0.0, select(select(select(w3.z, w3.w, s1), w4.x, s2), w4.y, s3), row_ok && iw0 + 14 >= 0 && iw0 + 14 < i32(p.w));
+    r.c15 = select(0.0, select(select(select(w3.w, w4.x, s1), w4.y, s2), w4.z, s3), row_ok && iw0 + 15 >= 0 && iw0 + 15 < i32(p.w));
+    r.c16 = select(0.0, select(select(select(w4.x, w4.y, s1), w4.z, s2), w4.w, s3), row_ok && iw0 + 16 >= 0 && iw0 + 16 < i32(p.w));
+    r.c17 = select(0.0, select(select(select(w4.y, w4.z, s1), w4.w, s2), w5.x, s3), row_ok && iw0 + 17 >= 0 && iw0 + 17 < i32(p.w));
     return r;
 }
 
