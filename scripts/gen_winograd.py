@@ -54,9 +54,9 @@ struct Params {
     stride: u32,  // elements between positions of the 36-position array the kernel
                   // writes or reads (a multiple of 4, padded so that the 36 streams fall
                   // into different cache sets)
+    accumulate: u32, // bias gradient: add to db instead of overwriting it
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -401,6 +401,38 @@ w("            let o = q * row4 + g;")
 for t in range(36):
     r, s_ = divmod(t, 6)
     w(f"            dmt4[{t}u * plane4 + o] = vec4<f32>(m0{r}{s_}, m1{r}{s_}, m2{r}{s_}, m3{r}{s_});")
+w("        }")
+w("    }")
+w("}")
+w("")
+w("@group(0) @binding(1) var<storage, read> dmt_in: array<vec4<f32>>;")
+w("@group(0) @binding(2) var<storage, read_write> db: array<f32>;")
+w("")
+w("// The bias gradient from dMT: position 7 (row 1 and column 1 of A, all ones) holds the")
+w("// sum of each tile of dy, so db[o] = sum over the chunk's tiles q of dMT[7][q][o]: a")
+w("// sixteenth of the loads of summing dy itself. Kahan-compensated over tiles, as")
+w("// conv2d.wgsl's bias_grad. With `accumulate`, adds to db (chunks after the first).")
+w("// Grid: x walks groups of 4 channels, each lane reads vec4 over its 4 channels.")
+w("@compute @workgroup_size(WG)")
+w("fn wino_bias_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {")
+w("    let cols = p.nb * p.th * p.tw;")
+w("    let row4 = p.k_ld / 4u;")
+w("    let src = 7u * (p.stride / 4u);")
+w("    for (var g = gid.x; g < row4; g += ng.x * WG) {")
+w("        var s = vec4<f32>(0.0);")
+w("        var comp = vec4<f32>(0.0);")
+w("        for (var q = 0u; q < cols; q++) {")
+w("            let v = dmt_in[src + q * row4 + g] - comp;")
+w("            let t = s + v;")
+w("            comp = (t - s) - v;")
+w("            s = t;")
+w("        }")
+w("        let sums = s;")
+w("        for (var c = 0u; c < 4u; c++) {")
+w("            let o = g * 4u + c;")
+w("            if (o < p.co) {")
+w("                db[o] = select(0.0, db[o], p.accumulate == 1u) + sums[c];")
+w("            }")
 w("        }")
 w("    }")
 w("}")

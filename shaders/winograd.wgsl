@@ -41,9 +41,9 @@ struct Params {
     stride: u32,  // elements between positions of the 36-position array the kernel
                   // writes or reads (a multiple of 4, padded so that the 36 streams fall
                   // into different cache sets)
+    accumulate: u32, // bias gradient: add to db instead of overwriting it
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -1059,6 +1059,38 @@ fn wino_dy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
             dmt4[33u * plane4 + o] = vec4<f32>(m053, m153, m253, m353);
             dmt4[34u * plane4 + o] = vec4<f32>(m054, m154, m254, m354);
             dmt4[35u * plane4 + o] = vec4<f32>(m055, m155, m255, m355);
+        }
+    }
+}
+
+@group(0) @binding(1) var<storage, read> dmt_in: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> db: array<f32>;
+
+// The bias gradient from dMT: position 7 (row 1 and column 1 of A, all ones) holds the
+// sum of each tile of dy, so db[o] = sum over the chunk's tiles q of dMT[7][q][o]: a
+// sixteenth of the loads of summing dy itself. Kahan-compensated over tiles, as
+// conv2d.wgsl's bias_grad. With `accumulate`, adds to db (chunks after the first).
+// Grid: x walks groups of 4 channels, each lane reads vec4 over its 4 channels.
+@compute @workgroup_size(WG)
+fn wino_bias_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {
+    let cols = p.nb * p.th * p.tw;
+    let row4 = p.k_ld / 4u;
+    let src = 7u * (p.stride / 4u);
+    for (var g = gid.x; g < row4; g += ng.x * WG) {
+        var s = vec4<f32>(0.0);
+        var comp = vec4<f32>(0.0);
+        for (var q = 0u; q < cols; q++) {
+            let v = dmt_in[src + q * row4 + g] - comp;
+            let t = s + v;
+            comp = (t - s) - v;
+            s = t;
+        }
+        let sums = s;
+        for (var c = 0u; c < 4u; c++) {
+            let o = g * 4u + c;
+            if (o < p.co) {
+                db[o] = select(0.0, db[o], p.accumulate == 1u) + sums[c];
+            }
         }
     }
 }

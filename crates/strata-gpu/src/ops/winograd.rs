@@ -138,7 +138,8 @@ struct Params {
     relu: u32,
     flip: u32,
     stride: u32,
-    _pad: [u32; 3],
+    accumulate: u32,
+    _pad: [u32; 2],
 }
 
 /// One Winograd convolution: `src` `[n, c, h, w]` to `[n, co, ho, wo]`.
@@ -357,7 +358,8 @@ impl Gpu {
             relu: u32::from(relu),
             flip: 0,
             stride: 0,
-            _pad: [0; 3],
+            accumulate: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -441,15 +443,17 @@ impl Gpu {
         Ok(dx)
     }
 
-    /// The weight gradient `[co, ci, 3, 3]` of a 3x3 stride-1 convolution by Winograd,
-    /// reusing the forward pass's input transform `saved` when it has the right shape.
+    /// The weight and bias gradients `[co, ci, 3, 3]` and `[co]` of a 3x3 stride-1
+    /// convolution by Winograd, reusing the forward pass's input transform `saved` when
+    /// it has the right shape; the bias gradient comes from the output gradient's
+    /// transform.
     pub(crate) fn conv2d_weight_grad_winograd(
         &mut self,
         g: &ConvGeometry,
         x: &GpuTensor,
         dy: &GpuTensor,
         saved: Option<&GpuTensor>,
-    ) -> Result<GpuTensor> {
+    ) -> Result<(GpuTensor, GpuTensor)> {
         const OP: &str = "conv2d_backward";
         let s = Shape3::forward(g);
         let (nb, p_ld) = self.winograd_plan_or_err(OP, &s)?;
@@ -467,6 +471,7 @@ impl Gpu {
         };
         let dmt = self.empty([POSITIONS, ds / 4, 4], DType::F32)?;
         let dut = self.empty([POSITIONS, us / 4, 4], DType::F32)?;
+        let db = self.empty([g.co], DType::F32)?;
         for (i, n0) in (0..s.n).step_by(nb).enumerate() {
             let nbc = nb.min(s.n - n0);
             let cols = nbc * th * tw;
@@ -476,6 +481,9 @@ impl Gpu {
             let p = Params { k_ld: u(co_ld), stride: u(ds), ..self.winograd_params(&s, n0, nbc, p_ld, false) };
             let groups = self.plane_grid(co_ld / 4, 1, p_ld);
             self.dispatch(OP, (FILE, "wino_dy"), &[], &p, &[dy.arg(), dmt.arg()], groups)?;
+            let pb = Params { accumulate: u32::from(i > 0), ..p };
+            let groups = self.plane_grid(co_ld / 4, 1, 1);
+            self.dispatch(OP, (FILE, "wino_bias_grad"), &[], &pb, &[dmt.arg(), db.arg()], groups)?;
             // dU^T_t [c, co] (+)= V_t [c, tiles] @ dM^T_t [tiles, co]
             let batch = Batch { count: POSITIONS, a: vs, b: ds, c: us };
             let (a, b, c) = (Mat::rows(v, p_ld), Mat::rows(&dmt, co_ld), Mat::rows(&dut, co_ld));
@@ -485,6 +493,6 @@ impl Gpu {
         let p = Params { c: u(s.c), co: u(s.co), k_ld: u(co_ld), stride: u(us), ..Params::zeroed() };
         let groups = self.plane_grid(s.co, 1, s.c);
         self.dispatch(OP, (FILE, "wino_filter_grad"), &[], &p, &[dut.arg(), dw.arg()], groups)?;
-        Ok(dw)
+        Ok((dw, db))
     }
 }
