@@ -332,6 +332,70 @@ w("        }")
 w("    }")
 w("}")
 
+w("")
+w("@group(0) @binding(3) var<storage, read_write> y4: array<vec4<f32>>;")
+w("")
+w("// Output width of wino_output_rows (13 to 16, 4 tiles per row), set by the host as a")
+w("// pipeline constant so that the selects below fold away.")
+w("override WO: u32 = 16u;")
+w("")
+w("// A^T M A of one tile, row-major 4x4.")
+w("fn output_values(mt: array<f32, 36>) -> array<f32, 16> {")
+for a in range(6):
+    for j, e in enumerate(at([f"mt[{a * 6 + s_}]" for s_ in range(6)], f"r{a}")):
+        w(f"    let n{a}{j} = {e};")
+vals = {}
+for j in range(4):
+    for i, e in enumerate(at([f"n{a}{j}" for a in range(6)], f"c{j}")):
+        w(f"    let v{i}{j} = {e};")
+w("    return array<f32, 16>(" + ", ".join(f"v{i}{j}" for i in range(4) for j in range(4)) + ");")
+w("}")
+w("")
+w("// As wino_output, for planes 13 to 16 pixels wide (4 tiles per row) whose tile rows")
+w("// start at multiples of 4 elements and hold a multiple of 4 (checked by the host). A")
+w("// lane's 4 tiles are then one whole tile row, the rows of output pixels under it are")
+w("// contiguous in y, and the lane writes them as vec4s: on lavapipe a lane's vec4 store")
+w("// costs about as much as two scalar ones (measured), and this writes 16 per 4 rows")
+w("// instead of 64 scalars.")
+w("@compute @workgroup_size(WG)")
+w("fn wino_output_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {")
+w("    let cols = p.nb * p.th * p.tw;")
+w("    let plane4 = p.stride / 4u;")
+w("    let relu = p.relu == 1u;")
+w("    for (var o = wg.y; o < p.co; o += ng.y) {")
+w("        let b = bias[o];")
+w("        for (var g = gid.x; g * 4u < cols; g += ng.x * WG) {")
+w("            let src = o * p.p_ld / 4u + g;")
+for t in range(36):
+    w(f"            let mv{t} = m4[{t}u * plane4 + src];")
+w("            let t0 = tile_of(g * 4u);")
+for k, comp in enumerate("xyzw"):
+    args = ", ".join(f"mv{t}.{comp}" for t in range(36))
+    w(f"            let y{k} = output_values(array<f32, 36>({args}));")
+w("            // Elements of the output rows under the tile row, in memory order.")
+w("            let len = min(4u, p.ho - t0.ty * 4u) * WO;")
+w("            let dst = (((p.n0 + t0.nl) * p.co + o) * p.ho + t0.ty * 4u) * WO / 4u;")
+
+
+def pick(e):
+    """Element e of the rows under a tile row, for each width 13..16 (selected by WO)."""
+    expr = None
+    for width in (13, 14, 15, 16):
+        r, c = divmod(e, width)
+        v = f"y{c // 4}[{r * 4 + c % 4}]" if r < 4 else "0.0"
+        expr = v if expr is None else f"select({expr}, {v}, WO == {width}u)"
+    return expr
+
+
+for e4 in range(16):
+    comps = ", ".join(pick(4 * e4 + j) for j in range(4))
+    w(f"            if ({4 * e4}u < len) {{")
+    w(f"                let v = vec4<f32>({comps}) + b;")
+    w(f"                y4[dst + {e4}u] = select(v, max(v, vec4<f32>(0.0)), relu);")
+    w("            }")
+w("        }")
+w("    }")
+w("}")
 
 def a6(y):
     """A applied to four names: the six transform positions of an output-gradient tile."""

@@ -675,6 +675,224 @@ fn wino_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
 }
 
+@group(0) @binding(3) var<storage, read_write> y4: array<vec4<f32>>;
+
+// Output width of wino_output_rows (13 to 16, 4 tiles per row), set by the host as a
+// pipeline constant so that the selects below fold away.
+override WO: u32 = 16u;
+
+// A^T M A of one tile, row-major 4x4.
+fn output_values(mt: array<f32, 36>) -> array<f32, 16> {
+    let r0s12 = mt[1] + mt[2];
+    let r0d12 = mt[1] - mt[2];
+    let r0s34 = mt[3] + mt[4];
+    let r0d34 = mt[3] - mt[4];
+    let n00 = mt[0] + r0s12 + r0s34;
+    let n01 = r0d12 + 2.0 * r0d34;
+    let n02 = r0s12 + 4.0 * r0s34;
+    let n03 = r0d12 + 8.0 * r0d34 + mt[5];
+    let r1s12 = mt[7] + mt[8];
+    let r1d12 = mt[7] - mt[8];
+    let r1s34 = mt[9] + mt[10];
+    let r1d34 = mt[9] - mt[10];
+    let n10 = mt[6] + r1s12 + r1s34;
+    let n11 = r1d12 + 2.0 * r1d34;
+    let n12 = r1s12 + 4.0 * r1s34;
+    let n13 = r1d12 + 8.0 * r1d34 + mt[11];
+    let r2s12 = mt[13] + mt[14];
+    let r2d12 = mt[13] - mt[14];
+    let r2s34 = mt[15] + mt[16];
+    let r2d34 = mt[15] - mt[16];
+    let n20 = mt[12] + r2s12 + r2s34;
+    let n21 = r2d12 + 2.0 * r2d34;
+    let n22 = r2s12 + 4.0 * r2s34;
+    let n23 = r2d12 + 8.0 * r2d34 + mt[17];
+    let r3s12 = mt[19] + mt[20];
+    let r3d12 = mt[19] - mt[20];
+    let r3s34 = mt[21] + mt[22];
+    let r3d34 = mt[21] - mt[22];
+    let n30 = mt[18] + r3s12 + r3s34;
+    let n31 = r3d12 + 2.0 * r3d34;
+    let n32 = r3s12 + 4.0 * r3s34;
+    let n33 = r3d12 + 8.0 * r3d34 + mt[23];
+    let r4s12 = mt[25] + mt[26];
+    let r4d12 = mt[25] - mt[26];
+    let r4s34 = mt[27] + mt[28];
+    let r4d34 = mt[27] - mt[28];
+    let n40 = mt[24] + r4s12 + r4s34;
+    let n41 = r4d12 + 2.0 * r4d34;
+    let n42 = r4s12 + 4.0 * r4s34;
+    let n43 = r4d12 + 8.0 * r4d34 + mt[29];
+    let r5s12 = mt[31] + mt[32];
+    let r5d12 = mt[31] - mt[32];
+    let r5s34 = mt[33] + mt[34];
+    let r5d34 = mt[33] - mt[34];
+    let n50 = mt[30] + r5s12 + r5s34;
+    let n51 = r5d12 + 2.0 * r5d34;
+    let n52 = r5s12 + 4.0 * r5s34;
+    let n53 = r5d12 + 8.0 * r5d34 + mt[35];
+    let c0s12 = n10 + n20;
+    let c0d12 = n10 - n20;
+    let c0s34 = n30 + n40;
+    let c0d34 = n30 - n40;
+    let v00 = n00 + c0s12 + c0s34;
+    let v10 = c0d12 + 2.0 * c0d34;
+    let v20 = c0s12 + 4.0 * c0s34;
+    let v30 = c0d12 + 8.0 * c0d34 + n50;
+    let c1s12 = n11 + n21;
+    let c1d12 = n11 - n21;
+    let c1s34 = n31 + n41;
+    let c1d34 = n31 - n41;
+    let v01 = n01 + c1s12 + c1s34;
+    let v11 = c1d12 + 2.0 * c1d34;
+    let v21 = c1s12 + 4.0 * c1s34;
+    let v31 = c1d12 + 8.0 * c1d34 + n51;
+    let c2s12 = n12 + n22;
+    let c2d12 = n12 - n22;
+    let c2s34 = n32 + n42;
+    let c2d34 = n32 - n42;
+    let v02 = n02 + c2s12 + c2s34;
+    let v12 = c2d12 + 2.0 * c2d34;
+    let v22 = c2s12 + 4.0 * c2s34;
+    let v32 = c2d12 + 8.0 * c2d34 + n52;
+    let c3s12 = n13 + n23;
+    let c3d12 = n13 - n23;
+    let c3s34 = n33 + n43;
+    let c3d34 = n33 - n43;
+    let v03 = n03 + c3s12 + c3s34;
+    let v13 = c3d12 + 2.0 * c3d34;
+    let v23 = c3s12 + 4.0 * c3s34;
+    let v33 = c3d12 + 8.0 * c3d34 + n53;
+    return array<f32, 16>(v00, v01, v02, v03, v10, v11, v12, v13, v20, v21, v22, v23, v30, v31, v32, v33);
+}
+
+// As wino_output, for planes 13 to 16 pixels wide (4 tiles per row) whose tile rows
+// start at multiples of 4 elements and hold a multiple of 4 (checked by the host). A
+// lane's 4 tiles are then one whole tile row, the rows of output pixels under it are
+// contiguous in y, and the lane writes them as vec4s: on lavapipe a lane's vec4 store
+// costs about as much as two scalar ones (measured), and this writes 16 per 4 rows
+// instead of 64 scalars.
+@compute @workgroup_size(WG)
+fn wino_output_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let cols = p.nb * p.th * p.tw;
+    let plane4 = p.stride / 4u;
+    let relu = p.relu == 1u;
+    for (var o = wg.y; o < p.co; o += ng.y) {
+        let b = bias[o];
+        for (var g = gid.x; g * 4u < cols; g += ng.x * WG) {
+            let src = o * p.p_ld / 4u + g;
+            let mv0 = m4[0u * plane4 + src];
+            let mv1 = m4[1u * plane4 + src];
+            let mv2 = m4[2u * plane4 + src];
+            let mv3 = m4[3u * plane4 + src];
+            let mv4 = m4[4u * plane4 + src];
+            let mv5 = m4[5u * plane4 + src];
+            let mv6 = m4[6u * plane4 + src];
+            let mv7 = m4[7u * plane4 + src];
+            let mv8 = m4[8u * plane4 + src];
+            let mv9 = m4[9u * plane4 + src];
+            let mv10 = m4[10u * plane4 + src];
+            let mv11 = m4[11u * plane4 + src];
+            let mv12 = m4[12u * plane4 + src];
+            let mv13 = m4[13u * plane4 + src];
+            let mv14 = m4[14u * plane4 + src];
+            let mv15 = m4[15u * plane4 + src];
+            let mv16 = m4[16u * plane4 + src];
+            let mv17 = m4[17u * plane4 + src];
+            let mv18 = m4[18u * plane4 + src];
+            let mv19 = m4[19u * plane4 + src];
+            let mv20 = m4[20u * plane4 + src];
+            let mv21 = m4[21u * plane4 + src];
+            let mv22 = m4[22u * plane4 + src];
+            let mv23 = m4[23u * plane4 + src];
+            let mv24 = m4[24u * plane4 + src];
+            let mv25 = m4[25u * plane4 + src];
+            let mv26 = m4[26u * plane4 + src];
+            let mv27 = m4[27u * plane4 + src];
+            let mv28 = m4[28u * plane4 + src];
+            let mv29 = m4[29u * plane4 + src];
+            let mv30 = m4[30u * plane4 + src];
+            let mv31 = m4[31u * plane4 + src];
+            let mv32 = m4[32u * plane4 + src];
+            let mv33 = m4[33u * plane4 + src];
+            let mv34 = m4[34u * plane4 + src];
+            let mv35 = m4[35u * plane4 + src];
+            let t0 = tile_of(g * 4u);
+            let y0 = output_values(array<f32, 36>(mv0.x, mv1.x, mv2.x, mv3.x, mv4.x, mv5.x, mv6.x, mv7.x, mv8.x, mv9.x, mv10.x, mv11.x, mv12.x, mv13.x, mv14.x, mv15.x, mv16.x, mv17.x, mv18.x, mv19.x, mv20.x, mv21.x, mv22.x, mv23.x, mv24.x, mv25.x, mv26.x, mv27.x, mv28.x, mv29.x, mv30.x, mv31.x, mv32.x, mv33.x, mv34.x, mv35.x));
+            let y1 = output_values(array<f32, 36>(mv0.y, mv1.y, mv2.y, mv3.y, mv4.y, mv5.y, mv6.y, mv7.y, mv8.y, mv9.y, mv10.y, mv11.y, mv12.y, mv13.y, mv14.y, mv15.y, mv16.y, mv17.y, mv18.y, mv19.y, mv20.y, mv21.y, mv22.y, mv23.y, mv24.y, mv25.y, mv26.y, mv27.y, mv28.y, mv29.y, mv30.y, mv31.y, mv32.y, mv33.y, mv34.y, mv35.y));
+            let y2 = output_values(array<f32, 36>(mv0.z, mv1.z, mv2.z, mv3.z, mv4.z, mv5.z, mv6.z, mv7.z, mv8.z, mv9.z, mv10.z, mv11.z, mv12.z, mv13.z, mv14.z, mv15.z, mv16.z, mv17.z, mv18.z, mv19.z, mv20.z, mv21.z, mv22.z, mv23.z, mv24.z, mv25.z, mv26.z, mv27.z, mv28.z, mv29.z, mv30.z, mv31.z, mv32.z, mv33.z, mv34.z, mv35.z));
+            let y3 = output_values(array<f32, 36>(mv0.w, mv1.w, mv2.w, mv3.w, mv4.w, mv5.w, mv6.w, mv7.w, mv8.w, mv9.w, mv10.w, mv11.w, mv12.w, mv13.w, mv14.w, mv15.w, mv16.w, mv17.w, mv18.w, mv19.w, mv20.w, mv21.w, mv22.w, mv23.w, mv24.w, mv25.w, mv26.w, mv27.w, mv28.w, mv29.w, mv30.w, mv31.w, mv32.w, mv33.w, mv34.w, mv35.w));
+            // Elements of the output rows under the tile row, in memory order.
+            let len = min(4u, p.ho - t0.ty * 4u) * WO;
+            let dst = (((p.n0 + t0.nl) * p.co + o) * p.ho + t0.ty * 4u) * WO / 4u;
+            if (0u < len) {
+                let v = vec4<f32>(select(select(select(y0[0], y0[0], WO == 14u), y0[0], WO == 15u), y0[0], WO == 16u), select(select(select(y0[1], y0[1], WO == 14u), y0[1], WO == 15u), y0[1], WO == 16u), select(select(select(y0[2], y0[2], WO == 14u), y0[2], WO == 15u), y0[2], WO == 16u), select(select(select(y0[3], y0[3], WO == 14u), y0[3], WO == 15u), y0[3], WO == 16u)) + b;
+                y4[dst + 0u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (4u < len) {
+                let v = vec4<f32>(select(select(select(y1[0], y1[0], WO == 14u), y1[0], WO == 15u), y1[0], WO == 16u), select(select(select(y1[1], y1[1], WO == 14u), y1[1], WO == 15u), y1[1], WO == 16u), select(select(select(y1[2], y1[2], WO == 14u), y1[2], WO == 15u), y1[2], WO == 16u), select(select(select(y1[3], y1[3], WO == 14u), y1[3], WO == 15u), y1[3], WO == 16u)) + b;
+                y4[dst + 1u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (8u < len) {
+                let v = vec4<f32>(select(select(select(y2[0], y2[0], WO == 14u), y2[0], WO == 15u), y2[0], WO == 16u), select(select(select(y2[1], y2[1], WO == 14u), y2[1], WO == 15u), y2[1], WO == 16u), select(select(select(y2[2], y2[2], WO == 14u), y2[2], WO == 15u), y2[2], WO == 16u), select(select(select(y2[3], y2[3], WO == 14u), y2[3], WO == 15u), y2[3], WO == 16u)) + b;
+                y4[dst + 2u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (12u < len) {
+                let v = vec4<f32>(select(select(select(y3[0], y3[0], WO == 14u), y3[0], WO == 15u), y3[0], WO == 16u), select(select(select(y0[4], y3[1], WO == 14u), y3[1], WO == 15u), y3[1], WO == 16u), select(select(select(y0[5], y0[4], WO == 14u), y3[2], WO == 15u), y3[2], WO == 16u), select(select(select(y0[6], y0[5], WO == 14u), y0[4], WO == 15u), y3[3], WO == 16u)) + b;
+                y4[dst + 3u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (16u < len) {
+                let v = vec4<f32>(select(select(select(y0[7], y0[6], WO == 14u), y0[5], WO == 15u), y0[4], WO == 16u), select(select(select(y1[4], y0[7], WO == 14u), y0[6], WO == 15u), y0[5], WO == 16u), select(select(select(y1[5], y1[4], WO == 14u), y0[7], WO == 15u), y0[6], WO == 16u), select(select(select(y1[6], y1[5], WO == 14u), y1[4], WO == 15u), y0[7], WO == 16u)) + b;
+                y4[dst + 4u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (20u < len) {
+                let v = vec4<f32>(select(select(select(y1[7], y1[6], WO == 14u), y1[5], WO == 15u), y1[4], WO == 16u), select(select(select(y2[4], y1[7], WO == 14u), y1[6], WO == 15u), y1[5], WO == 16u), select(select(select(y2[5], y2[4], WO == 14u), y1[7], WO == 15u), y1[6], WO == 16u), select(select(select(y2[6], y2[5], WO == 14u), y2[4], WO == 15u), y1[7], WO == 16u)) + b;
+                y4[dst + 5u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (24u < len) {
+                let v = vec4<f32>(select(select(select(y2[7], y2[6], WO == 14u), y2[5], WO == 15u), y2[4], WO == 16u), select(select(select(y3[4], y2[7], WO == 14u), y2[6], WO == 15u), y2[5], WO == 16u), select(select(select(y0[8], y3[4], WO == 14u), y2[7], WO == 15u), y2[6], WO == 16u), select(select(select(y0[9], y3[5], WO == 14u), y3[4], WO == 15u), y2[7], WO == 16u)) + b;
+                y4[dst + 6u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (28u < len) {
+                let v = vec4<f32>(select(select(select(y0[10], y0[8], WO == 14u), y3[5], WO == 15u), y3[4], WO == 16u), select(select(select(y0[11], y0[9], WO == 14u), y3[6], WO == 15u), y3[5], WO == 16u), select(select(select(y1[8], y0[10], WO == 14u), y0[8], WO == 15u), y3[6], WO == 16u), select(select(select(y1[9], y0[11], WO == 14u), y0[9], WO == 15u), y3[7], WO == 16u)) + b;
+                y4[dst + 7u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (32u < len) {
+                let v = vec4<f32>(select(select(select(y1[10], y1[8], WO == 14u), y0[10], WO == 15u), y0[8], WO == 16u), select(select(select(y1[11], y1[9], WO == 14u), y0[11], WO == 15u), y0[9], WO == 16u), select(select(select(y2[8], y1[10], WO == 14u), y1[8], WO == 15u), y0[10], WO == 16u), select(select(select(y2[9], y1[11], WO == 14u), y1[9], WO == 15u), y0[11], WO == 16u)) + b;
+                y4[dst + 8u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (36u < len) {
+                let v = vec4<f32>(select(select(select(y2[10], y2[8], WO == 14u), y1[10], WO == 15u), y1[8], WO == 16u), select(select(select(y2[11], y2[9], WO == 14u), y1[11], WO == 15u), y1[9], WO == 16u), select(select(select(y3[8], y2[10], WO == 14u), y2[8], WO == 15u), y1[10], WO == 16u), select(select(select(y0[12], y2[11], WO == 14u), y2[9], WO == 15u), y1[11], WO == 16u)) + b;
+                y4[dst + 9u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (40u < len) {
+                let v = vec4<f32>(select(select(select(y0[13], y3[8], WO == 14u), y2[10], WO == 15u), y2[8], WO == 16u), select(select(select(y0[14], y3[9], WO == 14u), y2[11], WO == 15u), y2[9], WO == 16u), select(select(select(y0[15], y0[12], WO == 14u), y3[8], WO == 15u), y2[10], WO == 16u), select(select(select(y1[12], y0[13], WO == 14u), y3[9], WO == 15u), y2[11], WO == 16u)) + b;
+                y4[dst + 10u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (44u < len) {
+                let v = vec4<f32>(select(select(select(y1[13], y0[14], WO == 14u), y3[10], WO == 15u), y3[8], WO == 16u), select(select(select(y1[14], y0[15], WO == 14u), y0[12], WO == 15u), y3[9], WO == 16u), select(select(select(y1[15], y1[12], WO == 14u), y0[13], WO == 15u), y3[10], WO == 16u), select(select(select(y2[12], y1[13], WO == 14u), y0[14], WO == 15u), y3[11], WO == 16u)) + b;
+                y4[dst + 11u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (48u < len) {
+                let v = vec4<f32>(select(select(select(y2[13], y1[14], WO == 14u), y0[15], WO == 15u), y0[12], WO == 16u), select(select(select(y2[14], y1[15], WO == 14u), y1[12], WO == 15u), y0[13], WO == 16u), select(select(select(y2[15], y2[12], WO == 14u), y1[13], WO == 15u), y0[14], WO == 16u), select(select(select(y3[12], y2[13], WO == 14u), y1[14], WO == 15u), y0[15], WO == 16u)) + b;
+                y4[dst + 12u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (52u < len) {
+                let v = vec4<f32>(select(select(select(0.0, y2[14], WO == 14u), y1[15], WO == 15u), y1[12], WO == 16u), select(select(select(0.0, y2[15], WO == 14u), y2[12], WO == 15u), y1[13], WO == 16u), select(select(select(0.0, y3[12], WO == 14u), y2[13], WO == 15u), y1[14], WO == 16u), select(select(select(0.0, y3[13], WO == 14u), y2[14], WO == 15u), y1[15], WO == 16u)) + b;
+                y4[dst + 13u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (56u < len) {
+                let v = vec4<f32>(select(select(select(0.0, 0.0, WO == 14u), y2[15], WO == 15u), y2[12], WO == 16u), select(select(select(0.0, 0.0, WO == 14u), y3[12], WO == 15u), y2[13], WO == 16u), select(select(select(0.0, 0.0, WO == 14u), y3[13], WO == 15u), y2[14], WO == 16u), select(select(select(0.0, 0.0, WO == 14u), y3[14], WO == 15u), y2[15], WO == 16u)) + b;
+                y4[dst + 14u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+            if (60u < len) {
+                let v = vec4<f32>(select(select(select(0.0, 0.0, WO == 14u), 0.0, WO == 15u), y3[12], WO == 16u), select(select(select(0.0, 0.0, WO == 14u), 0.0, WO == 15u), y3[13], WO == 16u), select(select(select(0.0, 0.0, WO == 14u), 0.0, WO == 15u), y3[14], WO == 16u), select(select(select(0.0, 0.0, WO == 14u), 0.0, WO == 15u), y3[15], WO == 16u)) + b;
+                y4[dst + 15u] = select(v, max(v, vec4<f32>(0.0)), relu);
+            }
+        }
+    }
+}
+
 @group(0) @binding(1) var<storage, read> gy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dmt4: array<vec4<f32>>;
 

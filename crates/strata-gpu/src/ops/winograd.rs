@@ -173,6 +173,15 @@ impl Shape3 {
     }
 }
 
+/// Whether `wino_output_rows` writes the output of `s`: 4 tiles per row (a lane's 4
+/// tiles are one tile row), and the pixels under every tile row start and end at
+/// multiples of 4 elements (vec4 stores).
+fn output_rows(s: &Shape3) -> bool {
+    let (th, tw) = s.tiles();
+    let last_rows = s.ho - TILE * (th - 1);
+    tw == 4 && (s.ho * s.wo).is_multiple_of(4) && (last_rows * s.wo).is_multiple_of(4)
+}
+
 /// Whether Winograd F(4x4, 3x3) computes this convolution.
 fn applies(g: &ConvGeometry) -> bool {
     g.kh == 3 && g.kw == 3 && g.params.stride == (1, 1) && g.params.padding.0 <= 2 && g.params.padding.1 <= 2
@@ -403,7 +412,13 @@ impl Gpu {
             self.gemm_batched(op, batch, s.co, cols, s.c, a, b, c, false)?;
             let p = Params { stride: u(ms), ..self.winograd_params(s, n0, nbc, p_ld, relu) };
             let groups = self.plane_grid(cols.div_ceil(4), 1, s.co);
-            self.dispatch(op, (FILE, "wino_output"), &[], &p, &[m.arg(), bias.arg(), y.arg()], groups)?;
+            let args = [m.arg(), bias.arg(), y.arg()];
+            if output_rows(s) {
+                let constants = [("WO", s.wo as f64)];
+                self.dispatch(op, (FILE, "wino_output_rows"), &constants, &p, &args, groups)?;
+            } else {
+                self.dispatch(op, (FILE, "wino_output"), &[], &p, &args, groups)?;
+            }
         }
         Ok((keep && nb >= s.n).then_some(v))
     }
