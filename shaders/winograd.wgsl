@@ -469,6 +469,127 @@ fn wino_input_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     }
 }
 
+// As wino_input_rows, for 4 tiles per row and an even number of tile rows: each lane
+// takes two vertically adjacent tile rows, which share 2 of their 6 input rows (10
+// rows loaded instead of 12), and writes two adjacent vec4s per position (zero past
+// the chunk's tiles).
+// Grid: y walks input channels, x walks pairs of tile rows.
+@compute @workgroup_size(WG)
+fn wino_input_rows2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let plane4 = p.stride / 4u;
+    for (var ci = wg.y; ci < p.c; ci += ng.y) {
+        for (var g2 = gid.x; g2 < p.p_ld / 8u; g2 += ng.x * WG) {
+            let q = g2 * 8u;
+            let live = q < p.nb * p.th * p.tw;
+            let t0 = tile_of(min(q, p.nb * p.th * p.tw - 1u));
+            let top = i32(t0.ty * 4u) - p.pad_h;
+            let iw0 = -p.pad_w;
+            let base = i32(((p.n0 + t0.nl) * p.c + ci) * p.h * p.w);
+            let ih0 = top + 0;
+            let r0 = row18(base + clamp(ih0, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih0 >= 0 && ih0 < i32(p.h));
+            let ih1 = top + 1;
+            let r1 = row18(base + clamp(ih1, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih1 >= 0 && ih1 < i32(p.h));
+            let ih2 = top + 2;
+            let r2 = row18(base + clamp(ih2, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih2 >= 0 && ih2 < i32(p.h));
+            let ih3 = top + 3;
+            let r3 = row18(base + clamp(ih3, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih3 >= 0 && ih3 < i32(p.h));
+            let ih4 = top + 4;
+            let r4 = row18(base + clamp(ih4, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih4 >= 0 && ih4 < i32(p.h));
+            let ih5 = top + 5;
+            let r5 = row18(base + clamp(ih5, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih5 >= 0 && ih5 < i32(p.h));
+            let ih6 = top + 6;
+            let r6 = row18(base + clamp(ih6, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih6 >= 0 && ih6 < i32(p.h));
+            let ih7 = top + 7;
+            let r7 = row18(base + clamp(ih7, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih7 >= 0 && ih7 < i32(p.h));
+            let ih8 = top + 8;
+            let r8 = row18(base + clamp(ih8, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih8 >= 0 && ih8 < i32(p.h));
+            let ih9 = top + 9;
+            let r9 = row18(base + clamp(ih9, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih9 >= 0 && ih9 < i32(p.h));
+            let o = ci * p.p_ld / 4u + g2 * 2u;
+            let v00 = transform_in(array<f32, 36>(r0.c0, r0.c1, r0.c2, r0.c3, r0.c4, r0.c5, r1.c0, r1.c1, r1.c2, r1.c3, r1.c4, r1.c5, r2.c0, r2.c1, r2.c2, r2.c3, r2.c4, r2.c5, r3.c0, r3.c1, r3.c2, r3.c3, r3.c4, r3.c5, r4.c0, r4.c1, r4.c2, r4.c3, r4.c4, r4.c5, r5.c0, r5.c1, r5.c2, r5.c3, r5.c4, r5.c5));
+            let v01 = transform_in(array<f32, 36>(r0.c4, r0.c5, r0.c6, r0.c7, r0.c8, r0.c9, r1.c4, r1.c5, r1.c6, r1.c7, r1.c8, r1.c9, r2.c4, r2.c5, r2.c6, r2.c7, r2.c8, r2.c9, r3.c4, r3.c5, r3.c6, r3.c7, r3.c8, r3.c9, r4.c4, r4.c5, r4.c6, r4.c7, r4.c8, r4.c9, r5.c4, r5.c5, r5.c6, r5.c7, r5.c8, r5.c9));
+            let v02 = transform_in(array<f32, 36>(r0.c8, r0.c9, r0.c10, r0.c11, r0.c12, r0.c13, r1.c8, r1.c9, r1.c10, r1.c11, r1.c12, r1.c13, r2.c8, r2.c9, r2.c10, r2.c11, r2.c12, r2.c13, r3.c8, r3.c9, r3.c10, r3.c11, r3.c12, r3.c13, r4.c8, r4.c9, r4.c10, r4.c11, r4.c12, r4.c13, r5.c8, r5.c9, r5.c10, r5.c11, r5.c12, r5.c13));
+            let v03 = transform_in(array<f32, 36>(r0.c12, r0.c13, r0.c14, r0.c15, r0.c16, r0.c17, r1.c12, r1.c13, r1.c14, r1.c15, r1.c16, r1.c17, r2.c12, r2.c13, r2.c14, r2.c15, r2.c16, r2.c17, r3.c12, r3.c13, r3.c14, r3.c15, r3.c16, r3.c17, r4.c12, r4.c13, r4.c14, r4.c15, r4.c16, r4.c17, r5.c12, r5.c13, r5.c14, r5.c15, r5.c16, r5.c17));
+            let v10 = transform_in(array<f32, 36>(r4.c0, r4.c1, r4.c2, r4.c3, r4.c4, r4.c5, r5.c0, r5.c1, r5.c2, r5.c3, r5.c4, r5.c5, r6.c0, r6.c1, r6.c2, r6.c3, r6.c4, r6.c5, r7.c0, r7.c1, r7.c2, r7.c3, r7.c4, r7.c5, r8.c0, r8.c1, r8.c2, r8.c3, r8.c4, r8.c5, r9.c0, r9.c1, r9.c2, r9.c3, r9.c4, r9.c5));
+            let v11 = transform_in(array<f32, 36>(r4.c4, r4.c5, r4.c6, r4.c7, r4.c8, r4.c9, r5.c4, r5.c5, r5.c6, r5.c7, r5.c8, r5.c9, r6.c4, r6.c5, r6.c6, r6.c7, r6.c8, r6.c9, r7.c4, r7.c5, r7.c6, r7.c7, r7.c8, r7.c9, r8.c4, r8.c5, r8.c6, r8.c7, r8.c8, r8.c9, r9.c4, r9.c5, r9.c6, r9.c7, r9.c8, r9.c9));
+            let v12 = transform_in(array<f32, 36>(r4.c8, r4.c9, r4.c10, r4.c11, r4.c12, r4.c13, r5.c8, r5.c9, r5.c10, r5.c11, r5.c12, r5.c13, r6.c8, r6.c9, r6.c10, r6.c11, r6.c12, r6.c13, r7.c8, r7.c9, r7.c10, r7.c11, r7.c12, r7.c13, r8.c8, r8.c9, r8.c10, r8.c11, r8.c12, r8.c13, r9.c8, r9.c9, r9.c10, r9.c11, r9.c12, r9.c13));
+            let v13 = transform_in(array<f32, 36>(r4.c12, r4.c13, r4.c14, r4.c15, r4.c16, r4.c17, r5.c12, r5.c13, r5.c14, r5.c15, r5.c16, r5.c17, r6.c12, r6.c13, r6.c14, r6.c15, r6.c16, r6.c17, r7.c12, r7.c13, r7.c14, r7.c15, r7.c16, r7.c17, r8.c12, r8.c13, r8.c14, r8.c15, r8.c16, r8.c17, r9.c12, r9.c13, r9.c14, r9.c15, r9.c16, r9.c17));
+            v4[0u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[0], v01[0], v02[0], v03[0]), live);
+            v4[0u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[0], v11[0], v12[0], v13[0]), live);
+            v4[1u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[1], v01[1], v02[1], v03[1]), live);
+            v4[1u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[1], v11[1], v12[1], v13[1]), live);
+            v4[2u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[2], v01[2], v02[2], v03[2]), live);
+            v4[2u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[2], v11[2], v12[2], v13[2]), live);
+            v4[3u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[3], v01[3], v02[3], v03[3]), live);
+            v4[3u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[3], v11[3], v12[3], v13[3]), live);
+            v4[4u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[4], v01[4], v02[4], v03[4]), live);
+            v4[4u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[4], v11[4], v12[4], v13[4]), live);
+            v4[5u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[5], v01[5], v02[5], v03[5]), live);
+            v4[5u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[5], v11[5], v12[5], v13[5]), live);
+            v4[6u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[6], v01[6], v02[6], v03[6]), live);
+            v4[6u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[6], v11[6], v12[6], v13[6]), live);
+            v4[7u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[7], v01[7], v02[7], v03[7]), live);
+            v4[7u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[7], v11[7], v12[7], v13[7]), live);
+            v4[8u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[8], v01[8], v02[8], v03[8]), live);
+            v4[8u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[8], v11[8], v12[8], v13[8]), live);
+            v4[9u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[9], v01[9], v02[9], v03[9]), live);
+            v4[9u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[9], v11[9], v12[9], v13[9]), live);
+            v4[10u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[10], v01[10], v02[10], v03[10]), live);
+            v4[10u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[10], v11[10], v12[10], v13[10]), live);
+            v4[11u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[11], v01[11], v02[11], v03[11]), live);
+            v4[11u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[11], v11[11], v12[11], v13[11]), live);
+            v4[12u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[12], v01[12], v02[12], v03[12]), live);
+            v4[12u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[12], v11[12], v12[12], v13[12]), live);
+            v4[13u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[13], v01[13], v02[13], v03[13]), live);
+            v4[13u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[13], v11[13], v12[13], v13[13]), live);
+            v4[14u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[14], v01[14], v02[14], v03[14]), live);
+            v4[14u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[14], v11[14], v12[14], v13[14]), live);
+            v4[15u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[15], v01[15], v02[15], v03[15]), live);
+            v4[15u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[15], v11[15], v12[15], v13[15]), live);
+            v4[16u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[16], v01[16], v02[16], v03[16]), live);
+            v4[16u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[16], v11[16], v12[16], v13[16]), live);
+            v4[17u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[17], v01[17], v02[17], v03[17]), live);
+            v4[17u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[17], v11[17], v12[17], v13[17]), live);
+            v4[18u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[18], v01[18], v02[18], v03[18]), live);
+            v4[18u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[18], v11[18], v12[18], v13[18]), live);
+            v4[19u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[19], v01[19], v02[19], v03[19]), live);
+            v4[19u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[19], v11[19], v12[19], v13[19]), live);
+            v4[20u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[20], v01[20], v02[20], v03[20]), live);
+            v4[20u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[20], v11[20], v12[20], v13[20]), live);
+            v4[21u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[21], v01[21], v02[21], v03[21]), live);
+            v4[21u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[21], v11[21], v12[21], v13[21]), live);
+            v4[22u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[22], v01[22], v02[22], v03[22]), live);
+            v4[22u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[22], v11[22], v12[22], v13[22]), live);
+            v4[23u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[23], v01[23], v02[23], v03[23]), live);
+            v4[23u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[23], v11[23], v12[23], v13[23]), live);
+            v4[24u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[24], v01[24], v02[24], v03[24]), live);
+            v4[24u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[24], v11[24], v12[24], v13[24]), live);
+            v4[25u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[25], v01[25], v02[25], v03[25]), live);
+            v4[25u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[25], v11[25], v12[25], v13[25]), live);
+            v4[26u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[26], v01[26], v02[26], v03[26]), live);
+            v4[26u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[26], v11[26], v12[26], v13[26]), live);
+            v4[27u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[27], v01[27], v02[27], v03[27]), live);
+            v4[27u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[27], v11[27], v12[27], v13[27]), live);
+            v4[28u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[28], v01[28], v02[28], v03[28]), live);
+            v4[28u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[28], v11[28], v12[28], v13[28]), live);
+            v4[29u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[29], v01[29], v02[29], v03[29]), live);
+            v4[29u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[29], v11[29], v12[29], v13[29]), live);
+            v4[30u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[30], v01[30], v02[30], v03[30]), live);
+            v4[30u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[30], v11[30], v12[30], v13[30]), live);
+            v4[31u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[31], v01[31], v02[31], v03[31]), live);
+            v4[31u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[31], v11[31], v12[31], v13[31]), live);
+            v4[32u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[32], v01[32], v02[32], v03[32]), live);
+            v4[32u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[32], v11[32], v12[32], v13[32]), live);
+            v4[33u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[33], v01[33], v02[33], v03[33]), live);
+            v4[33u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[33], v11[33], v12[33], v13[33]), live);
+            v4[34u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[34], v01[34], v02[34], v03[34]), live);
+            v4[34u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[34], v11[34], v12[34], v13[34]), live);
+            v4[35u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[35], v01[35], v02[35], v03[35]), live);
+            v4[35u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[35], v11[35], v12[35], v13[35]), live);
+        }
+    }
+}
+
 @group(0) @binding(1) var<storage, read> m4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;

@@ -341,9 +341,16 @@ impl Gpu {
         p_ld: usize,
     ) -> Result<()> {
         let p = Params { stride: u(position_stride(s.c * p_ld)), ..self.winograd_params(s, n0, nb, p_ld, false) };
-        // Four tiles per lane; neighbours in one row when rows hold a multiple of 4.
-        let entry = if s.tiles().1.is_multiple_of(4) { "wino_input_rows" } else { "wino_input" };
-        let groups = self.plane_grid(p_ld / 4, 1, s.c);
+        // Four tiles per lane; neighbours in one row when rows hold a multiple of 4; two
+        // such rows when they hold 4 and pair up (whole images: p_ld is the tile count).
+        let (th, tw) = s.tiles();
+        let (entry, groups) = if tw == 4 && th.is_multiple_of(2) {
+            ("wino_input_rows2", self.plane_grid(p_ld / 8, 1, s.c))
+        } else if tw.is_multiple_of(4) {
+            ("wino_input_rows", self.plane_grid(p_ld / 4, 1, s.c))
+        } else {
+            ("wino_input", self.plane_grid(p_ld / 4, 1, s.c))
+        };
         self.dispatch(op, (FILE, entry), &[], &p, &[src.arg(), v.arg()], groups)
     }
 
