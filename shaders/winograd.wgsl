@@ -469,19 +469,21 @@ fn wino_input_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     }
 }
 
-// As wino_input_rows, for 4 tiles per row and an even number of tile rows: each lane
-// takes two vertically adjacent tile rows, which share 2 of their 6 input rows (10
-// rows loaded instead of 12), and writes two adjacent vec4s per position (zero past
-// the chunk's tiles).
-// Grid: y walks input channels, x walks pairs of tile rows.
+// As wino_input_rows, for 4 tiles per row and a number of tile rows divisible by 2
+// (by 4): each lane takes 2 (4) vertically adjacent tile rows, which share 2 input rows
+// with each neighbour (10 rows loaded instead of 12, 18 instead of 24), and writes
+// 2 (4) adjacent vec4s per position, zero past the chunk's tiles. Measured: the
+// adjacent stores gain more than the loads saved. Grid: y walks input channels, x walks
+// the lanes' blocks of tile rows.
 @compute @workgroup_size(WG)
 fn wino_input_rows2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let plane4 = p.stride / 4u;
+    let cols = p.nb * p.th * p.tw;
     for (var ci = wg.y; ci < p.c; ci += ng.y) {
-        for (var g2 = gid.x; g2 < p.p_ld / 8u; g2 += ng.x * WG) {
-            let q = g2 * 8u;
-            let live = q < p.nb * p.th * p.tw;
-            let t0 = tile_of(min(q, p.nb * p.th * p.tw - 1u));
+        for (var gr = gid.x; gr < p.p_ld / 8u; gr += ng.x * WG) {
+            let q = gr * 8u;
+            let live = q < cols;
+            let t0 = tile_of(min(q, cols - 1u));
             let top = i32(t0.ty * 4u) - p.pad_h;
             let iw0 = -p.pad_w;
             let base = i32(((p.n0 + t0.nl) * p.c + ci) * p.h * p.w);
@@ -505,7 +507,7 @@ fn wino_input_rows2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
             let r8 = row18(base + clamp(ih8, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih8 >= 0 && ih8 < i32(p.h));
             let ih9 = top + 9;
             let r9 = row18(base + clamp(ih9, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih9 >= 0 && ih9 < i32(p.h));
-            let o = ci * p.p_ld / 4u + g2 * 2u;
+            let o = ci * p.p_ld / 4u + gr * 2u;
             let v00 = transform_in(array<f32, 36>(r0.c0, r0.c1, r0.c2, r0.c3, r0.c4, r0.c5, r1.c0, r1.c1, r1.c2, r1.c3, r1.c4, r1.c5, r2.c0, r2.c1, r2.c2, r2.c3, r2.c4, r2.c5, r3.c0, r3.c1, r3.c2, r3.c3, r3.c4, r3.c5, r4.c0, r4.c1, r4.c2, r4.c3, r4.c4, r4.c5, r5.c0, r5.c1, r5.c2, r5.c3, r5.c4, r5.c5));
             let v01 = transform_in(array<f32, 36>(r0.c4, r0.c5, r0.c6, r0.c7, r0.c8, r0.c9, r1.c4, r1.c5, r1.c6, r1.c7, r1.c8, r1.c9, r2.c4, r2.c5, r2.c6, r2.c7, r2.c8, r2.c9, r3.c4, r3.c5, r3.c6, r3.c7, r3.c8, r3.c9, r4.c4, r4.c5, r4.c6, r4.c7, r4.c8, r4.c9, r5.c4, r5.c5, r5.c6, r5.c7, r5.c8, r5.c9));
             let v02 = transform_in(array<f32, 36>(r0.c8, r0.c9, r0.c10, r0.c11, r0.c12, r0.c13, r1.c8, r1.c9, r1.c10, r1.c11, r1.c12, r1.c13, r2.c8, r2.c9, r2.c10, r2.c11, r2.c12, r2.c13, r3.c8, r3.c9, r3.c10, r3.c11, r3.c12, r3.c13, r4.c8, r4.c9, r4.c10, r4.c11, r4.c12, r4.c13, r5.c8, r5.c9, r5.c10, r5.c11, r5.c12, r5.c13));
@@ -586,6 +588,219 @@ fn wino_input_rows2(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
             v4[34u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[34], v11[34], v12[34], v13[34]), live);
             v4[35u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[35], v01[35], v02[35], v03[35]), live);
             v4[35u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[35], v11[35], v12[35], v13[35]), live);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn wino_input_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let plane4 = p.stride / 4u;
+    let cols = p.nb * p.th * p.tw;
+    for (var ci = wg.y; ci < p.c; ci += ng.y) {
+        for (var gr = gid.x; gr < p.p_ld / 16u; gr += ng.x * WG) {
+            let q = gr * 16u;
+            let live = q < cols;
+            let t0 = tile_of(min(q, cols - 1u));
+            let top = i32(t0.ty * 4u) - p.pad_h;
+            let iw0 = -p.pad_w;
+            let base = i32(((p.n0 + t0.nl) * p.c + ci) * p.h * p.w);
+            let ih0 = top + 0;
+            let r0 = row18(base + clamp(ih0, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih0 >= 0 && ih0 < i32(p.h));
+            let ih1 = top + 1;
+            let r1 = row18(base + clamp(ih1, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih1 >= 0 && ih1 < i32(p.h));
+            let ih2 = top + 2;
+            let r2 = row18(base + clamp(ih2, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih2 >= 0 && ih2 < i32(p.h));
+            let ih3 = top + 3;
+            let r3 = row18(base + clamp(ih3, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih3 >= 0 && ih3 < i32(p.h));
+            let ih4 = top + 4;
+            let r4 = row18(base + clamp(ih4, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih4 >= 0 && ih4 < i32(p.h));
+            let ih5 = top + 5;
+            let r5 = row18(base + clamp(ih5, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih5 >= 0 && ih5 < i32(p.h));
+            let ih6 = top + 6;
+            let r6 = row18(base + clamp(ih6, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih6 >= 0 && ih6 < i32(p.h));
+            let ih7 = top + 7;
+            let r7 = row18(base + clamp(ih7, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih7 >= 0 && ih7 < i32(p.h));
+            let ih8 = top + 8;
+            let r8 = row18(base + clamp(ih8, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih8 >= 0 && ih8 < i32(p.h));
+            let ih9 = top + 9;
+            let r9 = row18(base + clamp(ih9, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih9 >= 0 && ih9 < i32(p.h));
+            let ih10 = top + 10;
+            let r10 = row18(base + clamp(ih10, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih10 >= 0 && ih10 < i32(p.h));
+            let ih11 = top + 11;
+            let r11 = row18(base + clamp(ih11, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih11 >= 0 && ih11 < i32(p.h));
+            let ih12 = top + 12;
+            let r12 = row18(base + clamp(ih12, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih12 >= 0 && ih12 < i32(p.h));
+            let ih13 = top + 13;
+            let r13 = row18(base + clamp(ih13, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih13 >= 0 && ih13 < i32(p.h));
+            let ih14 = top + 14;
+            let r14 = row18(base + clamp(ih14, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih14 >= 0 && ih14 < i32(p.h));
+            let ih15 = top + 15;
+            let r15 = row18(base + clamp(ih15, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih15 >= 0 && ih15 < i32(p.h));
+            let ih16 = top + 16;
+            let r16 = row18(base + clamp(ih16, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih16 >= 0 && ih16 < i32(p.h));
+            let ih17 = top + 17;
+            let r17 = row18(base + clamp(ih17, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih17 >= 0 && ih17 < i32(p.h));
+            let o = ci * p.p_ld / 4u + gr * 4u;
+            let v00 = transform_in(array<f32, 36>(r0.c0, r0.c1, r0.c2, r0.c3, r0.c4, r0.c5, r1.c0, r1.c1, r1.c2, r1.c3, r1.c4, r1.c5, r2.c0, r2.c1, r2.c2, r2.c3, r2.c4, r2.c5, r3.c0, r3.c1, r3.c2, r3.c3, r3.c4, r3.c5, r4.c0, r4.c1, r4.c2, r4.c3, r4.c4, r4.c5, r5.c0, r5.c1, r5.c2, r5.c3, r5.c4, r5.c5));
+            let v01 = transform_in(array<f32, 36>(r0.c4, r0.c5, r0.c6, r0.c7, r0.c8, r0.c9, r1.c4, r1.c5, r1.c6, r1.c7, r1.c8, r1.c9, r2.c4, r2.c5, r2.c6, r2.c7, r2.c8, r2.c9, r3.c4, r3.c5, r3.c6, r3.c7, r3.c8, r3.c9, r4.c4, r4.c5, r4.c6, r4.c7, r4.c8, r4.c9, r5.c4, r5.c5, r5.c6, r5.c7, r5.c8, r5.c9));
+            let v02 = transform_in(array<f32, 36>(r0.c8, r0.c9, r0.c10, r0.c11, r0.c12, r0.c13, r1.c8, r1.c9, r1.c10, r1.c11, r1.c12, r1.c13, r2.c8, r2.c9, r2.c10, r2.c11, r2.c12, r2.c13, r3.c8, r3.c9, r3.c10, r3.c11, r3.c12, r3.c13, r4.c8, r4.c9, r4.c10, r4.c11, r4.c12, r4.c13, r5.c8, r5.c9, r5.c10, r5.c11, r5.c12, r5.c13));
+            let v03 = transform_in(array<f32, 36>(r0.c12, r0.c13, r0.c14, r0.c15, r0.c16, r0.c17, r1.c12, r1.c13, r1.c14, r1.c15, r1.c16, r1.c17, r2.c12, r2.c13, r2.c14, r2.c15, r2.c16, r2.c17, r3.c12, r3.c13, r3.c14, r3.c15, r3.c16, r3.c17, r4.c12, r4.c13, r4.c14, r4.c15, r4.c16, r4.c17, r5.c12, r5.c13, r5.c14, r5.c15, r5.c16, r5.c17));
+            let v10 = transform_in(array<f32, 36>(r4.c0, r4.c1, r4.c2, r4.c3, r4.c4, r4.c5, r5.c0, r5.c1, r5.c2, r5.c3, r5.c4, r5.c5, r6.c0, r6.c1, r6.c2, r6.c3, r6.c4, r6.c5, r7.c0, r7.c1, r7.c2, r7.c3, r7.c4, r7.c5, r8.c0, r8.c1, r8.c2, r8.c3, r8.c4, r8.c5, r9.c0, r9.c1, r9.c2, r9.c3, r9.c4, r9.c5));
+            let v11 = transform_in(array<f32, 36>(r4.c4, r4.c5, r4.c6, r4.c7, r4.c8, r4.c9, r5.c4, r5.c5, r5.c6, r5.c7, r5.c8, r5.c9, r6.c4, r6.c5, r6.c6, r6.c7, r6.c8, r6.c9, r7.c4, r7.c5, r7.c6, r7.c7, r7.c8, r7.c9, r8.c4, r8.c5, r8.c6, r8.c7, r8.c8, r8.c9, r9.c4, r9.c5, r9.c6, r9.c7, r9.c8, r9.c9));
+            let v12 = transform_in(array<f32, 36>(r4.c8, r4.c9, r4.c10, r4.c11, r4.c12, r4.c13, r5.c8, r5.c9, r5.c10, r5.c11, r5.c12, r5.c13, r6.c8, r6.c9, r6.c10, r6.c11, r6.c12, r6.c13, r7.c8, r7.c9, r7.c10, r7.c11, r7.c12, r7.c13, r8.c8, r8.c9, r8.c10, r8.c11, r8.c12, r8.c13, r9.c8, r9.c9, r9.c10, r9.c11, r9.c12, r9.c13));
+            let v13 = transform_in(array<f32, 36>(r4.c12, r4.c13, r4.c14, r4.c15, r4.c16, r4.c17, r5.c12, r5.c13, r5.c14, r5.c15, r5.c16, r5.c17, r6.c12, r6.c13, r6.c14, r6.c15, r6.c16, r6.c17, r7.c12, r7.c13, r7.c14, r7.c15, r7.c16, r7.c17, r8.c12, r8.c13, r8.c14, r8.c15, r8.c16, r8.c17, r9.c12, r9.c13, r9.c14, r9.c15, r9.c16, r9.c17));
+            let v20 = transform_in(array<f32, 36>(r8.c0, r8.c1, r8.c2, r8.c3, r8.c4, r8.c5, r9.c0, r9.c1, r9.c2, r9.c3, r9.c4, r9.c5, r10.c0, r10.c1, r10.c2, r10.c3, r10.c4, r10.c5, r11.c0, r11.c1, r11.c2, r11.c3, r11.c4, r11.c5, r12.c0, r12.c1, r12.c2, r12.c3, r12.c4, r12.c5, r13.c0, r13.c1, r13.c2, r13.c3, r13.c4, r13.c5));
+            let v21 = transform_in(array<f32, 36>(r8.c4, r8.c5, r8.c6, r8.c7, r8.c8, r8.c9, r9.c4, r9.c5, r9.c6, r9.c7, r9.c8, r9.c9, r10.c4, r10.c5, r10.c6, r10.c7, r10.c8, r10.c9, r11.c4, r11.c5, r11.c6, r11.c7, r11.c8, r11.c9, r12.c4, r12.c5, r12.c6, r12.c7, r12.c8, r12.c9, r13.c4, r13.c5, r13.c6, r13.c7, r13.c8, r13.c9));
+            let v22 = transform_in(array<f32, 36>(r8.c8, r8.c9, r8.c10, r8.c11, r8.c12, r8.c13, r9.c8, r9.c9, r9.c10, r9.c11, r9.c12, r9.c13, r10.c8, r10.c9, r10.c10, r10.c11, r10.c12, r10.c13, r11.c8, r11.c9, r11.c10, r11.c11, r11.c12, r11.c13, r12.c8, r12.c9, r12.c10, r12.c11, r12.c12, r12.c13, r13.c8, r13.c9, r13.c10, r13.c11, r13.c12, r13.c13));
+            let v23 = transform_in(array<f32, 36>(r8.c12, r8.c13, r8.c14, r8.c15, r8.c16, r8.c17, r9.c12, r9.c13, r9.c14, r9.c15, r9.c16, r9.c17, r10.c12, r10.c13, r10.c14, r10.c15, r10.c16, r10.c17, r11.c12, r11.c13, r11.c14, r11.c15, r11.c16, r11.c17, r12.c12, r12.c13, r12.c14, r12.c15, r12.c16, r12.c17, r13.c12, r13.c13, r13.c14, r13.c15, r13.c16, r13.c17));
+            let v30 = transform_in(array<f32, 36>(r12.c0, r12.c1, r12.c2, r12.c3, r12.c4, r12.c5, r13.c0, r13.c1, r13.c2, r13.c3, r13.c4, r13.c5, r14.c0, r14.c1, r14.c2, r14.c3, r14.c4, r14.c5, r15.c0, r15.c1, r15.c2, r15.c3, r15.c4, r15.c5, r16.c0, r16.c1, r16.c2, r16.c3, r16.c4, r16.c5, r17.c0, r17.c1, r17.c2, r17.c3, r17.c4, r17.c5));
+            let v31 = transform_in(array<f32, 36>(r12.c4, r12.c5, r12.c6, r12.c7, r12.c8, r12.c9, r13.c4, r13.c5, r13.c6, r13.c7, r13.c8, r13.c9, r14.c4, r14.c5, r14.c6, r14.c7, r14.c8, r14.c9, r15.c4, r15.c5, r15.c6, r15.c7, r15.c8, r15.c9, r16.c4, r16.c5, r16.c6, r16.c7, r16.c8, r16.c9, r17.c4, r17.c5, r17.c6, r17.c7, r17.c8, r17.c9));
+            let v32 = transform_in(array<f32, 36>(r12.c8, r12.c9, r12.c10, r12.c11, r12.c12, r12.c13, r13.c8, r13.c9, r13.c10, r13.c11, r13.c12, r13.c13, r14.c8, r14.c9, r14.c10, r14.c11, r14.c12, r14.c13, r15.c8, r15.c9, r15.c10, r15.c11, r15.c12, r15.c13, r16.c8, r16.c9, r16.c10, r16.c11, r16.c12, r16.c13, r17.c8, r17.c9, r17.c10, r17.c11, r17.c12, r17.c13));
+            let v33 = transform_in(array<f32, 36>(r12.c12, r12.c13, r12.c14, r12.c15, r12.c16, r12.c17, r13.c12, r13.c13, r13.c14, r13.c15, r13.c16, r13.c17, r14.c12, r14.c13, r14.c14, r14.c15, r14.c16, r14.c17, r15.c12, r15.c13, r15.c14, r15.c15, r15.c16, r15.c17, r16.c12, r16.c13, r16.c14, r16.c15, r16.c16, r16.c17, r17.c12, r17.c13, r17.c14, r17.c15, r17.c16, r17.c17));
+            v4[0u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[0], v01[0], v02[0], v03[0]), live);
+            v4[0u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[0], v11[0], v12[0], v13[0]), live);
+            v4[0u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[0], v21[0], v22[0], v23[0]), live);
+            v4[0u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[0], v31[0], v32[0], v33[0]), live);
+            v4[1u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[1], v01[1], v02[1], v03[1]), live);
+            v4[1u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[1], v11[1], v12[1], v13[1]), live);
+            v4[1u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[1], v21[1], v22[1], v23[1]), live);
+            v4[1u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[1], v31[1], v32[1], v33[1]), live);
+            v4[2u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[2], v01[2], v02[2], v03[2]), live);
+            v4[2u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[2], v11[2], v12[2], v13[2]), live);
+            v4[2u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[2], v21[2], v22[2], v23[2]), live);
+            v4[2u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[2], v31[2], v32[2], v33[2]), live);
+            v4[3u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[3], v01[3], v02[3], v03[3]), live);
+            v4[3u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[3], v11[3], v12[3], v13[3]), live);
+            v4[3u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[3], v21[3], v22[3], v23[3]), live);
+            v4[3u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[3], v31[3], v32[3], v33[3]), live);
+            v4[4u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[4], v01[4], v02[4], v03[4]), live);
+            v4[4u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[4], v11[4], v12[4], v13[4]), live);
+            v4[4u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[4], v21[4], v22[4], v23[4]), live);
+            v4[4u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[4], v31[4], v32[4], v33[4]), live);
+            v4[5u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[5], v01[5], v02[5], v03[5]), live);
+            v4[5u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[5], v11[5], v12[5], v13[5]), live);
+            v4[5u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[5], v21[5], v22[5], v23[5]), live);
+            v4[5u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[5], v31[5], v32[5], v33[5]), live);
+            v4[6u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[6], v01[6], v02[6], v03[6]), live);
+            v4[6u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[6], v11[6], v12[6], v13[6]), live);
+            v4[6u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[6], v21[6], v22[6], v23[6]), live);
+            v4[6u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[6], v31[6], v32[6], v33[6]), live);
+            v4[7u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[7], v01[7], v02[7], v03[7]), live);
+            v4[7u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[7], v11[7], v12[7], v13[7]), live);
+            v4[7u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[7], v21[7], v22[7], v23[7]), live);
+            v4[7u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[7], v31[7], v32[7], v33[7]), live);
+            v4[8u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[8], v01[8], v02[8], v03[8]), live);
+            v4[8u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[8], v11[8], v12[8], v13[8]), live);
+            v4[8u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[8], v21[8], v22[8], v23[8]), live);
+            v4[8u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[8], v31[8], v32[8], v33[8]), live);
+            v4[9u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[9], v01[9], v02[9], v03[9]), live);
+            v4[9u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[9], v11[9], v12[9], v13[9]), live);
+            v4[9u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[9], v21[9], v22[9], v23[9]), live);
+            v4[9u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[9], v31[9], v32[9], v33[9]), live);
+            v4[10u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[10], v01[10], v02[10], v03[10]), live);
+            v4[10u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[10], v11[10], v12[10], v13[10]), live);
+            v4[10u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[10], v21[10], v22[10], v23[10]), live);
+            v4[10u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[10], v31[10], v32[10], v33[10]), live);
+            v4[11u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[11], v01[11], v02[11], v03[11]), live);
+            v4[11u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[11], v11[11], v12[11], v13[11]), live);
+            v4[11u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[11], v21[11], v22[11], v23[11]), live);
+            v4[11u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[11], v31[11], v32[11], v33[11]), live);
+            v4[12u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[12], v01[12], v02[12], v03[12]), live);
+            v4[12u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[12], v11[12], v12[12], v13[12]), live);
+            v4[12u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[12], v21[12], v22[12], v23[12]), live);
+            v4[12u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[12], v31[12], v32[12], v33[12]), live);
+            v4[13u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[13], v01[13], v02[13], v03[13]), live);
+            v4[13u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[13], v11[13], v12[13], v13[13]), live);
+            v4[13u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[13], v21[13], v22[13], v23[13]), live);
+            v4[13u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[13], v31[13], v32[13], v33[13]), live);
+            v4[14u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[14], v01[14], v02[14], v03[14]), live);
+            v4[14u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[14], v11[14], v12[14], v13[14]), live);
+            v4[14u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[14], v21[14], v22[14], v23[14]), live);
+            v4[14u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[14], v31[14], v32[14], v33[14]), live);
+            v4[15u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[15], v01[15], v02[15], v03[15]), live);
+            v4[15u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[15], v11[15], v12[15], v13[15]), live);
+            v4[15u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[15], v21[15], v22[15], v23[15]), live);
+            v4[15u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[15], v31[15], v32[15], v33[15]), live);
+            v4[16u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[16], v01[16], v02[16], v03[16]), live);
+            v4[16u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[16], v11[16], v12[16], v13[16]), live);
+            v4[16u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[16], v21[16], v22[16], v23[16]), live);
+            v4[16u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[16], v31[16], v32[16], v33[16]), live);
+            v4[17u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[17], v01[17], v02[17], v03[17]), live);
+            v4[17u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[17], v11[17], v12[17], v13[17]), live);
+            v4[17u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[17], v21[17], v22[17], v23[17]), live);
+            v4[17u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[17], v31[17], v32[17], v33[17]), live);
+            v4[18u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[18], v01[18], v02[18], v03[18]), live);
+            v4[18u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[18], v11[18], v12[18], v13[18]), live);
+            v4[18u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[18], v21[18], v22[18], v23[18]), live);
+            v4[18u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[18], v31[18], v32[18], v33[18]), live);
+            v4[19u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[19], v01[19], v02[19], v03[19]), live);
+            v4[19u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[19], v11[19], v12[19], v13[19]), live);
+            v4[19u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[19], v21[19], v22[19], v23[19]), live);
+            v4[19u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[19], v31[19], v32[19], v33[19]), live);
+            v4[20u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[20], v01[20], v02[20], v03[20]), live);
+            v4[20u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[20], v11[20], v12[20], v13[20]), live);
+            v4[20u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[20], v21[20], v22[20], v23[20]), live);
+            v4[20u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[20], v31[20], v32[20], v33[20]), live);
+            v4[21u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[21], v01[21], v02[21], v03[21]), live);
+            v4[21u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[21], v11[21], v12[21], v13[21]), live);
+            v4[21u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[21], v21[21], v22[21], v23[21]), live);
+            v4[21u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[21], v31[21], v32[21], v33[21]), live);
+            v4[22u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[22], v01[22], v02[22], v03[22]), live);
+            v4[22u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[22], v11[22], v12[22], v13[22]), live);
+            v4[22u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[22], v21[22], v22[22], v23[22]), live);
+            v4[22u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[22], v31[22], v32[22], v33[22]), live);
+            v4[23u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[23], v01[23], v02[23], v03[23]), live);
+            v4[23u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[23], v11[23], v12[23], v13[23]), live);
+            v4[23u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[23], v21[23], v22[23], v23[23]), live);
+            v4[23u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[23], v31[23], v32[23], v33[23]), live);
+            v4[24u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[24], v01[24], v02[24], v03[24]), live);
+            v4[24u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[24], v11[24], v12[24], v13[24]), live);
+            v4[24u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[24], v21[24], v22[24], v23[24]), live);
+            v4[24u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[24], v31[24], v32[24], v33[24]), live);
+            v4[25u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[25], v01[25], v02[25], v03[25]), live);
+            v4[25u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[25], v11[25], v12[25], v13[25]), live);
+            v4[25u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[25], v21[25], v22[25], v23[25]), live);
+            v4[25u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[25], v31[25], v32[25], v33[25]), live);
+            v4[26u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[26], v01[26], v02[26], v03[26]), live);
+            v4[26u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[26], v11[26], v12[26], v13[26]), live);
+            v4[26u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[26], v21[26], v22[26], v23[26]), live);
+            v4[26u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[26], v31[26], v32[26], v33[26]), live);
+            v4[27u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[27], v01[27], v02[27], v03[27]), live);
+            v4[27u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[27], v11[27], v12[27], v13[27]), live);
+            v4[27u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[27], v21[27], v22[27], v23[27]), live);
+            v4[27u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[27], v31[27], v32[27], v33[27]), live);
+            v4[28u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[28], v01[28], v02[28], v03[28]), live);
+            v4[28u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[28], v11[28], v12[28], v13[28]), live);
+            v4[28u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[28], v21[28], v22[28], v23[28]), live);
+            v4[28u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[28], v31[28], v32[28], v33[28]), live);
+            v4[29u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[29], v01[29], v02[29], v03[29]), live);
+            v4[29u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[29], v11[29], v12[29], v13[29]), live);
+            v4[29u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[29], v21[29], v22[29], v23[29]), live);
+            v4[29u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[29], v31[29], v32[29], v33[29]), live);
+            v4[30u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[30], v01[30], v02[30], v03[30]), live);
+            v4[30u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[30], v11[30], v12[30], v13[30]), live);
+            v4[30u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[30], v21[30], v22[30], v23[30]), live);
+            v4[30u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[30], v31[30], v32[30], v33[30]), live);
+            v4[31u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[31], v01[31], v02[31], v03[31]), live);
+            v4[31u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[31], v11[31], v12[31], v13[31]), live);
+            v4[31u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[31], v21[31], v22[31], v23[31]), live);
+            v4[31u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[31], v31[31], v32[31], v33[31]), live);
+            v4[32u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[32], v01[32], v02[32], v03[32]), live);
+            v4[32u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[32], v11[32], v12[32], v13[32]), live);
+            v4[32u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[32], v21[32], v22[32], v23[32]), live);
+            v4[32u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[32], v31[32], v32[32], v33[32]), live);
+            v4[33u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[33], v01[33], v02[33], v03[33]), live);
+            v4[33u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[33], v11[33], v12[33], v13[33]), live);
+            v4[33u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[33], v21[33], v22[33], v23[33]), live);
+            v4[33u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[33], v31[33], v32[33], v33[33]), live);
+            v4[34u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[34], v01[34], v02[34], v03[34]), live);
+            v4[34u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[34], v11[34], v12[34], v13[34]), live);
+            v4[34u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[34], v21[34], v22[34], v23[34]), live);
+            v4[34u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[34], v31[34], v32[34], v33[34]), live);
+            v4[35u * plane4 + o + 0u] = select(vec4<f32>(0.0), vec4<f32>(v00[35], v01[35], v02[35], v03[35]), live);
+            v4[35u * plane4 + o + 1u] = select(vec4<f32>(0.0), vec4<f32>(v10[35], v11[35], v12[35], v13[35]), live);
+            v4[35u * plane4 + o + 2u] = select(vec4<f32>(0.0), vec4<f32>(v20[35], v21[35], v22[35], v23[35]), live);
+            v4[35u * plane4 + o + 3u] = select(vec4<f32>(0.0), vec4<f32>(v30[35], v31[35], v32[35], v33[35]), live);
         }
     }
 }

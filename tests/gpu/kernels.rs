@@ -266,9 +266,9 @@ fn conv2d_splits_the_batch_when_the_patch_matrix_is_large() {
 /// row-sharing input transform (rows of 4 tiles, reading vec4s) with padding 0 and 2,
 /// forward and in the input gradient, on tensors whose sizes are not multiples of 4.
 /// Planes 13 to 16 wide with whole vec4s under each tile row take the output transform
-/// that stores rows as vec4 (widths 13, 14, 15 and 16 among these cases); those with an
-/// even number of tile rows take the input transform that pairs tile rows, the last one
-/// also with a chunk shorter than the others when chunked.
+/// that stores rows as vec4 (widths 13, 14, 15 and 16 among these cases); those with 2
+/// or 4 tile rows take the input transforms that give a lane 2 or 4 tile rows, the last
+/// two also with a chunk shorter than the others when chunked.
 fn winograd_cases() -> Vec<([usize; 4], usize, usize)> {
     vec![
         ([1, 1, 3, 3], 1, 1),
@@ -285,6 +285,7 @@ fn winograd_cases() -> Vec<([usize; 4], usize, usize)> {
         ([1, 3, 8, 13], 6, 1),
         ([2, 2, 4, 15], 3, 1),
         ([3, 5, 8, 14], 96, 1),
+        ([3, 7, 13, 16], 64, 1),
     ]
 }
 

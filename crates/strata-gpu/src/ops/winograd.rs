@@ -341,10 +341,12 @@ impl Gpu {
         p_ld: usize,
     ) -> Result<()> {
         let p = Params { stride: u(position_stride(s.c * p_ld)), ..self.winograd_params(s, n0, nb, p_ld, false) };
-        // Four tiles per lane; neighbours in one row when rows hold a multiple of 4; two
-        // such rows when they hold 4 and pair up (whole images: p_ld is the tile count).
+        // Four tiles per lane; neighbours in one row when rows hold a multiple of 4; two or
+        // four such rows when they hold 4 (whole images: p_ld is the tile count).
         let (th, tw) = s.tiles();
-        let (entry, groups) = if tw == 4 && th.is_multiple_of(2) {
+        let (entry, groups) = if tw == 4 && th.is_multiple_of(4) {
+            ("wino_input_rows4", self.plane_grid(p_ld / 16, 1, s.c))
+        } else if tw == 4 && th.is_multiple_of(2) {
             ("wino_input_rows2", self.plane_grid(p_ld / 8, 1, s.c))
         } else if tw.is_multiple_of(4) {
             ("wino_input_rows", self.plane_grid(p_ld / 4, 1, s.c))
