@@ -468,46 +468,57 @@ w("// with rows of k_ld channels (co rounded up to 4), so the GEMM's B is row-ma
 w("//   dU^T_t [c][k_ld] = V_t [c][tiles] @ dMT_t [tiles][k_ld]")
 w("// Rows past the chunk's tiles and channels past co are zero. Grid: y walks tiles, x")
 w("// walks groups of 4 channels, each lane stores vec4 over its 4 channels.")
-w("@compute @workgroup_size(WG)")
-w("fn wino_dy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {")
-w("    let cols = p.nb * p.th * p.tw;")
-w("    let row4 = p.k_ld / 4u;")
-w("    let plane4 = p.stride / 4u;")
-w("    let pix = p.ho * p.wo;")
-w("    for (var q = wg.y; q < p.p_ld; q += ng.y) {")
-w("        let t = tile_of(min(q, cols - 1u));")
-w("        let oh0 = t.ty * 4u;")
-w("        let ow0 = t.tx * 4u;")
-for i in range(4):
-    w(f"        let rh{i} = q < cols && oh0 + {i}u < p.ho;")
-for j in range(4):
-    w(f"        let cw{j} = ow0 + {j}u < p.wo;")
-w("        let base = (p.n0 + t.nl) * p.co * pix;")
-w("        let last = p.nb * p.co * pix - 1u;")
-w("        for (var g = gid.x; g < row4; g += ng.x * WG) {")
-for c in range(4):
-    w(f"            let o{c} = g * 4u + {c}u;")
-    w(f"            let ok{c} = o{c} < p.co;")
-    w(f"            let b{c} = base + min(o{c}, p.co - 1u) * pix + oh0 * p.wo + ow0;")
+def dy_entry(name, groups):
+    """`groups` adjacent groups of 4 channels per lane."""
+    w("@compute @workgroup_size(WG)")
+    w(f"fn {name}(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {{")
+    w("    let cols = p.nb * p.th * p.tw;")
+    w("    let row4 = p.k_ld / 4u;")
+    w("    let plane4 = p.stride / 4u;")
+    w("    let pix = p.ho * p.wo;")
+    w("    for (var q = wg.y; q < p.p_ld; q += ng.y) {")
+    w("        let t = tile_of(min(q, cols - 1u));")
+    w("        let oh0 = t.ty * 4u;")
+    w("        let ow0 = t.tx * 4u;")
     for i in range(4):
-        for j in range(4):
-            # Clamp within the chunk's part of dy; out-of-plane taps are replaced by zero.
-            w(f"            let y{c}{i}{j} = select(0.0, gy[min(b{c} + {i}u * p.wo + {j}u, p.n0 * p.co * pix + last)], ok{c} && rh{i} && cw{j});")
-    # rows: A along each row (j), then down columns (i)
-    for i in range(4):
-        for s_, e in enumerate(a6([f"y{c}{i}{j}" for j in range(4)])):
-            w(f"            let z{c}{i}{s_} = {e};")
-    for s_ in range(6):
-        for r, e in enumerate(a6([f"z{c}{i}{s_}" for i in range(4)])):
-            w(f"            let m{c}{r}{s_} = {e};")
-w("            let o = q * row4 + g;")
-for t in range(36):
-    r, s_ = divmod(t, 6)
-    w(f"            dmt4[{t}u * plane4 + o] = vec4<f32>(m0{r}{s_}, m1{r}{s_}, m2{r}{s_}, m3{r}{s_});")
-w("        }")
-w("    }")
-w("}")
-w("")
+        w(f"        let rh{i} = q < cols && oh0 + {i}u < p.ho;")
+    for j in range(4):
+        w(f"        let cw{j} = ow0 + {j}u < p.wo;")
+    w("        let base = (p.n0 + t.nl) * p.co * pix;")
+    w("        let last = p.nb * p.co * pix - 1u;")
+    w(f"        for (var gg = gid.x; gg < row4 / {groups}u; gg += ng.x * WG) {{")
+    w(f"            let g = gg * {groups}u;")
+    for c in range(4 * groups):
+        w(f"            let o{c} = g * 4u + {c}u;")
+        w(f"            let ok{c} = o{c} < p.co;")
+        w(f"            let b{c} = base + min(o{c}, p.co - 1u) * pix + oh0 * p.wo + ow0;")
+        for i in range(4):
+            for j in range(4):
+                # Clamp within the chunk's part of dy; out-of-plane taps are replaced by zero.
+                w(f"            let y{c}_{i}{j} = select(0.0, gy[min(b{c} + {i}u * p.wo + {j}u, p.n0 * p.co * pix + last)], ok{c} && rh{i} && cw{j});")
+        # rows: A along each row (j), then down columns (i)
+        for i in range(4):
+            for s_, e in enumerate(a6([f"y{c}_{i}{j}" for j in range(4)])):
+                w(f"            let z{c}_{i}{s_} = {e};")
+        for s_ in range(6):
+            for r, e in enumerate(a6([f"z{c}_{i}{s_}" for i in range(4)])):
+                w(f"            let m{c}_{r}{s_} = {e};")
+    w("            let o = q * row4 + g;")
+    for t in range(36):
+        r, s_ = divmod(t, 6)
+        for h in range(groups):
+            comps = ", ".join(f"m{4 * h + c}_{r}{s_}" for c in range(4))
+            w(f"            dmt4[{t}u * plane4 + o + {h}u] = vec4<f32>({comps});")
+    w("        }")
+    w("    }")
+    w("}")
+    w("")
+
+
+dy_entry("wino_dy", 1)
+w("// As wino_dy, two adjacent groups of 4 channels per lane (k_ld a multiple of 8): two")
+w("// adjacent vec4 stores per position.")
+dy_entry("wino_dy2", 2)
 w("@group(0) @binding(1) var<storage, read> dmt_in: array<vec4<f32>>;")
 w("@group(0) @binding(2) var<storage, read_write> db: array<f32>;")
 w("")

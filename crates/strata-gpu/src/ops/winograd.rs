@@ -503,8 +503,11 @@ impl Gpu {
                 self.winograd_input(OP, &s, x, v, n0, nbc, p_ld)?;
             }
             let p = Params { k_ld: u(co_ld), stride: u(ds), ..self.winograd_params(&s, n0, nbc, p_ld, false) };
-            let groups = self.plane_grid(co_ld / 4, 1, p_ld);
-            self.dispatch(OP, (FILE, "wino_dy"), &[], &p, &[dy.arg(), dmt.arg()], groups)?;
+            // Two groups of 4 channels per lane (adjacent stores) where they pair up.
+            let per_lane = if co_ld.is_multiple_of(8) { 2 } else { 1 };
+            let entry = if per_lane == 2 { "wino_dy2" } else { "wino_dy" };
+            let groups = self.plane_grid(co_ld / 4 / per_lane, 1, p_ld);
+            self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dmt.arg()], groups)?;
             let pb = Params { accumulate: u32::from(i > 0), ..p };
             let groups = self.plane_grid(co_ld / 4, 1, 1);
             self.dispatch(OP, (FILE, "wino_bias_grad"), &[], &pb, &[dmt.arg(), db.arg()], groups)?;
