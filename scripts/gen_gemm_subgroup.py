@@ -37,6 +37,12 @@ w("// The epilogue optionally adds bias[row] (bit 0) and applies ReLU (bit 1).")
 w("//")
 w("// Batches: workgroup z runs product z of a batch, its A, B and C a_bat4, b_bat4 and")
 w("// c_bat4 vec4s after product 0's (the Winograd convolution's transform positions).")
+w("//")
+w("// Workgroup x walks blocks of rows and y blocks of columns. lavapipe hands out")
+w("// workgroups in x-fastest order, so consecutive workgroups share one panel of B (k x")
+w(f"// {4 * TILE_VEC} columns) while it is in cache and re-read the smaller A; with columns in x, all of")
+w("// B streamed through the cache once per row block (measured: matmul 1024^3 about 2x,")
+w("// the Winograd products about 10% faster).")
 w("")
 w("struct Params {")
 for f in ["m", "n4", "k", "lda4", "ldb4", "ldc4", "a_off4", "b_off4", "c_off4", "accumulate", "b_cpb4", "b_img4", "c_cpb4", "c_img4", "epilogue", "a_bat4", "b_bat4", "c_bat4", "_pad0"]:
@@ -58,10 +64,10 @@ w("}")
 w("")
 w("@compute @workgroup_size(8)")
 w("fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {")
-w(f"    let row = wg.y * {TILE_ROWS}u + lane * {RM}u;")
+w(f"    let row = wg.x * {TILE_ROWS}u + lane * {RM}u;")
 for r in range(RM):
     w(f"    let ra{r} = p.a_off4 + wg.z * p.a_bat4 + min(row + {r}u, p.m - 1u) * p.lda4;")
-w(f"    let col = wg.x * {TILE_VEC}u + lane * {BV}u;")
+w(f"    let col = wg.y * {TILE_VEC}u + lane * {BV}u;")
 for v in range(BV):
     w(f"    let cb{v} = p.b_off4 + wg.z * p.b_bat4 + batched(min(col + {v}u, p.n4 - 1u), p.b_cpb4, p.b_img4);")
 for r in range(RM):
@@ -104,8 +110,8 @@ for r in range(RM):
     for s in range(LANES):
         for v in range(BV):
             j = s * BV + v
-            w(f"        if (wg.x * {TILE_VEC}u + {j}u < p.n4) {{")
-            w(f"            let i = rc + batched(wg.x * {TILE_VEC}u + {j}u, p.c_cpb4, p.c_img4);")
+            w(f"        if (wg.y * {TILE_VEC}u + {j}u < p.n4) {{")
+            w(f"            let i = rc + batched(wg.y * {TILE_VEC}u + {j}u, p.c_cpb4, p.c_img4);")
             w(f"            var val = acc{r}_{j} + vec4<f32>(rb);")
             w("            if (p.accumulate == 1u) { val += c[i]; }")
             w("            if ((p.epilogue & 2u) != 0u) { val = max(val, vec4<f32>(0.0)); }")

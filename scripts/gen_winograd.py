@@ -54,9 +54,9 @@ struct Params {
     stride: u32,  // elements between positions of the 36-position array the kernel
                   // writes or reads (a multiple of 4, padded so that the 36 streams fall
                   // into different cache sets)
+    accumulate: u32, // bias gradient: add to db instead of overwriting it
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -207,20 +207,31 @@ w("    ));")
 w("}")
 w("")
 w("// The 18 input columns under 4 horizontally adjacent tiles, one input row, zero outside")
-w("// the image. `e0` is the element index of the first column, `iw0` its column. Loads")
-w("// cost lavapipe per element whatever their width (each lane's element is a scalar")
-w("// load), so the shared columns are loaded once and nothing more.")
+w("// the image. `e0` is the element index of the first column, `iw0` its column. Each")
+w("// lane's load is a loop over lanes on lavapipe, and a vec4 load costs about as much as")
+w("// two scalar ones (measured), so the row is read as the 6 aligned vec4s that cover it")
+w("// (24 elements) and the 18 columns are picked by the offset of e0 within its vec4.")
+w("// vec4s clamped at either end of the tensor only hold taps outside the image.")
 w("struct Row18 {")
 for j in range(18):
     w(f"    c{j}: f32,")
 w("}")
 w("")
 w("fn row18(e0: i32, iw0: i32, row_ok: bool) -> Row18 {")
-w("    let last = i32(arrayLength(&x4)) * 4 - 1;")
+w("    let last4 = i32(arrayLength(&x4)) - 1;")
+w("    let q0 = e0 >> 2u;")
+w("    let s1 = (e0 & 3) == 1;")
+w("    let s2 = (e0 & 3) == 2;")
+w("    let s3 = (e0 & 3) == 3;")
+for k in range(6):
+    w(f"    let w{k} = x4[clamp(q0 + {k}, 0, last4)];")
 w("    var r: Row18;")
+comp = "xyzw"
+def el(n):
+    return f"w{n // 4}.{comp[n % 4]}"
 for j in range(18):
-    w(f"    let i{j} = u32(clamp(e0 + {j}, 0, last));")
-    w(f"    r.c{j} = select(0.0, x4[i{j} >> 2u][i{j} & 3u], row_ok && iw0 + {j} >= 0 && iw0 + {j} < i32(p.w));")
+    pick = f"select(select(select({el(j)}, {el(j + 1)}, s1), {el(j + 2)}, s2), {el(j + 3)}, s3)"
+    w(f"    r.c{j} = select(0.0, {pick}, row_ok && iw0 + {j} >= 0 && iw0 + {j} < i32(p.w));")
 w("    return r;")
 w("}")
 w("")
@@ -265,6 +276,45 @@ input_entry("wino_input", False)
 w("// As wino_input, for tile rows of a multiple of 4 tiles: a group's tiles are then")
 w("// neighbours in one row and share their input rows.")
 input_entry("wino_input_rows", True)
+def input_rows_entry(name, nrows):
+    """A lane takes `nrows` vertically adjacent tile rows of 4 tiles each."""
+    w("@compute @workgroup_size(WG)")
+    w(f"fn {name}(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {{")
+    w("    let plane4 = p.stride / 4u;")
+    w("    let cols = p.nb * p.th * p.tw;")
+    w("    for (var ci = wg.y; ci < p.c; ci += ng.y) {")
+    w(f"        for (var gr = gid.x; gr < p.p_ld / {4 * nrows}u; gr += ng.x * WG) {{")
+    w(f"            let q = gr * {4 * nrows}u;")
+    w("            let live = q < cols;")
+    w("            let t0 = tile_of(min(q, cols - 1u));")
+    w("            let top = i32(t0.ty * 4u) - p.pad_h;")
+    w("            let iw0 = -p.pad_w;")
+    w("            let base = i32(((p.n0 + t0.nl) * p.c + ci) * p.h * p.w);")
+    for a in range(4 * nrows + 2):
+        w(f"            let ih{a} = top + {a};")
+        w(f"            let r{a} = row18(base + clamp(ih{a}, 0, i32(p.h) - 1) * i32(p.w) + iw0, iw0, ih{a} >= 0 && ih{a} < i32(p.h));")
+    w(f"            let o = ci * p.p_ld / 4u + gr * {nrows}u;")
+    for half in range(nrows):
+        for k in range(4):
+            args = ", ".join(f"r{a + 4 * half}.c{4 * k + b}" for a in range(6) for b in range(6))
+            w(f"            let v{half}{k} = transform_in(array<f32, 36>({args}));")
+    for t in range(36):
+        for half in range(nrows):
+            w(f"            v4[{t}u * plane4 + o + {half}u] = select(vec4<f32>(0.0), vec4<f32>(v{half}0[{t}], v{half}1[{t}], v{half}2[{t}], v{half}3[{t}]), live);")
+    w("        }")
+    w("    }")
+    w("}")
+    w("")
+
+
+w("// As wino_input_rows, for 4 tiles per row and a number of tile rows divisible by 2")
+w("// (by 4): each lane takes 2 (4) vertically adjacent tile rows, which share 2 input rows")
+w("// with each neighbour (10 rows loaded instead of 12, 18 instead of 24), and writes")
+w("// 2 (4) adjacent vec4s per position, zero past the chunk's tiles. Measured: the")
+w("// adjacent stores gain more than the loads saved. Grid: y walks input channels, x walks")
+w("// the lanes' blocks of tile rows.")
+input_rows_entry("wino_input_rows2", 2)
+input_rows_entry("wino_input_rows4", 4)
 w("@group(0) @binding(1) var<storage, read> m4: array<vec4<f32>>;")
 w("@group(0) @binding(2) var<storage, read> bias: array<f32>;")
 w("@group(0) @binding(3) var<storage, read_write> y: array<f32>;")
@@ -321,6 +371,70 @@ w("        }")
 w("    }")
 w("}")
 
+w("")
+w("@group(0) @binding(3) var<storage, read_write> y4: array<vec4<f32>>;")
+w("")
+w("// Output width of wino_output_rows (13 to 16, 4 tiles per row), set by the host as a")
+w("// pipeline constant so that the selects below fold away.")
+w("override WO: u32 = 16u;")
+w("")
+w("// A^T M A of one tile, row-major 4x4.")
+w("fn output_values(mt: array<f32, 36>) -> array<f32, 16> {")
+for a in range(6):
+    for j, e in enumerate(at([f"mt[{a * 6 + s_}]" for s_ in range(6)], f"r{a}")):
+        w(f"    let n{a}{j} = {e};")
+vals = {}
+for j in range(4):
+    for i, e in enumerate(at([f"n{a}{j}" for a in range(6)], f"c{j}")):
+        w(f"    let v{i}{j} = {e};")
+w("    return array<f32, 16>(" + ", ".join(f"v{i}{j}" for i in range(4) for j in range(4)) + ");")
+w("}")
+w("")
+w("// As wino_output, for planes 13 to 16 pixels wide (4 tiles per row) whose tile rows")
+w("// start at multiples of 4 elements and hold a multiple of 4 (checked by the host). A")
+w("// lane's 4 tiles are then one whole tile row, the rows of output pixels under it are")
+w("// contiguous in y, and the lane writes them as vec4s: on lavapipe a lane's vec4 store")
+w("// costs about as much as two scalar ones (measured), and this writes 16 per 4 rows")
+w("// instead of 64 scalars.")
+w("@compute @workgroup_size(WG)")
+w("fn wino_output_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {")
+w("    let cols = p.nb * p.th * p.tw;")
+w("    let plane4 = p.stride / 4u;")
+w("    let relu = p.relu == 1u;")
+w("    for (var o = wg.y; o < p.co; o += ng.y) {")
+w("        let b = bias[o];")
+w("        for (var g = gid.x; g * 4u < cols; g += ng.x * WG) {")
+w("            let src = o * p.p_ld / 4u + g;")
+for t in range(36):
+    w(f"            let mv{t} = m4[{t}u * plane4 + src];")
+w("            let t0 = tile_of(g * 4u);")
+for k, comp in enumerate("xyzw"):
+    args = ", ".join(f"mv{t}.{comp}" for t in range(36))
+    w(f"            let y{k} = output_values(array<f32, 36>({args}));")
+w("            // Elements of the output rows under the tile row, in memory order.")
+w("            let len = min(4u, p.ho - t0.ty * 4u) * WO;")
+w("            let dst = (((p.n0 + t0.nl) * p.co + o) * p.ho + t0.ty * 4u) * WO / 4u;")
+
+
+def pick(e):
+    """Element e of the rows under a tile row, for each width 13..16 (selected by WO)."""
+    expr = None
+    for width in (13, 14, 15, 16):
+        r, c = divmod(e, width)
+        v = f"y{c // 4}[{r * 4 + c % 4}]" if r < 4 else "0.0"
+        expr = v if expr is None else f"select({expr}, {v}, WO == {width}u)"
+    return expr
+
+
+for e4 in range(16):
+    comps = ", ".join(pick(4 * e4 + j) for j in range(4))
+    w(f"            if ({4 * e4}u < len) {{")
+    w(f"                let v = vec4<f32>({comps}) + b;")
+    w(f"                y4[dst + {e4}u] = select(v, max(v, vec4<f32>(0.0)), relu);")
+    w("            }")
+w("        }")
+w("    }")
+w("}")
 
 def a6(y):
     """A applied to four names: the six transform positions of an output-gradient tile."""
@@ -354,42 +468,85 @@ w("// with rows of k_ld channels (co rounded up to 4), so the GEMM's B is row-ma
 w("//   dU^T_t [c][k_ld] = V_t [c][tiles] @ dMT_t [tiles][k_ld]")
 w("// Rows past the chunk's tiles and channels past co are zero. Grid: y walks tiles, x")
 w("// walks groups of 4 channels, each lane stores vec4 over its 4 channels.")
+def dy_entry(name, groups):
+    """`groups` adjacent groups of 4 channels per lane."""
+    w("@compute @workgroup_size(WG)")
+    w(f"fn {name}(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {{")
+    w("    let cols = p.nb * p.th * p.tw;")
+    w("    let row4 = p.k_ld / 4u;")
+    w("    let plane4 = p.stride / 4u;")
+    w("    let pix = p.ho * p.wo;")
+    w("    for (var q = wg.y; q < p.p_ld; q += ng.y) {")
+    w("        let t = tile_of(min(q, cols - 1u));")
+    w("        let oh0 = t.ty * 4u;")
+    w("        let ow0 = t.tx * 4u;")
+    for i in range(4):
+        w(f"        let rh{i} = q < cols && oh0 + {i}u < p.ho;")
+    for j in range(4):
+        w(f"        let cw{j} = ow0 + {j}u < p.wo;")
+    w("        let base = (p.n0 + t.nl) * p.co * pix;")
+    w("        let last = p.nb * p.co * pix - 1u;")
+    w(f"        for (var gg = gid.x; gg < row4 / {groups}u; gg += ng.x * WG) {{")
+    w(f"            let g = gg * {groups}u;")
+    for c in range(4 * groups):
+        w(f"            let o{c} = g * 4u + {c}u;")
+        w(f"            let ok{c} = o{c} < p.co;")
+        w(f"            let b{c} = base + min(o{c}, p.co - 1u) * pix + oh0 * p.wo + ow0;")
+        for i in range(4):
+            for j in range(4):
+                # Clamp within the chunk's part of dy; out-of-plane taps are replaced by zero.
+                w(f"            let y{c}_{i}{j} = select(0.0, gy[min(b{c} + {i}u * p.wo + {j}u, p.n0 * p.co * pix + last)], ok{c} && rh{i} && cw{j});")
+        # rows: A along each row (j), then down columns (i)
+        for i in range(4):
+            for s_, e in enumerate(a6([f"y{c}_{i}{j}" for j in range(4)])):
+                w(f"            let z{c}_{i}{s_} = {e};")
+        for s_ in range(6):
+            for r, e in enumerate(a6([f"z{c}_{i}{s_}" for i in range(4)])):
+                w(f"            let m{c}_{r}{s_} = {e};")
+    w("            let o = q * row4 + g;")
+    for t in range(36):
+        r, s_ = divmod(t, 6)
+        for h in range(groups):
+            comps = ", ".join(f"m{4 * h + c}_{r}{s_}" for c in range(4))
+            w(f"            dmt4[{t}u * plane4 + o + {h}u] = vec4<f32>({comps});")
+    w("        }")
+    w("    }")
+    w("}")
+    w("")
+
+
+dy_entry("wino_dy", 1)
+w("// As wino_dy, two adjacent groups of 4 channels per lane (k_ld a multiple of 8): two")
+w("// adjacent vec4 stores per position.")
+dy_entry("wino_dy2", 2)
+w("@group(0) @binding(1) var<storage, read> dmt_in: array<vec4<f32>>;")
+w("@group(0) @binding(2) var<storage, read_write> db: array<f32>;")
+w("")
+w("// The bias gradient from dMT: position 7 (row 1 and column 1 of A, all ones) holds the")
+w("// sum of each tile of dy, so db[o] = sum over the chunk's tiles q of dMT[7][q][o]: a")
+w("// sixteenth of the loads of summing dy itself. Kahan-compensated over tiles, as")
+w("// conv2d.wgsl's bias_grad. With `accumulate`, adds to db (chunks after the first).")
+w("// Grid: x walks groups of 4 channels, each lane reads vec4 over its 4 channels.")
 w("@compute @workgroup_size(WG)")
-w("fn wino_dy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {")
+w("fn wino_bias_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) ng: vec3<u32>) {")
 w("    let cols = p.nb * p.th * p.tw;")
 w("    let row4 = p.k_ld / 4u;")
-w("    let plane4 = p.stride / 4u;")
-w("    let pix = p.ho * p.wo;")
-w("    for (var q = wg.y; q < p.p_ld; q += ng.y) {")
-w("        let t = tile_of(min(q, cols - 1u));")
-w("        let oh0 = t.ty * 4u;")
-w("        let ow0 = t.tx * 4u;")
-for i in range(4):
-    w(f"        let rh{i} = q < cols && oh0 + {i}u < p.ho;")
-for j in range(4):
-    w(f"        let cw{j} = ow0 + {j}u < p.wo;")
-w("        let base = (p.n0 + t.nl) * p.co * pix;")
-w("        let last = p.nb * p.co * pix - 1u;")
-w("        for (var g = gid.x; g < row4; g += ng.x * WG) {")
-for c in range(4):
-    w(f"            let o{c} = g * 4u + {c}u;")
-    w(f"            let ok{c} = o{c} < p.co;")
-    w(f"            let b{c} = base + min(o{c}, p.co - 1u) * pix + oh0 * p.wo + ow0;")
-    for i in range(4):
-        for j in range(4):
-            # Clamp within the chunk's part of dy; out-of-plane taps are replaced by zero.
-            w(f"            let y{c}{i}{j} = select(0.0, gy[min(b{c} + {i}u * p.wo + {j}u, p.n0 * p.co * pix + last)], ok{c} && rh{i} && cw{j});")
-    # rows: A along each row (j), then down columns (i)
-    for i in range(4):
-        for s_, e in enumerate(a6([f"y{c}{i}{j}" for j in range(4)])):
-            w(f"            let z{c}{i}{s_} = {e};")
-    for s_ in range(6):
-        for r, e in enumerate(a6([f"z{c}{i}{s_}" for i in range(4)])):
-            w(f"            let m{c}{r}{s_} = {e};")
-w("            let o = q * row4 + g;")
-for t in range(36):
-    r, s_ = divmod(t, 6)
-    w(f"            dmt4[{t}u * plane4 + o] = vec4<f32>(m0{r}{s_}, m1{r}{s_}, m2{r}{s_}, m3{r}{s_});")
+w("    let src = 7u * (p.stride / 4u);")
+w("    for (var g = gid.x; g < row4; g += ng.x * WG) {")
+w("        var s = vec4<f32>(0.0);")
+w("        var comp = vec4<f32>(0.0);")
+w("        for (var q = 0u; q < cols; q++) {")
+w("            let v = dmt_in[src + q * row4 + g] - comp;")
+w("            let t = s + v;")
+w("            comp = (t - s) - v;")
+w("            s = t;")
+w("        }")
+w("        let sums = s;")
+w("        for (var c = 0u; c < 4u; c++) {")
+w("            let o = g * 4u + c;")
+w("            if (o < p.co) {")
+w("                db[o] = select(0.0, db[o], p.accumulate == 1u) + sums[c];")
+w("            }")
 w("        }")
 w("    }")
 w("}")

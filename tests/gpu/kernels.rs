@@ -262,7 +262,13 @@ fn conv2d_splits_the_batch_when_the_patch_matrix_is_large() {
 /// Winograd cases (input shape, output channels, padding): planes smaller than a tile
 /// and not multiples of it, tile rows of 4 and 8 tiles (the kernels' row-sharing path)
 /// and of other counts, padding 0 to 2, one image and several, channel counts that are
-/// not multiples of 4, and the reference CNN's second layer.
+/// not multiples of 4, and the reference CNN's second layer. The last three run the
+/// row-sharing input transform (rows of 4 tiles, reading vec4s) with padding 0 and 2,
+/// forward and in the input gradient, on tensors whose sizes are not multiples of 4.
+/// Planes 13 to 16 wide with whole vec4s under each tile row take the output transform
+/// that stores rows as vec4 (widths 13, 14, 15 and 16 among these cases); those with 2
+/// or 4 tile rows take the input transforms that give a lane 2 or 4 tile rows, the last
+/// two also with a chunk shorter than the others when chunked.
 fn winograd_cases() -> Vec<([usize; 4], usize, usize)> {
     vec![
         ([1, 1, 3, 3], 1, 1),
@@ -273,6 +279,13 @@ fn winograd_cases() -> Vec<([usize; 4], usize, usize)> {
         ([2, 13, 17, 10], 6, 0),
         ([2, 3, 6, 30], 5, 1),
         ([3, 64, 14, 14], 128, 1),
+        ([1, 5, 7, 14], 3, 2),
+        ([2, 3, 5, 16], 6, 2),
+        ([1, 7, 6, 16], 5, 0),
+        ([1, 3, 8, 13], 6, 1),
+        ([2, 2, 4, 15], 3, 1),
+        ([3, 5, 8, 14], 96, 1),
+        ([3, 7, 13, 16], 64, 1),
     ]
 }
 

@@ -183,6 +183,10 @@ pub struct KernelTime {
     /// work, and less disturbed than wall time by other load on a shared machine); NaN
     /// where the platform does not report it.
     pub cpu_s: f64,
+    /// The fewest CPU seconds of one call (leaves out first-use compilation and most of
+    /// the disturbance from other load); NaN where the platform does not report it.
+    #[serde(default)]
+    pub cpu_min_s: f64,
 }
 
 /// CPU seconds used by this process so far, all threads.
@@ -642,13 +646,13 @@ impl Gpu {
                 Some(t) => format!("{}:{} {t}", kernel.0, kernel.1),
                 None => format!("{}:{}", kernel.0, kernel.1),
             };
-            let e = self
-                .profile
-                .as_mut()
-                .expect("checked")
-                .entry(label.clone())
-                .or_insert_with(|| KernelTime { kernel: label, ..KernelTime::default() });
+            let e = self.profile.as_mut().expect("checked").entry(label.clone()).or_insert_with(|| KernelTime {
+                kernel: label,
+                cpu_min_s: f64::INFINITY,
+                ..KernelTime::default()
+            });
             e.calls += 1;
+            e.cpu_min_s = if cpu.is_nan() { f64::NAN } else { e.cpu_min_s.min(cpu) };
             e.wall_s += secs;
             e.cpu_s += cpu;
         }

@@ -564,11 +564,12 @@ fn bench_kernels(device: &DeviceArgs, json: bool, iters: usize, filter: Option<S
         println!("\nper-kernel wall time (STRATA_PROFILE):");
         for k in profile {
             println!(
-                "  {:<56} {:>6} calls {:>10.1} ms wall {:>10.1} ms cpu",
+                "  {:<56} {:>6} calls {:>10.1} ms wall {:>10.1} ms cpu {:>8.2} ms cpu fastest call",
                 k.kernel,
                 k.calls,
                 k.wall_s * 1e3,
-                k.cpu_s * 1e3
+                k.cpu_s * 1e3,
+                k.cpu_min_s * 1e3
             );
         }
     }

@@ -328,14 +328,15 @@ impl Gpu {
         if !weight_grad {
             return Ok(BackwardParts { dx, weight: None });
         }
-        let dw = if self.conv_uses_winograd(&g, Direction::WeightGrad) {
-            self.conv2d_weight_grad_winograd(&g, x, dy, saved)?
-        } else {
-            self.conv2d_weight_grad_im2col(&plan, x, dy, saved)?
-        };
+        if self.conv_uses_winograd(&g, Direction::WeightGrad) {
+            let weight = self.conv2d_weight_grad_winograd(&g, x, dy, saved)?;
+            return Ok(BackwardParts { dx, weight: Some(weight) });
+        }
+        let dw = self.conv2d_weight_grad_im2col(&plan, x, dy, saved)?;
         let db = self.empty([g.co], DType::F32)?;
         let p = plan.params(0, g.n);
-        self.dispatch(OP, (FILE, "bias_grad"), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
+        let entry = if (g.ho * g.wo).is_multiple_of(4) { "bias_grad4" } else { "bias_grad" };
+        self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), db.arg()], [u(g.co), 1, 1])?;
         Ok(BackwardParts { dx, weight: Some((dw, db)) })
     }
 

@@ -331,7 +331,8 @@ impl Gpu {
             c_bat4: u(fused.batch.c / 4),
             _pad: 0,
         };
-        let groups = [u((n4 / 4).div_ceil(SG_TILE_VEC4)), u(m.div_ceil(SG_TILE_ROWS)), u(fused.batch.count)];
+        // Row blocks in x: consecutive workgroups share a panel of B (see the shader).
+        let groups = [u(m.div_ceil(SG_TILE_ROWS)), u((n4 / 4).div_ceil(SG_TILE_VEC4)), u(fused.batch.count)];
         if self.profiling() {
             let batch = if fused.batch.count > 1 { format!("{}x ", fused.batch.count) } else { String::new() };
             self.profile_tag = Some(format!("{op} {batch}{m}x{n4}x{k}"));

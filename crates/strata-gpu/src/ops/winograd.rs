@@ -138,7 +138,8 @@ struct Params {
     relu: u32,
     flip: u32,
     stride: u32,
-    _pad: [u32; 3],
+    accumulate: u32,
+    _pad: [u32; 2],
 }
 
 /// One Winograd convolution: `src` `[n, c, h, w]` to `[n, co, ho, wo]`.
@@ -170,6 +171,15 @@ impl Shape3 {
         let pad = (2 - g.params.padding.0 as i32, 2 - g.params.padding.1 as i32);
         Self { n: g.n, c: g.co, h: g.ho, w: g.wo, co: g.ci, ho: g.h, wo: g.w, pad }
     }
+}
+
+/// Whether `wino_output_rows` writes the output of `s`: 4 tiles per row (a lane's 4
+/// tiles are one tile row), and the pixels under every tile row start and end at
+/// multiples of 4 elements (vec4 stores).
+fn output_rows(s: &Shape3) -> bool {
+    let (th, tw) = s.tiles();
+    let last_rows = s.ho - TILE * (th - 1);
+    tw == 4 && (s.ho * s.wo).is_multiple_of(4) && (last_rows * s.wo).is_multiple_of(4)
 }
 
 /// Whether Winograd F(4x4, 3x3) computes this convolution.
@@ -331,9 +341,18 @@ impl Gpu {
         p_ld: usize,
     ) -> Result<()> {
         let p = Params { stride: u(position_stride(s.c * p_ld)), ..self.winograd_params(s, n0, nb, p_ld, false) };
-        // Four tiles per lane; neighbours in one row when rows hold a multiple of 4.
-        let entry = if s.tiles().1.is_multiple_of(4) { "wino_input_rows" } else { "wino_input" };
-        let groups = self.plane_grid(p_ld / 4, 1, s.c);
+        // Four tiles per lane; neighbours in one row when rows hold a multiple of 4; two or
+        // four such rows when they hold 4 (whole images: p_ld is the tile count).
+        let (th, tw) = s.tiles();
+        let (entry, groups) = if tw == 4 && th.is_multiple_of(4) {
+            ("wino_input_rows4", self.plane_grid(p_ld / 16, 1, s.c))
+        } else if tw == 4 && th.is_multiple_of(2) {
+            ("wino_input_rows2", self.plane_grid(p_ld / 8, 1, s.c))
+        } else if tw.is_multiple_of(4) {
+            ("wino_input_rows", self.plane_grid(p_ld / 4, 1, s.c))
+        } else {
+            ("wino_input", self.plane_grid(p_ld / 4, 1, s.c))
+        };
         self.dispatch(op, (FILE, entry), &[], &p, &[src.arg(), v.arg()], groups)
     }
 
@@ -357,7 +376,8 @@ impl Gpu {
             relu: u32::from(relu),
             flip: 0,
             stride: 0,
-            _pad: [0; 3],
+            accumulate: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -401,7 +421,13 @@ impl Gpu {
             self.gemm_batched(op, batch, s.co, cols, s.c, a, b, c, false)?;
             let p = Params { stride: u(ms), ..self.winograd_params(s, n0, nbc, p_ld, relu) };
             let groups = self.plane_grid(cols.div_ceil(4), 1, s.co);
-            self.dispatch(op, (FILE, "wino_output"), &[], &p, &[m.arg(), bias.arg(), y.arg()], groups)?;
+            let args = [m.arg(), bias.arg(), y.arg()];
+            if output_rows(s) {
+                let constants = [("WO", s.wo as f64)];
+                self.dispatch(op, (FILE, "wino_output_rows"), &constants, &p, &args, groups)?;
+            } else {
+                self.dispatch(op, (FILE, "wino_output"), &[], &p, &args, groups)?;
+            }
         }
         Ok((keep && nb >= s.n).then_some(v))
     }
@@ -441,15 +467,17 @@ impl Gpu {
         Ok(dx)
     }
 
-    /// The weight gradient `[co, ci, 3, 3]` of a 3x3 stride-1 convolution by Winograd,
-    /// reusing the forward pass's input transform `saved` when it has the right shape.
+    /// The weight and bias gradients `[co, ci, 3, 3]` and `[co]` of a 3x3 stride-1
+    /// convolution by Winograd, reusing the forward pass's input transform `saved` when
+    /// it has the right shape; the bias gradient comes from the output gradient's
+    /// transform.
     pub(crate) fn conv2d_weight_grad_winograd(
         &mut self,
         g: &ConvGeometry,
         x: &GpuTensor,
         dy: &GpuTensor,
         saved: Option<&GpuTensor>,
-    ) -> Result<GpuTensor> {
+    ) -> Result<(GpuTensor, GpuTensor)> {
         const OP: &str = "conv2d_backward";
         let s = Shape3::forward(g);
         let (nb, p_ld) = self.winograd_plan_or_err(OP, &s)?;
@@ -467,6 +495,7 @@ impl Gpu {
         };
         let dmt = self.empty([POSITIONS, ds / 4, 4], DType::F32)?;
         let dut = self.empty([POSITIONS, us / 4, 4], DType::F32)?;
+        let db = self.empty([g.co], DType::F32)?;
         for (i, n0) in (0..s.n).step_by(nb).enumerate() {
             let nbc = nb.min(s.n - n0);
             let cols = nbc * th * tw;
@@ -474,8 +503,14 @@ impl Gpu {
                 self.winograd_input(OP, &s, x, v, n0, nbc, p_ld)?;
             }
             let p = Params { k_ld: u(co_ld), stride: u(ds), ..self.winograd_params(&s, n0, nbc, p_ld, false) };
-            let groups = self.plane_grid(co_ld / 4, 1, p_ld);
-            self.dispatch(OP, (FILE, "wino_dy"), &[], &p, &[dy.arg(), dmt.arg()], groups)?;
+            // Two groups of 4 channels per lane (adjacent stores) where they pair up.
+            let per_lane = if co_ld.is_multiple_of(8) { 2 } else { 1 };
+            let entry = if per_lane == 2 { "wino_dy2" } else { "wino_dy" };
+            let groups = self.plane_grid(co_ld / 4 / per_lane, 1, p_ld);
+            self.dispatch(OP, (FILE, entry), &[], &p, &[dy.arg(), dmt.arg()], groups)?;
+            let pb = Params { accumulate: u32::from(i > 0), ..p };
+            let groups = self.plane_grid(co_ld / 4, 1, 1);
+            self.dispatch(OP, (FILE, "wino_bias_grad"), &[], &pb, &[dmt.arg(), db.arg()], groups)?;
             // dU^T_t [c, co] (+)= V_t [c, tiles] @ dM^T_t [tiles, co]
             let batch = Batch { count: POSITIONS, a: vs, b: ds, c: us };
             let (a, b, c) = (Mat::rows(v, p_ld), Mat::rows(&dmt, co_ld), Mat::rows(&dut, co_ld));
@@ -485,6 +520,6 @@ impl Gpu {
         let p = Params { c: u(s.c), co: u(s.co), k_ld: u(co_ld), stride: u(us), ..Params::zeroed() };
         let groups = self.plane_grid(s.co, 1, s.c);
         self.dispatch(OP, (FILE, "wino_filter_grad"), &[], &p, &[dut.arg(), dw.arg()], groups)?;
-        Ok(dw)
+        Ok((dw, db))
     }
 }

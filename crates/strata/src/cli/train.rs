@@ -397,11 +397,12 @@ async fn bench(
         let profile = trainer_gpu_profile(trainer).await?;
         for k in profile {
             eprintln!(
-                "  {:<56} {:>6} calls {:>10.1} ms wall {:>10.1} ms cpu",
+                "  {:<56} {:>6} calls {:>10.1} ms wall {:>10.1} ms cpu {:>8.2} ms cpu fastest call",
                 k.kernel,
                 k.calls,
                 k.wall_s * 1e3,
-                k.cpu_s * 1e3
+                k.cpu_s * 1e3,
+                k.cpu_min_s * 1e3
             );
         }
     }
