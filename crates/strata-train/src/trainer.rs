@@ -487,6 +487,9 @@ impl Trainer {
                 let gpu_part = async {
                     if let Some(seg) = next {
                         gpu.run(seg).await?;
+                        // `run` returns once the work is submitted; wait for the device, so
+                        // that the time counted as exposed communication is really that.
+                        gpu.with(|ex| ex.gpu().sync()).await??;
                     }
                     Ok::<_, TrainError>(Instant::now())
                 };
