@@ -124,6 +124,9 @@ async fn ranges_read_and_write_part_of_a_tensor_and_refuse_what_lies_outside() {
     let e = gpu.read_range::<f32>(id, 70..78, Vec::new()).await.unwrap_err();
     assert_eq!(e, GpuError::Range { op: "read_range", start: 70, end: 78, len: 77 });
     assert_eq!(e.to_string(), "read_range: elements 70..78 are not within a tensor of 77 elements");
+    // A range far beyond the tensor is refused before the buffer grows to it.
+    let e = gpu.read_range::<f32>(id, 0..usize::MAX, Vec::new()).await.unwrap_err();
+    assert_eq!(e, GpuError::Range { op: "read_range", start: 0, end: usize::MAX, len: 77 });
     let e = gpu.write_range(id, 76, vec![0.0f32; 2]).await.unwrap_err();
     assert_eq!(e, GpuError::Range { op: "write_range", start: 76, end: 78, len: 77 });
     assert!(matches!(gpu.read_range::<u32>(id, 0..1, Vec::new()).await, Err(GpuError::DType { .. })));

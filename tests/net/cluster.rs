@@ -334,7 +334,8 @@ async fn device_tensors_go_through_collectives_piece_by_piece_and_mistakes_abort
     for gpu in &gpus {
         ids.push(gpu.upload(HostTensor::new([len], vec![1.0f32; len]).unwrap()).await.unwrap());
     }
-    let spec = TensorReduce::new(ReduceOp::Sum).piece_len(2_000);
+    // 1,000-element pieces: rank 0's wrong length makes 6 pieces where the others make 5.
+    let spec = TensorReduce::new(ReduceOp::Sum).piece_len(1_000);
     for mistake in 0..2 {
         let started = std::time::Instant::now();
         let futs = gs.iter().zip(&gpus).zip(&ids).enumerate().map(|(r, ((g, gpu), &id))| {
@@ -356,6 +357,45 @@ async fn device_tensors_go_through_collectives_piece_by_piece_and_mistakes_abort
             assert!(matches!(res, Err(CollectiveError::Aborted { .. })), "mistake {mistake}: rank {r} got {res:?}");
         }
         assert!(started.elapsed() < Duration::from_secs(10), "the others waited {:?}", started.elapsed());
+    }
+    // The mistakes spoiled only their own calls: the group's operations still agree.
+    let futs = gs.iter().map(|g| g.all_reduce(vec![1.0; 10], ReduceOp::Sum));
+    for r in futures_join(futs).await {
+        assert_eq!(r.unwrap(), vec![3.0; 10]);
+    }
+    // A length no tensor can have is refused before anything is allocated.
+    let e = gs[0].all_reduce_tensor(&gpus[0], ids[0], ids[0], usize::MAX / 2, &spec).await.unwrap_err();
+    assert!(matches!(e, CollectiveError::Argument { .. }), "{e:?}");
+
+    // 80 ring-sized pieces with one rank starting late: the others run ahead by at most a
+    // window of pieces, within the 64 operations a node holds data for before opening
+    // them (a peer over that is disconnected, which would fail this).
+    let len = 5_600_000;
+    let xs = inputs(3, len, 5);
+    let mut ids = Vec::new();
+    for (gpu, x) in gpus.iter().zip(&xs) {
+        ids.push(gpu.upload(HostTensor::new([len], x.clone()).unwrap()).await.unwrap());
+    }
+    let spec = TensorReduce::new(ReduceOp::Sum).piece_len(70_000);
+    let mut want = Vec::new();
+    for piece in spec.pieces(len) {
+        let futs = gs.iter().zip(&xs).map(|(g, x)| g.all_reduce(x[piece.clone()].to_vec(), ReduceOp::Sum));
+        want.extend(futures_join(futs).await.remove(0).unwrap());
+    }
+    let futs = gs.iter().zip(&gpus).zip(&ids).enumerate().map(|(r, ((g, gpu), &id))| {
+        let spec = &spec;
+        async move {
+            if r == 2 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            g.all_reduce_tensor(gpu, id, id, len, spec).await
+        }
+    });
+    for r in futures_join(futs).await {
+        r.unwrap();
+    }
+    for (r, (gpu, &id)) in gpus.iter().zip(&ids).enumerate() {
+        assert!(gpu.download::<f32>(id).await.unwrap().data() == &want[..], "80 pieces: rank {r} differs");
     }
     for gpu in &gpus {
         gpu.shutdown().await;

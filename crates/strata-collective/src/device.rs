@@ -5,11 +5,13 @@
 //! elements and runs every piece as an all-reduce of its own: each piece is read from
 //! the device straight into a pooled buffer that becomes the ring's accumulator (one host
 //! copy, out of the mapped staging buffer), and the piece's result is written back from
-//! the buffer the all-reduce assembled it in (one copy into the queue's staging). All the
-//! reads are queued on the GPU actor at once, in piece order, so they go ahead of work
-//! queued after the call; a piece's ring starts as soon as its own read is done, and its
-//! write-back is queued as soon as its ring is, so on a device with its own memory the
-//! transfers of one piece overlap the network time of the others.
+//! the buffer the all-reduce assembled it in (one copy into the queue's staging). Up to
+//! eight pieces run at once, their reads queued on the GPU actor together, in piece
+//! order, so they go ahead of work queued after the call; a piece's ring starts as soon as
+//! its own read is done, and its write-back is queued as soon as its ring is, so on a
+//! device with its own memory the transfers of one piece overlap the network time of the
+//! others. A call takes one operation id of the group whatever its length; its pieces'
+//! ids derive from it.
 //!
 //! The pieces fix the summation order: every rank must pass the same length and
 //! [`TensorReduce`], and then every rank gets bitwise the same result, as with
@@ -25,7 +27,7 @@ use strata_gpu::{GpuHandle, TensorId};
 use strata_net::buffers::{recycle, take_f32};
 use strata_tensor::shard::even_ranges;
 
-use crate::driver::Group;
+use crate::driver::{Group, fnv};
 use crate::machines::{self, AllReduce, Broadcast, Compression, Machine, Recv, ReduceOp};
 use crate::{CollectiveError, Rank};
 
@@ -110,11 +112,10 @@ impl Group {
         if spec.piece_len == 0 {
             return Err(CollectiveError::Argument { op: OP, message: "pieces of 0 elements".into() });
         }
-        let pieces = spec.pieces(len);
-        // Operation ids are taken now, in piece order, before anything waits, so that they
-        // agree on every rank whatever order the pieces finish in.
-        let ops: Vec<u64> = pieces.iter().map(|_| self.next_op()).collect();
         let io = PieceIo { name: OP, read: Some(src), write: Some(dst), len };
+        io.check_size(gpu)?;
+        let pieces = spec.pieces(len);
+        let ops = piece_ops(self.next_op(), pieces.len());
         let (rank, world, options) = (self.rank(), self.world(), self.options().clone());
         self.run_pieces(gpu, io, pieces, ops, prepare, |_, buf| {
             AllReduce::compressed(rank, world, buf, spec.op, options.algorithm, options.seg_len, spec.wire)
@@ -137,10 +138,11 @@ impl Group {
             let message = format!("root {root} is not a rank of a group of {}", self.world());
             return Err(CollectiveError::Argument { op: NAME, message });
         }
-        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
-        let ops: Vec<u64> = pieces.iter().map(|_| self.next_op()).collect();
         let mine = root == self.rank();
         let io = PieceIo { name: NAME, read: mine.then_some(id), write: (!mine).then_some(id), len };
+        io.check_size(gpu)?;
+        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
+        let ops = piece_ops(self.next_op(), pieces.len());
         let (rank, world, seg_len) = (self.rank(), self.world(), self.options().seg_len);
         self.run_pieces(gpu, io, pieces, ops, |_, _| {}, |_, buf| Broadcast::new(rank, world, root, buf, seg_len)).await
     }
@@ -155,9 +157,10 @@ impl Group {
         len: usize,
     ) -> Result<(), CollectiveError> {
         self.check_peer("send_tensor", to)?;
-        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
-        let ops: Vec<u64> = pieces.iter().map(|_| self.p2p_op(self.rank(), to)).collect();
         let io = PieceIo { name: "send_tensor", read: Some(id), write: None, len };
+        io.check_size(gpu)?;
+        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
+        let ops = piece_ops(self.p2p_op(self.rank(), to), pieces.len());
         let seg_len = self.options().seg_len;
         self.run_pieces(gpu, io, pieces, ops, |_, _| {}, |_, buf| Ok(machines::Send::new(to, buf, seg_len))).await
     }
@@ -172,15 +175,18 @@ impl Group {
         len: usize,
     ) -> Result<(), CollectiveError> {
         self.check_peer("recv_tensor", from)?;
-        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
-        let ops: Vec<u64> = pieces.iter().map(|_| self.p2p_op(from, self.rank())).collect();
         let io = PieceIo { name: "recv_tensor", read: None, write: Some(id), len };
+        io.check_size(gpu)?;
+        let pieces = TensorReduce::new(ReduceOp::Sum).pieces(len);
+        let ops = piece_ops(self.p2p_op(from, self.rank()), pieces.len());
         let seg_len = self.options().seg_len;
         self.run_pieces(gpu, io, pieces, ops, |_, _| {}, |_, buf| Ok(Recv::into_buffer(from, buf, seg_len))).await
     }
 
-    /// Runs one operation per piece, all at once (see the module docs): read the piece
-    /// (or start from zeros), prepare it, run `make`'s machine, write its result.
+    /// Runs one operation per piece, up to [`PIECES_IN_FLIGHT`] at once (see the module
+    /// docs): read the piece (or start from zeros), prepare it, run `make`'s machine,
+    /// write its result. After a failure no further piece starts, and the pieces other
+    /// ranks may have started meanwhile are aborted, so they stop too.
     async fn run_pieces<P, M, F>(
         &self,
         gpu: &GpuHandle,
@@ -199,7 +205,7 @@ impl Group {
         let (prepare, make, io) = (&prepare, &make, &io);
         let futures: Vec<_> = pieces
             .into_iter()
-            .zip(ops)
+            .zip(ops.iter().copied())
             .map(|(range, op)| async move {
                 let result = async {
                     let mut buf = io.fetch(gpu, range.clone()).await?;
@@ -212,8 +218,9 @@ impl Group {
                 let machine = match result {
                     Ok(m) => m,
                     Err(e) => {
-                        // The operation never ran here: the others would wait for this
-                        // rank until their timeout.
+                        // The operation never ran here: drop what peers sent for it, and
+                        // tell them, or they would wait for this rank until their timeout.
+                        self.node().close_op(op);
                         self.abort_peers(op, e.to_string()).await;
                         return Err(e);
                     }
@@ -226,8 +233,71 @@ impl Group {
                 Ok(())
             })
             .collect();
-        join_all(futures).await.into_iter().collect()
+        let (results, started) = windowed(futures, PIECES_IN_FLIGHT).await;
+        let failed = results.iter().flatten().find_map(|r| r.as_ref().err()).cloned();
+        if let Some(e) = failed {
+            // Peers run at most a window ahead of this rank: abort the pieces they may have
+            // started that this rank never will.
+            for &op in ops.iter().skip(started).take(PIECES_IN_FLIGHT) {
+                self.abort_peers(op, e.to_string()).await;
+            }
+            return Err(e);
+        }
+        Ok(())
     }
+}
+
+/// Pieces of one call that run at once. A rank that is ahead sends data for operations a
+/// slower rank has not opened yet, which the node holds only for a bounded number of
+/// operations per peer (64); the window keeps a call well inside that bound.
+const PIECES_IN_FLIGHT: usize = 8;
+
+/// The operation ids of `n` pieces, derived from the call's one id, so that a call whose
+/// piece count differs between ranks (a length mistake) spoils only itself.
+fn piece_ops(base: u64, n: usize) -> Vec<u64> {
+    (0..n).map(|i| fnv(&[&base.to_le_bytes(), b"piece", &(i as u64).to_le_bytes()])).collect()
+}
+
+/// Polls the futures in order, at most `window` of them started and unfinished at once,
+/// and starts no more after one returns an error; returns each one's output (`None` for
+/// those never started) and how many were started. Unlike a `try_join`, it lets the
+/// started ones end on their own (done, failed or aborted): each is an operation other
+/// ranks take part in.
+async fn windowed<F, T, E>(futures: Vec<F>, window: usize) -> (Vec<Option<Result<T, E>>>, usize)
+where
+    F: Future<Output = Result<T, E>>,
+{
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<Result<T, E>>> = futures.iter().map(|_| None).collect();
+    let (mut started, mut running, mut failed) = (0usize, 0usize, false);
+    std::future::poll_fn(|cx| {
+        loop {
+            let mut progressed = false;
+            while !failed && running < window.max(1) && started < futures.len() {
+                started += 1;
+                running += 1;
+            }
+            for (f, out) in futures.iter_mut().zip(outputs.iter_mut()).take(started) {
+                if out.is_none()
+                    && let Poll::Ready(v) = f.as_mut().poll(cx)
+                {
+                    failed |= v.is_err();
+                    *out = Some(v);
+                    running -= 1;
+                    progressed = true;
+                }
+            }
+            if running == 0 && (failed || started == futures.len()) {
+                return Poll::Ready(());
+            }
+            // A finished piece frees a place: start the next one in this same poll.
+            if !progressed || failed {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
+    (outputs, started)
 }
 
 /// Where a device-tensor collective's pieces come from and go to on this rank.
@@ -239,6 +309,16 @@ struct PieceIo {
 }
 
 impl PieceIo {
+    /// Refuses a length no tensor of this device can have before anything is allocated.
+    fn check_size(&self, gpu: &GpuHandle) -> Result<(), CollectiveError> {
+        let limit = gpu.info().max_buffer_bytes / 4;
+        if self.len as u64 > limit {
+            let message = format!("{} elements exceed the device's largest tensor ({limit} f32)", self.len);
+            return Err(CollectiveError::Argument { op: self.name, message });
+        }
+        Ok(())
+    }
+
     fn device(&self, e: strata_gpu::GpuError) -> CollectiveError {
         CollectiveError::Device { op: self.name, message: e.to_string() }
     }
@@ -267,26 +347,4 @@ impl PieceIo {
         .await
         .map_err(device)?
     }
-}
-
-/// Polls every future to completion and returns their outputs in order. Unlike a
-/// `try_join`, it does not drop the others at the first error: each one is an operation
-/// other ranks take part in, and it must end on its own (done, failed or aborted).
-async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, out) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if out.is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => *out = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { Poll::Pending } else { Poll::Ready(()) }
-    })
-    .await;
-    outputs.into_iter().map(|o| o.expect("every future finished")).collect()
 }

@@ -59,7 +59,7 @@ pub struct Group {
 }
 
 /// FNV-1a, stable across builds and machines (operation ids must agree everywhere).
-fn fnv(parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for b in p.iter().chain(&[0xff]) {

@@ -133,8 +133,14 @@ impl<T: Element> Handler<ReadRange<T>> for GpuActor {
     type Result = Result<Vec<T>>;
     fn handle(&mut self, msg: ReadRange<T>, _: &mut SyncContext<Self>) -> Self::Result {
         let ReadRange { id, range, mut buf } = msg;
+        let exec = self.exec()?;
+        let len = exec.get(id)?.numel();
+        // Checked before the buffer grows: a wrong range must not exhaust memory.
+        if range.start > range.end || range.end > len {
+            return Err(GpuError::Range { op: "read_range", start: range.start, end: range.end, len });
+        }
         buf.resize(range.len(), T::default());
-        self.exec()?.read_range(id, range, &mut buf)?;
+        exec.read_range(id, range, &mut buf)?;
         Ok(buf)
     }
 }

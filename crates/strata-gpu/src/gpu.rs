@@ -429,7 +429,8 @@ impl Gpu {
     /// its contents. Ordered after everything recorded before it, like [`Gpu::write`].
     pub fn write_range<T: Element>(&mut self, t: &GpuTensor, offset: usize, data: &[T]) -> Result<()> {
         check_dtype::<T>("write_range", "destination", t)?;
-        check_range("write_range", t, &(offset..offset + data.len()))?;
+        let end = offset.checked_add(data.len()).unwrap_or(usize::MAX);
+        check_range("write_range", t, &(offset..end))?;
         self.flush()?;
         if !data.is_empty() {
             let at = (offset * size_of::<T>()) as u64;
@@ -460,7 +461,7 @@ impl Gpu {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.wait("download")?;
+        self.wait("read")?;
         let mapped = rx.recv().map_err(|e| GpuError::Readback(e.to_string()))?;
         mapped.map_err(|e| GpuError::Readback(e.to_string()))?;
         {
