@@ -429,7 +429,7 @@ impl Gpu {
     /// its contents. Ordered after everything recorded before it, like [`Gpu::write`].
     pub fn write_range<T: Element>(&mut self, t: &GpuTensor, offset: usize, data: &[T]) -> Result<()> {
         check_dtype::<T>("write_range", "destination", t)?;
-        let end = offset.checked_add(data.len()).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(data.len());
         check_range("write_range", t, &(offset..end))?;
         self.flush()?;
         if !data.is_empty() {
