@@ -18,6 +18,18 @@ const NODES: usize = 3;
 
 #[actix::main]
 async fn main() -> Result<()> {
+    // The inputs and their mean computed on the CPU, and the GPU actors, come first: both
+    // block the calling thread for seconds, and the nodes' actors, which answer
+    // heartbeats, run on this one (a node silent for 3 s counts as failed).
+    let w = HostTensor::random([256, 2048], 7);
+    let xs: Vec<HostTensor> = (0..NODES).map(|i| HostTensor::random([512, 256], i as u64)).collect();
+    let mut want = cpu::matmul(&xs[0], &w, false, false)?;
+    for x in &xs[1..] {
+        want = cpu::add(&want, &cpu::matmul(x, &w, false, false)?)?;
+    }
+    let want = cpu::scale(&want, 1.0 / NODES as f32);
+    let gpus: Vec<GpuHandle> =
+        (0..NODES).map(|_| GpuHandle::start(&GpuOptions::from_env())).collect::<Result<_, _>>()?;
     let certs = tempfile::tempdir()?;
     tls::create_ca(certs.path(), "strata")?;
     let names: Vec<String> = (0..NODES).map(|i| format!("node-{i}")).collect();
@@ -42,19 +54,13 @@ async fn main() -> Result<()> {
         .iter()
         .map(|n| Group::new(n.clone(), names.clone(), GroupOptions::default()))
         .collect::<Result<_, _>>()?;
-    let gpus: Vec<GpuHandle> =
-        (0..NODES).map(|_| GpuHandle::start(&GpuOptions::from_env())).collect::<Result<_, _>>()?;
     println!("{NODES} nodes, each with its GPU actor on {}", gpus[0].info().name);
 
     // Every node computes x_i @ w on its GPU: a [512, 2048] tensor (4 MiB) per node.
-    let w = HostTensor::random([256, 2048], 7);
-    let mut xs = Vec::new();
     let mut outs = Vec::new();
-    for (i, gpu) in gpus.iter().enumerate() {
-        let x = HostTensor::random([512, 256], i as u64);
+    for (x, gpu) in xs.iter().zip(&gpus) {
         let (xi, wi, out) = (gpu.upload(x.clone()).await?, gpu.upload(w.clone()).await?, gpu.new_id());
         gpu.run(vec![Op::MatMul { a: xi, b: wi, trans_a: false, trans_b: false, out }]).await?;
-        xs.push(x);
         outs.push(out);
     }
     let len = 512 * 2048;
@@ -66,11 +72,6 @@ async fn main() -> Result<()> {
     for r in join(runs).await {
         r?;
     }
-    let mut want = cpu::matmul(&xs[0], &w, false, false)?;
-    for x in &xs[1..] {
-        want = cpu::add(&want, &cpu::matmul(x, &w, false, false)?)?;
-    }
-    let want = cpu::scale(&want, 1.0 / NODES as f32);
     let results: Vec<HostTensor> = join(gpus.iter().zip(&outs).map(|(gpu, &id)| gpu.download::<f32>(id)))
         .await
         .into_iter()
