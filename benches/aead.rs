@@ -17,53 +17,42 @@ fn nonce(i: u64) -> [u8; 12] {
     n
 }
 
+/// Seal and open benchmarks for one provider; both crates spell the API alike, so one
+/// body serves them (`$aead` is the crate's `aead` module).
+macro_rules! provider {
+    ($group:expr, $aead:path, $name:expr) => {{
+        use $aead as aead;
+        let key = aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_128_GCM, &KEY).unwrap());
+        let seal = |buf: &mut Vec<u8>, i: u64| {
+            key.seal_in_place_separate_tag(aead::Nonce::assume_unique_for_key(nonce(i)), aead::Aad::from(&AAD), buf)
+                .unwrap()
+        };
+        let mut buf = vec![3u8; PACKET];
+        let mut i = 0u64;
+        $group.bench_function(BenchmarkId::new("seal", $name), |b| {
+            b.iter(|| {
+                i += 1;
+                seal(&mut buf, i)
+            })
+        });
+        let mut sealed = vec![3u8; PACKET];
+        let tag = seal(&mut sealed, 0);
+        sealed.extend_from_slice(tag.as_ref());
+        $group.bench_function(BenchmarkId::new("open", $name), |b| {
+            b.iter(|| {
+                let mut packet = sealed.clone();
+                let nonce = aead::Nonce::assume_unique_for_key(nonce(0));
+                key.open_in_place(nonce, aead::Aad::from(&AAD), &mut packet).unwrap().len()
+            })
+        });
+    }};
+}
+
 fn aead(c: &mut Criterion) {
     let mut group = c.benchmark_group("aes-128-gcm 64 KiB packet");
     group.throughput(Throughput::Bytes(PACKET as u64));
-    {
-        use aws_lc_rs::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-        let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &KEY).unwrap());
-        let mut buf = vec![3u8; PACKET];
-        let mut i = 0u64;
-        group.bench_function(BenchmarkId::new("seal", "aws-lc-rs"), |b| {
-            b.iter(|| {
-                i += 1;
-                key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(i)), Aad::from(&AAD), &mut buf)
-                    .unwrap()
-            })
-        });
-        let mut sealed = vec![3u8; PACKET];
-        let tag = key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(0)), Aad::from(&AAD), &mut sealed);
-        sealed.extend_from_slice(tag.unwrap().as_ref());
-        group.bench_function(BenchmarkId::new("open", "aws-lc-rs"), |b| {
-            b.iter(|| {
-                let mut packet = sealed.clone();
-                key.open_in_place(Nonce::assume_unique_for_key(nonce(0)), Aad::from(&AAD), &mut packet).unwrap().len()
-            })
-        });
-    }
-    {
-        use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-        let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &KEY).unwrap());
-        let mut buf = vec![3u8; PACKET];
-        let mut i = 0u64;
-        group.bench_function(BenchmarkId::new("seal", "ring (reference)"), |b| {
-            b.iter(|| {
-                i += 1;
-                key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(i)), Aad::from(&AAD), &mut buf)
-                    .unwrap()
-            })
-        });
-        let mut sealed = vec![3u8; PACKET];
-        let tag = key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(0)), Aad::from(&AAD), &mut sealed);
-        sealed.extend_from_slice(tag.unwrap().as_ref());
-        group.bench_function(BenchmarkId::new("open", "ring (reference)"), |b| {
-            b.iter(|| {
-                let mut packet = sealed.clone();
-                key.open_in_place(Nonce::assume_unique_for_key(nonce(0)), Aad::from(&AAD), &mut packet).unwrap().len()
-            })
-        });
-    }
+    provider!(group, aws_lc_rs::aead, "aws-lc-rs");
+    provider!(group, ring::aead, "ring (reference)");
     group.finish();
 }
 

@@ -320,7 +320,7 @@ impl PieceIo {
     }
 
     fn device(&self, e: strata_gpu::GpuError) -> CollectiveError {
-        CollectiveError::Device { op: self.name, message: e.to_string() }
+        device_error(self.name, e)
     }
 
     /// The piece's input: read from the device, or zeros to receive into. Either way the
@@ -329,7 +329,7 @@ impl PieceIo {
         let mut buf = take_f32(range.len());
         buf.resize(range.len(), 0.0);
         let (name, read, write, len) = (self.name, self.read, self.write, self.len);
-        let device = move |e: strata_gpu::GpuError| CollectiveError::Device { op: name, message: e.to_string() };
+        let device = move |e| device_error(name, e);
         gpu.with(move |ex| {
             for (what, id) in [("source", read), ("destination", write)] {
                 let Some(id) = id else { continue };
@@ -347,4 +347,8 @@ impl PieceIo {
         .await
         .map_err(device)?
     }
+}
+
+fn device_error(op: &'static str, e: strata_gpu::GpuError) -> CollectiveError {
+    CollectiveError::Device { op, message: e.to_string() }
 }
